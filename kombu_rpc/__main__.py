@@ -1,0 +1,7 @@
+"""``python -m kombu_rpc``: the ``kombu-rpc`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""Opening connections: broker URL or ``kombu.Connection`` in, a private connection out."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from kombu import Connection
+from kombu.transport import memory as kombu_memory
+
+from . import memory
+from .errors import ConfigurationError
+
+#: What a broker argument may be: a URL such as ``"amqp://guest:guest@127.0.0.1//"``,
+#: or a :class:`kombu.Connection` (which is cloned, never used directly).
+Broker = Union[str, Connection]
+
+#: How often to retry connecting and publishing before giving up, in the keywords of
+#: kombu's ``Connection.ensure_connection`` and ``Producer.publish(retry_policy=...)``.
+DEFAULT_RETRY_POLICY: dict[str, Any] = {
+    "max_retries": 3,
+    "interval_start": 0.1,
+    "interval_step": 0.4,
+    "interval_max": 1.0,
+}
+
+
+def connect(broker: Broker) -> Connection:
+    """Return a new, not yet connected :class:`kombu.Connection` for ``broker``.
+
+    ``memory://`` gets kombu_rpc's event-driven memory transport (see
+    :mod:`kombu_rpc.memory`), which shares kombu's in-process broker state.
+
+    Raises:
+        ConfigurationError: ``broker`` is not a URL or a Connection, or names an
+            unknown transport.
+    """
+    if not isinstance(broker, (str, Connection)) or not broker:
+        raise ConfigurationError(
+            f"broker must be a URL such as 'amqp://guest:guest@127.0.0.1//' "
+            f"or a kombu.Connection, got {broker!r}"
+        )
+    try:
+        conn = broker.clone() if isinstance(broker, Connection) else Connection(broker)
+        transport_cls = conn.transport_cls
+        if transport_cls == "memory" or transport_cls is kombu_memory.Transport:
+            conn = Connection(transport=memory.Transport, transport_options=conn.transport_options)
+        else:
+            conn.get_transport_cls()
+    except (KeyError, ImportError, ValueError) as exc:
+        raise ConfigurationError(f"unknown or unavailable transport in {broker!r}: {exc}") from exc
+    return conn
+
+
+def safe_uri(conn: Connection) -> str:
+    """The connection's URL with the password masked, for logs and banners."""
+    return str(conn.as_uri())
+
+
+def merge_retry_policy(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """:data:`DEFAULT_RETRY_POLICY` updated with ``overrides``; rejects unknown keys."""
+    policy = dict(DEFAULT_RETRY_POLICY)
+    if overrides is not None:
+        unknown = set(overrides) - set(DEFAULT_RETRY_POLICY)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown retry_policy keys {sorted(unknown)}; allowed: {sorted(DEFAULT_RETRY_POLICY)}"
+            )
+        policy.update(overrides)
+    return policy

@@ -1,0 +1,194 @@
+"""The wire envelope: request and reply bodies, header names, encoding (no I/O).
+
+The format is described for humans in ``docs/protocol.md``; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
+from kombu.message import Message
+from kombu.serialization import dumps, registry
+
+from .errors import (
+    ERROR_KINDS,
+    ConfigurationError,
+    MalformedRequest,
+    RemoteError,
+    SerializationError,
+    remote_error_from_wire,
+)
+
+#: Header holding the caller's deadline as seconds since the epoch (a float).
+DEADLINE_HEADER = "x-rpc-deadline"
+#: Header marking an internal wake-up message; its body is ignored.
+CONTROL_HEADER = "x-rpc-control"
+
+#: Serializers that can run code when decoding; never accepted unless listed explicitly.
+UNSAFE_SERIALIZERS = frozenset({"pickle", "yaml"})
+
+
+def check_serializer(name: str) -> str:
+    """Return the content type of serializer ``name``.
+
+    Raises:
+        ConfigurationError: No serializer of that name is registered with kombu.
+    """
+    try:
+        return str(registry.name_to_type[name])
+    except KeyError:
+        known = ", ".join(sorted(registry.name_to_type))
+        raise ConfigurationError(f"unknown serializer {name!r}; registered: {known}") from None
+
+
+def serializer_for(content_type: str | None, accept: frozenset[str]) -> str:
+    """Pick the serializer to answer a message of ``content_type``: the same one if
+    accepted (as kombu's ``send_reply`` does), else JSON."""
+    name = registry.type_to_name.get(content_type or "")
+    return name if name is not None and name in accept else "json"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A body encoded for publishing with ``Producer.publish``."""
+
+    payload: bytes | str
+    content_type: str
+    content_encoding: str
+
+
+def encode(body: Any, serializer: str) -> Encoded:
+    """Serialize ``body``; raises :class:`SerializationError` when it cannot be."""
+    try:
+        content_type, content_encoding, payload = dumps(body, serializer=serializer)
+    except (EncodeError, TypeError, ValueError, RecursionError) as exc:
+        raise SerializationError(f"cannot encode with {serializer}: {exc}") from exc
+    return Encoded(payload, content_type, content_encoding)
+
+
+# -- requests ---------------------------------------------------------------------
+
+
+def request_body(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The body of a request message."""
+    return {"method": method, "args": list(args), "kwargs": kwargs}
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The wall-clock deadline stamped on a request sent now with ``timeout``."""
+    return None if timeout is None else time.time() + timeout
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as read by the server."""
+
+    method: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    deadline: float | None
+
+    def expired(self) -> bool:
+        """True when the caller's deadline has passed."""
+        return self.deadline is not None and time.time() > self.deadline
+
+
+@dataclass(frozen=True)
+class ReplyAddress:
+    """Where a reply to a message goes; ``None`` from :func:`reply_address` for casts."""
+
+    reply_to: str
+    correlation_id: str
+
+
+def reply_address(message: Message) -> ReplyAddress | None:
+    """The reply address of ``message``, or ``None`` if it has no usable one."""
+    props = message.properties or {}
+    reply_to, correlation_id = props.get("reply_to"), props.get("correlation_id")
+    if isinstance(reply_to, str) and reply_to and isinstance(correlation_id, str) and correlation_id:
+        return ReplyAddress(reply_to, correlation_id)
+    return None
+
+
+def parse_request(message: Message) -> Request:
+    """Decode and validate a request message.
+
+    Raises:
+        MalformedRequest: The message cannot be decoded or is not a valid request.
+    """
+    try:
+        body = message.decode()
+    except ContentDisallowed as exc:
+        raise MalformedRequest("ContentDisallowed", f"content type refused: {exc}") from None
+    except (DecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise MalformedRequest("DecodeError", f"body could not be decoded: {exc}") from None
+    if not isinstance(body, dict):
+        raise MalformedRequest("MalformedRequest", f"body must be a mapping, got {type(body).__name__}")
+    method = body.get("method")
+    args = body.get("args", [])
+    kwargs = body.get("kwargs", {})
+    if not isinstance(method, str) or not method:
+        raise MalformedRequest("MalformedRequest", "'method' must be a non-empty string")
+    if isinstance(args, tuple):
+        args = list(args)
+    if not isinstance(args, list):
+        raise MalformedRequest("MalformedRequest", "'args' must be a list")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise MalformedRequest("MalformedRequest", "'kwargs' must be a mapping with string keys")
+    deadline = (message.headers or {}).get(DEADLINE_HEADER)
+    if deadline is not None and (
+        isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)
+    ):
+        raise MalformedRequest("MalformedRequest", f"{DEADLINE_HEADER} header must be a number")
+    return Request(method, args, kwargs, None if deadline is None else float(deadline))
+
+
+# -- replies ----------------------------------------------------------------------
+
+_KIND_OF = {cls: kind for kind, cls in ERROR_KINDS.items()}
+
+
+def result_body(result: Any) -> dict[str, Any]:
+    """The body of a successful reply."""
+    return {"result": result}
+
+
+def error_body(error: RemoteError | BaseException, send_traceback: bool = True) -> dict[str, Any]:
+    """The body of a failure reply for ``error``.
+
+    A :class:`RemoteError` subclass is sent as it is (its class picks the ``kind``);
+    any other exception is an error raised by the remote function.
+    """
+    if isinstance(error, RemoteError):
+        kind = _KIND_OF.get(type(error), "error")
+        exc_type, message, tb = error.exc_type, error.exc_message, error.remote_traceback
+    else:
+        kind, exc_type, message = "error", type(error).__name__, str(error)
+        tb = "".join(traceback.format_exception(error))
+    return {
+        "error": {
+            "kind": kind,
+            "type": exc_type,
+            "message": message,
+            "traceback": tb if send_traceback else "",
+        }
+    }
+
+
+def parse_reply(body: Any) -> Any:
+    """Return the result carried by a decoded reply body, or raise its error.
+
+    Raises:
+        RemoteError: The reply reports a failure (or is itself malformed).
+    """
+    if isinstance(body, dict):
+        if "error" in body:
+            raise remote_error_from_wire(body["error"])
+        if "result" in body:
+            return body["result"]
+    raise RemoteError("MalformedReply", f"reply body is not a result or an error: {body!r:.200}")

@@ -1,0 +1,177 @@
+"""RPCProxy: attribute access turned into remote calls (owns no broker code)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any
+
+from . import protocol
+from .client import Client
+from .connection import Broker, connect, merge_retry_policy
+from .errors import ConfigurationError
+from .registry import NAME_PATTERN
+from .topology import DEFAULT_QUEUE, check_queue_name
+
+_UNSET: Any = object()
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+class RPCProxy:
+    """Calls functions served by an :class:`~kombu_rpc.RPCServer`.
+
+    Attribute access builds a :class:`MethodProxy`; calling it sends a request and
+    waits for the reply. The proxy connects on first use, owns one reply queue, and is
+    safe to share between threads.
+
+    Args:
+        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly).
+        queue: The request queue the server consumes.
+        timeout: Seconds to wait for each reply (``None``: wait forever).
+        serializer: Serializer for requests; replies come back in the same one.
+        retry_policy: Overrides for connecting and publishing retries (keys of
+            :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`).
+
+    Example:
+        >>> with RPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
+        ...     proxy.fib(30)
+        832040
+
+    Note:
+        Attributes named like the proxy's own methods (``options``, ``close``) and
+        names starting with ``_`` are reached by item access: ``proxy["close"]()``.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str = DEFAULT_QUEUE,
+        timeout: float | None = 30.0,
+        serializer: str = "json",
+        retry_policy: dict[str, Any] | None = None,
+    ) -> None:
+        self._queue = check_queue_name(queue)
+        self._timeout = _check_timeout(timeout)
+        protocol.check_serializer(serializer)
+        self._client = Client(connect(broker), serializer, merge_retry_policy(retry_policy))
+        self._owner = True
+
+    def options(self, *, timeout: float | None = _UNSET) -> RPCProxy:
+        """Return a view of this proxy with per-call options overridden.
+
+        The view shares the reply queue and connections; it is closed with this proxy.
+
+        Args:
+            timeout: Seconds to wait for each reply (``None``: wait forever).
+        """
+        view = object.__new__(RPCProxy)
+        view._queue = self._queue
+        view._timeout = self._timeout if timeout is _UNSET else _check_timeout(timeout)
+        view._client = self._client
+        view._owner = False
+        return view
+
+    @property
+    def queue(self) -> str:
+        """The request queue this proxy publishes to."""
+        return self._queue
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each call waits for its reply (``None``: forever)."""
+        return self._timeout
+
+    @property
+    def reply_queue(self) -> str:
+        """The name of this proxy's reply queue."""
+        return self._client.reply_queue
+
+    def close(self) -> None:
+        """Delete the reply queue and close the connections; calls still waiting fail
+        with :class:`~kombu_rpc.errors.CallError`. A view from :meth:`options` is
+        closed with the proxy that made it; closing the view does nothing."""
+        if self._owner:
+            self._client.close()
+
+    def __enter__(self) -> RPCProxy:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> MethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return MethodProxy(self, name)
+
+    def __getitem__(self, name: str) -> MethodProxy:
+        return MethodProxy(self, name)
+
+    def __repr__(self) -> str:
+        return f"<RPCProxy queue={self._queue!r} timeout={self._timeout}>"
+
+
+class MethodProxy:
+    """One remote function, reached as ``proxy.name`` or ``proxy["dotted.name"]``.
+
+    Calling it blocks for the result; :meth:`call_async` returns a future and
+    :meth:`cast` sends without waiting. Attribute access extends a dotted name:
+    ``proxy.math.add`` is ``proxy["math.add"]``.
+    """
+
+    def __init__(self, proxy: RPCProxy, name: str) -> None:
+        self._proxy = proxy
+        self._name = name
+
+    def __getattr__(self, name: str) -> MethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return MethodProxy(self._proxy, f"{self._name}.{name}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the remote function and return its result.
+
+        Raises:
+            RemoteError: The remote function raised (or the call was refused).
+            RPCTimeout: No reply within the proxy's timeout.
+            ConnectionLostError: The broker could not be reached.
+            SerializationError: The arguments cannot be encoded.
+        """
+        return self.call_async(*args, **kwargs).result()
+
+    def call_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Send the call and return a :class:`concurrent.futures.Future` of its result.
+
+        The future fails with :class:`~kombu_rpc.RPCTimeout` at the deadline even if
+        nobody waits on it. It cannot be cancelled: the request is already sent.
+        """
+        proxy = self._proxy
+        return proxy._client.call(proxy._queue, self._checked_name(), args, kwargs, proxy._timeout)
+
+    def cast(self, *args: Any, **kwargs: Any) -> None:
+        """Send the call without asking for a reply (fire and forget); returns ``None``.
+
+        The server runs it and logs any error.
+        """
+        proxy = self._proxy
+        proxy._client.cast(proxy._queue, self._checked_name(), args, kwargs)
+
+    def _checked_name(self) -> str:
+        if not NAME_PATTERN.fullmatch(self._name):
+            raise ConfigurationError(
+                f"invalid remote name {self._name!r}: remote names are dotted identifiers "
+                "whose parts do not start with '_'"
+            )
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<MethodProxy {self._name!r} on {self._proxy.queue!r}>"

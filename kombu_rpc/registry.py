@@ -1,0 +1,144 @@
+"""Registering plain functions as remote procedures."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+from .errors import ConfigurationError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Valid remote names: dotted identifiers whose parts do not start with ``_``.
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """A registered function with the signature captured at registration time."""
+
+    name: str
+    func: Callable[..., Any]
+    signature: inspect.Signature | None
+
+    def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Raise ``TypeError`` if ``args``/``kwargs`` do not fit the signature."""
+        if self.signature is not None:
+            self.signature.bind(*args, **kwargs)
+
+
+class Registry:
+    """A set of functions served under unique names.
+
+    Example:
+        >>> reg = Registry()
+        >>> @reg.remote(name="math.add")
+        ... def add(a, b):
+        ...     return a + b
+        >>> "math.add" in reg
+        True
+    """
+
+    def __init__(self) -> None:
+        self._procedures: dict[str, Procedure] = {}
+
+    @overload
+    def remote(self, func: F, /) -> F: ...
+
+    @overload
+    def remote(self, func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def remote(self, func: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+        """Register ``func`` under ``name`` (default: its ``__name__``).
+
+        Usable bare (``@reg.remote``) or with arguments (``@reg.remote(name="a.b")``).
+        Returns the function unchanged, so it stays callable locally.
+
+        Raises:
+            ConfigurationError: The name is invalid or already registered, or the
+                object is not a plain callable.
+        """
+        if func is None:
+            return lambda f: self.register(f, name=name)
+        return self.register(func, name=name)
+
+    def register(self, func: F, name: str | None = None) -> F:
+        """Register ``func``; the non-decorator form of :meth:`remote`."""
+        if not callable(func):
+            raise ConfigurationError(f"@remote needs a callable, got {func!r}")
+        if inspect.iscoroutinefunction(func):
+            raise ConfigurationError(
+                f"{func!r} is a coroutine function; kombu_rpc serves plain functions only"
+            )
+        if name is None:
+            name = getattr(func, "__name__", None)
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise ConfigurationError(
+                f"invalid remote name {name!r}: use dotted identifiers like 'math.add' "
+                "whose parts do not start with '_' (pass name=... to @remote)"
+            )
+        if name in self._procedures:
+            raise ConfigurationError(
+                f"a function is already registered as {name!r}: "
+                f"{self._procedures[name].func!r}; choose another name=..."
+            )
+        try:
+            signature: inspect.Signature | None = inspect.signature(func)
+        except (TypeError, ValueError):  # some builtins have no introspectable signature
+            signature = None
+        self._procedures[name] = Procedure(name, func, signature)
+        return func
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name``; raises ``KeyError`` if it is not registered."""
+        del self._procedures[name]
+
+    def get(self, name: str) -> Procedure | None:
+        """Return the procedure registered as ``name``, or ``None``."""
+        return self._procedures.get(name)
+
+    def names(self) -> list[str]:
+        """Return the registered names, sorted."""
+        return sorted(self._procedures)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._procedures
+
+    def __iter__(self) -> Iterator[Procedure]:
+        return iter(list(self._procedures.values()))
+
+    def __len__(self) -> int:
+        return len(self._procedures)
+
+    def __repr__(self) -> str:
+        return f"<Registry {self.names()}>"
+
+
+#: The registry used by the module-level :func:`remote` and by servers given no registry.
+default_registry = Registry()
+
+
+@overload
+def remote(func: F, /) -> F: ...
+
+
+@overload
+def remote(func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def remote(func: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+    """Register a function in :data:`default_registry`; see :meth:`Registry.remote`.
+
+    Example:
+        >>> @remote
+        ... def fib(n: int) -> int:
+        ...     return n if n < 2 else fib(n - 1) + fib(n - 2)
+        >>> fib(10)   # still an ordinary function
+        55
+    """
+    if func is None:
+        return default_registry.remote(name=name)
+    return default_registry.register(func, name=name)

@@ -1,0 +1,463 @@
+"""RPCServer: consume -> validate -> run -> reply -> ack."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from time import monotonic
+from types import FrameType
+from typing import Any
+
+from kombu import Connection, Consumer, Producer
+from kombu.message import Message
+from kombu.pools import ProducerPool
+
+from . import protocol
+from .connection import Broker, connect, merge_retry_policy, safe_uri
+from .errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    InvalidArguments,
+    MalformedRequest,
+    MethodNotFound,
+    RemoteError,
+    SerializationError,
+)
+from .registry import Procedure, Registry, default_registry
+from .topology import (
+    CONTROL_QUEUE_TEMPLATE,
+    DEFAULT_QUEUE,
+    check_queue_name,
+    new_id,
+    private_queue,
+    request_queue,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Longest time the consume loop blocks (bounds heartbeat checks).
+IDLE_WAIT = 1.0
+#: While some calls run in worker threads, the loop polls for their completion with
+#: a wait that starts here and doubles up to ``_POLL_MAX`` (acks must be sent from
+#: the thread that owns the channel).
+_POLL_MIN, _POLL_MAX = 0.0005, 0.05
+
+
+class RPCServer:
+    """Serves the functions of a :class:`~kombu_rpc.Registry` from a request queue.
+
+    Each request is decoded, checked, run, answered on its ``reply_to`` queue, and only
+    then acknowledged (at-least-once, as in the RabbitMQ tutorial).
+
+    Args:
+        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly).
+        registry: The functions to serve; ``None`` serves :data:`default_registry`.
+        queue: The request queue to consume.
+        concurrency: How many calls run at once; also the prefetch count. With 1,
+            calls run in the consuming thread; above 1, in a thread pool.
+        accept: Serializers accepted for requests. Code-executing ones (``pickle``,
+            ``yaml``) are refused unless listed here.
+        send_tracebacks: Whether error replies carry the server-side traceback.
+        durable: Declare the request queue durable (it survives a broker restart).
+        retry_policy: Overrides for the first connect and for publishing replies
+            (keys of :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`). Once
+            serving, a lost connection is retried until :meth:`stop`.
+    """
+
+    #: Seconds a graceful stop waits for calls in flight before giving up on them.
+    shutdown_timeout: float = 30.0
+    #: Seconds :meth:`running` waits for the server to be ready.
+    startup_timeout: float = 30.0
+
+    def __init__(
+        self,
+        broker: Broker,
+        registry: Registry | None = None,
+        queue: str = DEFAULT_QUEUE,
+        concurrency: int = 1,
+        accept: tuple[str, ...] | list[str] = ("json",),
+        send_tracebacks: bool = True,
+        durable: bool = False,
+        retry_policy: dict[str, Any] | None = None,
+    ) -> None:
+        if registry is not None and not isinstance(registry, Registry):
+            raise ConfigurationError(f"registry must be a kombu_rpc.Registry or None, got {registry!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be a positive integer, got {concurrency!r}")
+        if isinstance(accept, str) or not accept:
+            raise ConfigurationError(f"accept must be a non-empty list of serializer names, got {accept!r}")
+        for name in accept:
+            protocol.check_serializer(name)
+        self.registry = default_registry if registry is None else registry
+        self.queue = check_queue_name(queue)
+        self.concurrency = concurrency
+        self.accept = frozenset(accept)
+        self.send_tracebacks = send_tracebacks
+        self.durable = durable
+        #: Unique id of this server; names its private control queue.
+        self.server_id = new_id()
+        self._connection = connect(broker)
+        self._retry_policy = merge_retry_policy(retry_policy)
+        self._control_queue = CONTROL_QUEUE_TEMPLATE.format(server_id=self.server_id)
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._cond = threading.Condition()  # guards _done / _in_flight
+        self._done: deque[tuple[Message, int, bool]] = deque()
+        self._in_flight = 0
+        self._generation = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._producers: ProducerPool | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`, SIGINT or SIGTERM; then stop gracefully.
+
+        Signal handlers are installed only when called from the main thread.
+
+        Raises:
+            ConnectionLostError: The broker could not be reached at start.
+        """
+        self._stopping.clear()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, self._on_signal)
+        try:
+            self._serve()
+        finally:
+            for installed, handler in previous.items():
+                signal.signal(installed, handler)
+
+    @contextmanager
+    def running(self) -> Iterator[RPCServer]:
+        """Serve in a background thread for the duration of a ``with`` block.
+
+        Returns only once the server consumes its queue; stops and joins on exit.
+
+        Raises:
+            ConnectionLostError: The broker could not be reached, or the server did
+                not become ready within :attr:`startup_timeout`.
+        """
+        self._stopping.clear()
+        self._ready.clear()
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self._serve()
+            except BaseException as exc:
+                failure.append(exc)
+                self._ready.set()
+
+        thread = threading.Thread(target=target, name=f"kombu_rpc-server-{self.queue}", daemon=True)
+        thread.start()
+        try:
+            if not self._ready.wait(self.startup_timeout):
+                raise ConnectionLostError(f"server not ready within {self.startup_timeout}s")
+            if failure:
+                raise failure[0]
+            yield self
+        finally:
+            self.stop()
+            thread.join()
+
+    def stop(self) -> None:
+        """Ask the server to stop: it stops consuming, finishes calls in flight (up to
+        :attr:`shutdown_timeout`), then returns from :meth:`run`. Safe from any thread
+        and from signal handlers; returns without waiting."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._wake()
+
+    @property
+    def ready(self) -> bool:
+        """True while the server is consuming its queue."""
+        return self._ready.is_set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.info("received signal %s, stopping gracefully", signum)
+        self.stop()
+
+    def _wake(self) -> None:
+        """Publish a control message so the consume loop leaves ``drain_events``.
+
+        A fresh connection is used: this may run in a signal handler, interrupting
+        a thread that is using the server's own connections.
+        """
+        try:
+            with self._connection.clone() as conn:
+                conn.ensure_connection(max_retries=1)
+                Producer(conn).publish(
+                    b"",
+                    exchange="",
+                    routing_key=self._control_queue,
+                    headers={protocol.CONTROL_HEADER: "wake"},
+                    content_type="application/data",
+                    content_encoding="binary",
+                )
+        except Exception as exc:  # the loop still sees the flag within IDLE_WAIT
+            logger.debug("could not wake server %s: %s", self.server_id, exc)
+
+    # -- the consume loop ------------------------------------------------------------
+
+    def _serve(self) -> None:
+        conn = self._connection.clone()
+        try:
+            conn.ensure_connection(**self._retry_policy)
+        except (*conn.connection_errors, OSError) as exc:
+            conn.release()
+            raise ConnectionLostError(f"cannot connect to {safe_uri(conn)}: {exc}") from exc
+        self._producers = ProducerPool(self._connection.Pool(limit=self.concurrency), limit=self.concurrency)
+        self._executor = (
+            ThreadPoolExecutor(self.concurrency, thread_name_prefix="kombu_rpc-worker")
+            if self.concurrency > 1
+            else None
+        )
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._consume(conn)
+                except conn.connection_errors as exc:
+                    self._ready.clear()
+                    self._generation += 1
+                    logger.warning("server lost its connection (%s); reconnecting", exc)
+                    conn.ensure_connection(
+                        errback=self._on_reconnect_error,
+                        max_retries=None,
+                        interval_start=0.1,
+                        interval_step=0.5,
+                        interval_max=self._retry_policy["interval_max"],
+                        callback=self._check_stopping,
+                    )
+        except _Stopped:
+            pass
+        finally:
+            self._ready.clear()
+            self._drain_in_flight()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._producers.force_close_all()
+            self._producers.connections.force_close_all()
+            conn.release()
+            logger.info("server %s on %r stopped", self.server_id, self.queue)
+
+    def _consume(self, conn: Connection) -> None:
+        channel = conn.channel()
+        requests = request_queue(self.queue, self.durable)(channel)
+        control = private_queue(self._control_queue)(channel)
+        consumers = [
+            Consumer(
+                channel,
+                [requests],
+                on_message=self._on_request,
+                accept=self.accept,
+                prefetch_count=self.concurrency,
+                on_decode_error=self._on_decode_error,
+            ),
+            Consumer(channel, [control], on_message=lambda message: None, no_ack=True),
+        ]
+        try:
+            for consumer in consumers:
+                consumer.consume()
+            self._ready.set()
+            logger.info(
+                "server %s consuming %r on %s: %s",
+                self.server_id,
+                self.queue,
+                safe_uri(conn),
+                ", ".join(self.registry.names()),
+            )
+            wait = _POLL_MIN
+            while not self._stopping.is_set():
+                self._settle()
+                conn.heartbeat_check()
+                if self._in_flight >= self.concurrency:  # no delivery until an ack
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._done or self._stopping.is_set(), IDLE_WAIT)
+                    continue
+                try:
+                    conn.drain_events(timeout=IDLE_WAIT if self._in_flight == 0 else wait)
+                    wait = _POLL_MIN
+                except socket.timeout:
+                    wait = min(wait * 2, _POLL_MAX)
+            for consumer in consumers:
+                consumer.cancel()
+            self._drain_in_flight()
+        finally:
+            if channel.is_open:
+                try:
+                    control.delete()
+                except conn.connection_errors + conn.channel_errors:
+                    pass
+                channel.close()
+
+    def _drain_in_flight(self) -> None:
+        """Wait (up to :attr:`shutdown_timeout`) for calls in flight and settle them."""
+        deadline = monotonic() + self.shutdown_timeout
+        while True:
+            self._settle()
+            remaining = deadline - monotonic()
+            if self._in_flight == 0 or remaining <= 0:
+                break
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._done), remaining)
+        if self._in_flight:
+            logger.warning(
+                "stopped with %d call(s) still running; their requests are not acked", self._in_flight
+            )
+
+    def _check_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise _Stopped()
+
+    def _on_reconnect_error(self, exc: Exception, interval: float) -> None:
+        logger.warning("cannot reconnect (%s); retrying in %.1fs", exc, interval)
+
+    # -- handling one request ---------------------------------------------------------
+
+    def _on_decode_error(self, message: Message, exc: Exception) -> None:
+        self._refuse(message, MalformedRequest("DecodeError", f"body could not be decoded: {exc}"))
+
+    def _refuse(self, message: Message, error: MalformedRequest) -> None:
+        """Reject a message that is not a valid request (never requeued)."""
+        logger.warning("rejected a malformed request on %r: %s", self.queue, error)
+        address = protocol.reply_address(message)
+        if address is not None:
+            self._reply(address, protocol.error_body(error, self.send_tracebacks), "json")
+        message.reject(requeue=False)
+
+    def _on_request(self, message: Message) -> None:
+        try:
+            request = protocol.parse_request(message)
+        except MalformedRequest as error:
+            self._refuse(message, error)
+            return
+        address = protocol.reply_address(message)
+        if request.expired():
+            logger.warning("dropped a request for %r that arrived after its deadline", request.method)
+            message.ack()
+            return
+        serializer = protocol.serializer_for(message.content_type, self.accept)
+        procedure = self.registry.get(request.method)
+        refusal: RemoteError | None = None
+        if procedure is None:
+            refusal = MethodNotFound("MethodNotFound", f"no remote function named {request.method!r}")
+        else:
+            try:
+                procedure.check_arguments(request.args, request.kwargs)
+            except TypeError as exc:
+                refusal = InvalidArguments("TypeError", f"{request.method}(): {exc}")
+        if refusal is not None:
+            logger.info("refused a call to %r: %s", request.method, refusal)
+            sent = address is None or self._reply(
+                address, protocol.error_body(refusal, self.send_tracebacks), serializer
+            )
+            self._settle_message(message, sent)
+            return
+        assert procedure is not None
+        if self._executor is None:
+            self._settle_message(message, self._execute(procedure, request, address, serializer))
+            return
+        generation = self._generation
+        with self._cond:
+            self._in_flight += 1
+        self._executor.submit(
+            self._execute_in_worker, message, generation, procedure, request, address, serializer
+        )
+
+    def _execute_in_worker(
+        self,
+        message: Message,
+        generation: int,
+        procedure: Procedure,
+        request: protocol.Request,
+        address: protocol.ReplyAddress | None,
+        serializer: str,
+    ) -> None:
+        ok = self._execute(procedure, request, address, serializer)
+        with self._cond:
+            self._done.append((message, generation, ok))
+            self._cond.notify_all()
+
+    def _execute(
+        self,
+        procedure: Procedure,
+        request: protocol.Request,
+        address: protocol.ReplyAddress | None,
+        serializer: str,
+    ) -> bool:
+        """Run the function and publish its reply; False if the reply could not be sent."""
+        started = monotonic()
+        try:
+            body = protocol.result_body(procedure.func(*request.args, **request.kwargs))
+            outcome = "ok"
+        except BaseException as exc:  # SystemExit too must be answered
+            body = protocol.error_body(exc, self.send_tracebacks)
+            outcome = type(exc).__name__
+            if address is None:
+                logger.error("cast %s failed", request.method, exc_info=exc)
+        logger.debug("%s -> %s in %.1f ms", request.method, outcome, (monotonic() - started) * 1000)
+        if address is None:
+            return True
+        return self._reply(address, body, serializer)
+
+    def _reply(self, address: protocol.ReplyAddress, body: dict[str, Any], serializer: str) -> bool:
+        """Publish a reply; returns False when the broker did not take it."""
+        try:
+            encoded = protocol.encode(body, serializer)
+        except SerializationError as exc:
+            encoded = protocol.encode(
+                protocol.error_body(
+                    RemoteError("UnserializableResult", f"the result cannot be serialized: {exc}")
+                ),
+                serializer,
+            )
+        assert self._producers is not None
+        try:
+            with self._producers.acquire(block=True) as producer:
+                producer.publish(
+                    encoded.payload,
+                    exchange="",
+                    routing_key=address.reply_to,
+                    correlation_id=address.correlation_id,
+                    content_type=encoded.content_type,
+                    content_encoding=encoded.content_encoding,
+                    retry=True,
+                    retry_policy=self._retry_policy,
+                )
+        except Exception as exc:
+            logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
+            return False
+        return True
+
+    # -- acks (only from the consuming thread) ----------------------------------------
+
+    def _settle(self) -> None:
+        while self._done:
+            with self._cond:
+                message, generation, ok = self._done.popleft()
+                self._in_flight -= 1
+            if generation == self._generation:
+                self._settle_message(message, ok)
+
+    def _settle_message(self, message: Message, ok: bool) -> None:
+        """Ack a handled request, or requeue it when its reply could not be sent."""
+        try:
+            if ok:
+                message.ack()
+            else:
+                message.requeue()
+        except Exception as exc:  # the channel died; the broker redelivers
+            logger.warning("could not settle a request: %s", exc)
+
+
+class _Stopped(Exception):
+    """Raised inside reconnect retries to abandon them once stop() was called."""

@@ -1,0 +1,55 @@
+"""Queue names and declarations: the one home for every name template."""
+
+from __future__ import annotations
+
+import uuid
+
+from kombu import Queue
+
+from .errors import ConfigurationError
+
+#: The request queue used when none is given.
+DEFAULT_QUEUE = "rpc_queue"
+#: Each proxy consumes replies from one queue named after this template.
+REPLY_QUEUE_TEMPLATE = "kombu_rpc.reply.{uid}"
+#: Each server consumes wake-up (control) messages from one queue named after this.
+CONTROL_QUEUE_TEMPLATE = "kombu_rpc.server.{server_id}"
+
+
+def check_queue_name(name: object) -> str:
+    """Return ``name`` if it can name a request queue on every transport.
+
+    Raises:
+        ConfigurationError: It is not a non-empty string of at most 200 characters
+            without whitespace, or it starts with RabbitMQ's reserved ``amq.``.
+    """
+    if not isinstance(name, str) or not name or len(name) > 200 or any(c.isspace() for c in name):
+        raise ConfigurationError(
+            f"invalid queue name {name!r}: use a non-empty string of at most "
+            "200 characters without whitespace"
+        )
+    if name.startswith("amq."):
+        raise ConfigurationError(f"invalid queue name {name!r}: 'amq.' is reserved by RabbitMQ")
+    return name
+
+
+def new_id() -> str:
+    """A fresh unique id for correlation ids, reply queues and servers."""
+    return uuid.uuid4().hex
+
+
+def request_queue(name: str, durable: bool = False) -> Queue:
+    """The shared queue a server consumes requests from.
+
+    It is bound to the default exchange under its own name, like the tutorial's
+    ``rpc_queue``, and is not durable unless asked for.
+    """
+    return Queue(name, routing_key=name, durable=durable, auto_delete=False)
+
+
+def private_queue(name: str) -> Queue:
+    """A queue owned by one proxy (replies) or one server (control messages).
+
+    On AMQP it is exclusive, so the broker deletes it when its connection closes.
+    """
+    return Queue(name, routing_key=name, durable=False, exclusive=True, auto_delete=True)
