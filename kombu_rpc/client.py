@@ -21,7 +21,7 @@ from kombu.message import Message
 
 from . import protocol
 from .errors import CallError, ConnectionLostError, RemoteError, RPCError, RPCTimeout
-from .topology import REPLY_QUEUE_TEMPLATE, new_id, private_queue
+from .topology import REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 
 logger = logging.getLogger(__name__)
 
@@ -271,10 +271,9 @@ class Client:
         finally:
             try:
                 consumer.cancel()
-                queue.purge()
-                queue.delete()
             except conn.connection_errors + conn.channel_errors:
                 pass
+            discard_queue(queue)
             conn.release()
 
     def _on_reply(self, message: Message) -> None:

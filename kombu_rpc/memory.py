@@ -54,6 +54,15 @@ class Channel(memory.Channel):  # type: ignore[misc]
         super()._put_fanout(exchange, message, routing_key, **kwargs)
         _signal.bump()
 
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        """Delete the queue, bound or not (kombu's only drops queues with bindings)."""
+        if if_empty and self._size(queue):
+            return
+        super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
+        self._delete(queue)
+
 
 class Transport(memory.Transport):  # type: ignore[misc]
     """memory:// transport whose ``drain_events`` blocks instead of polling."""

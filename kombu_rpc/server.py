@@ -34,6 +34,7 @@ from .topology import (
     CONTROL_QUEUE_TEMPLATE,
     DEFAULT_QUEUE,
     check_queue_name,
+    discard_queue,
     new_id,
     private_queue,
     request_queue,
@@ -106,7 +107,9 @@ class RPCServer:
         self._retry_policy = merge_retry_policy(retry_policy)
         self._control_queue = CONTROL_QUEUE_TEMPLATE.format(server_id=self.server_id)
         self._stopping = threading.Event()
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # consuming now
+        self._started = threading.Event()  # consuming, or failed to start
+        self._serving = threading.Lock()  # held while run() or running() serves
         self._cond = threading.Condition()  # guards _done / _in_flight
         self._done: deque[tuple[Message, int, bool]] = deque()
         self._in_flight = 0
@@ -146,7 +149,6 @@ class RPCServer:
                 not become ready within :attr:`startup_timeout`.
         """
         self._stopping.clear()
-        self._ready.clear()
         failure: list[BaseException] = []
 
         def target() -> None:
@@ -154,12 +156,14 @@ class RPCServer:
                 self._serve()
             except BaseException as exc:
                 failure.append(exc)
-                self._ready.set()
+            finally:
+                self._started.set()
 
+        self._started.clear()
         thread = threading.Thread(target=target, name=f"kombu_rpc-server-{self.queue}", daemon=True)
         thread.start()
         try:
-            if not self._ready.wait(self.startup_timeout):
+            if not self._started.wait(self.startup_timeout):
                 raise ConnectionLostError(f"server not ready within {self.startup_timeout}s")
             if failure:
                 raise failure[0]
@@ -167,6 +171,8 @@ class RPCServer:
         finally:
             self.stop()
             thread.join()
+        if failure:  # the server died while the block ran
+            raise failure[0]
 
     def stop(self) -> None:
         """Ask the server to stop: it stops consuming, finishes calls in flight (up to
@@ -209,6 +215,14 @@ class RPCServer:
     # -- the consume loop ------------------------------------------------------------
 
     def _serve(self) -> None:
+        if not self._serving.acquire(blocking=False):
+            raise ConfigurationError("this server is already running; create another RPCServer")
+        try:
+            self._serve_once()
+        finally:
+            self._serving.release()
+
+    def _serve_once(self) -> None:
         conn = self._connection.clone()
         try:
             conn.ensure_connection(**self._retry_policy)
@@ -268,6 +282,7 @@ class RPCServer:
             for consumer in consumers:
                 consumer.consume()
             self._ready.set()
+            self._started.set()
             logger.info(
                 "server %s consuming %r on %s: %s",
                 self.server_id,
@@ -292,12 +307,11 @@ class RPCServer:
                 consumer.cancel()
             self._drain_in_flight()
         finally:
-            if channel.is_open:
-                try:
-                    control.delete()
-                except conn.connection_errors + conn.channel_errors:
-                    pass
+            discard_queue(control)
+            try:
                 channel.close()
+            except conn.connection_errors + conn.channel_errors:
+                pass
 
     def _drain_in_flight(self) -> None:
         """Wait (up to :attr:`shutdown_timeout`) for calls in flight and settle them."""

@@ -47,6 +47,22 @@ def request_queue(name: str, durable: bool = False) -> Queue:
     return Queue(name, routing_key=name, durable=durable, auto_delete=False)
 
 
+def discard_queue(queue: Queue) -> None:
+    """Delete a bound private queue and whatever is left in it.
+
+    Purging first matters on Redis, where deleting a queue without bindings leaves
+    its list (and any message in it) behind. Errors are ignored: on AMQP the broker
+    drops exclusive queues with their connection anyway.
+    """
+    channel = queue.channel
+    conn = channel.connection.client
+    try:
+        queue.purge()
+        queue.delete()
+    except conn.connection_errors + conn.channel_errors:
+        pass
+
+
 def private_queue(name: str) -> Queue:
     """A queue owned by one proxy (replies) or one server (control messages).
 

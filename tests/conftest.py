@@ -1,0 +1,232 @@
+"""Broker selection and shared fixtures.
+
+Tests that take ``broker_url`` run once on ``memory://`` and once per real broker in
+``KOMBU_RPC_TEST_BROKERS`` (comma-separated; default: the local RabbitMQ and Redis).
+An unreachable real broker skips its tests, unless ``KOMBU_RPC_REQUIRE_BROKERS=1``
+(as in CI): then each of its tests fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
+from functools import cache
+from typing import Any
+
+import pytest
+from kombu import Connection
+
+from kombu_rpc import Registry, RPCProxy, RPCServer
+from kombu_rpc.topology import new_id
+
+DEFAULT_BROKERS = "amqp://guest:guest@127.0.0.1:5672//,redis://127.0.0.1:6379/0"
+MEMORY = "memory://"
+
+
+def real_brokers() -> list[str]:
+    raw = os.environ.get("KOMBU_RPC_TEST_BROKERS", DEFAULT_BROKERS)
+    return [url.strip() for url in raw.split(",") if url.strip()]
+
+
+def broker_id(url: str) -> str:
+    return url.split("://", 1)[0]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "broker_url" in metafunc.fixturenames:
+        urls = [MEMORY, *real_brokers()]
+        metafunc.parametrize("broker_url", urls, ids=[broker_id(u) for u in urls], indirect=True)
+
+
+@cache
+def unreachable_reason(url: str) -> str | None:
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        return f"broker {url} is unreachable: {exc!r}"
+    return None
+
+
+@pytest.fixture
+def broker_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.param
+    if url != MEMORY:
+        reason = unreachable_reason(url)
+        if reason is not None:
+            if os.environ.get("KOMBU_RPC_REQUIRE_BROKERS") == "1":
+                pytest.fail(f"{reason} (KOMBU_RPC_REQUIRE_BROKERS=1)")
+            pytest.skip(reason)
+    return url
+
+
+@pytest.fixture
+def queue_name() -> str:
+    """A request queue name no other test uses."""
+    return f"test.{new_id()}"
+
+
+class Gate:
+    """Lets tests hold remote functions until released, and know when they started."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def wait_entered(self, count: int = 1, timeout: float = 10.0) -> None:
+        for _ in range(count):
+            assert self.entered.acquire(timeout=timeout), "remote function did not start in time"
+
+
+class Recorder:
+    """Records calls; ``wait(n)`` blocks until at least ``n`` were recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self._cond = threading.Condition()
+
+    def add(self, value: Any) -> None:
+        with self._cond:
+            self.calls.append(value)
+            self._cond.notify_all()
+
+    def wait(self, count: int, timeout: float = 10.0) -> list[Any]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.calls) >= count, timeout), self.calls
+            return list(self.calls)
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.released.set()  # never leave a server thread blocked
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def registry(gate: Gate, recorder: Recorder) -> Registry:
+    """Functions the behaviour tests call."""
+    reg = Registry()
+
+    @reg.remote
+    def fib(n: int) -> int:
+        a, b = 0, 1
+        for _ in range(n):
+            a, b = b, a + b
+        return a
+
+    @reg.remote(name="math.add")
+    def add(a: Any, b: Any) -> Any:
+        return a + b
+
+    @reg.remote
+    def echo(value: Any) -> Any:
+        return value
+
+    @reg.remote
+    def boom(message: str = "bad n") -> None:
+        raise ValueError(message)
+
+    @reg.remote
+    def unserializable() -> object:
+        return {1, 2, 3}
+
+    @reg.remote
+    def record(value: Any) -> None:
+        recorder.add(value)
+
+    @reg.remote
+    def held(value: Any = None) -> Any:
+        gate.entered.release()
+        assert gate.released.wait(20), "test never released the gate"
+        recorder.add(value)
+        return value
+
+    return reg
+
+
+ServeFactory = Callable[..., AbstractContextManager[RPCServer]]
+
+
+@pytest.fixture
+def servers(gate: Gate) -> Iterator[ExitStack]:
+    with ExitStack() as stack:
+        yield stack
+        gate.released.set()  # let held calls finish so the servers stop at once
+
+
+@pytest.fixture
+def serve(
+    broker_url: str, registry: Registry, queue_name: str, servers: ExitStack
+) -> Callable[..., RPCServer]:
+    """Start a server in a thread (defaults: the test's broker, registry and queue);
+    it is stopped when the test ends."""
+
+    def start(**kwargs: Any) -> RPCServer:
+        kwargs.setdefault("registry", registry)
+        kwargs.setdefault("queue", queue_name)
+        server = RPCServer(broker_url, **kwargs)
+        servers.enter_context(server.running())
+        return server
+
+    return start
+
+
+@pytest.fixture
+def proxies(broker_url: str, queue_name: str) -> Iterator[Callable[..., RPCProxy]]:
+    made: list[RPCProxy] = []
+
+    def make(**kwargs: Any) -> RPCProxy:
+        kwargs.setdefault("queue", queue_name)
+        kwargs.setdefault("timeout", 10.0)
+        made.append(RPCProxy(broker_url, **kwargs))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+@pytest.fixture
+def proxy(proxies: Callable[..., RPCProxy]) -> RPCProxy:
+    return proxies()
+
+
+class LogWaiter(logging.Handler):
+    """Sets an event when a record whose message contains ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+@pytest.fixture
+def log_waiter() -> Iterator[Callable[[str], LogWaiter]]:
+    logger = logging.getLogger("kombu_rpc")
+    added: list[LogWaiter] = []
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+
+    def watch(text: str) -> LogWaiter:
+        waiter = LogWaiter(text)
+        logger.addHandler(waiter)
+        added.append(waiter)
+        return waiter
+
+    yield watch
+    for waiter in added:
+        logger.removeHandler(waiter)
+    logger.setLevel(old_level)
