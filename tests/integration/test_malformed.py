@@ -1,0 +1,180 @@
+"""Requests that are not valid: the server answers when it can and keeps serving."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+from kombu import Connection, Producer, Queue
+
+from kombu_rpc import RPCProxy, RPCServer
+from kombu_rpc.connection import connect
+from kombu_rpc.protocol import DEADLINE_HEADER
+from kombu_rpc.topology import new_id
+
+from ..conftest import Recorder
+
+
+class RawClient:
+    """Publishes hand-made requests and reads the replies from a queue of its own."""
+
+    def __init__(self, conn: Connection, queue: str) -> None:
+        self.queue = queue
+        self.reply_to = f"test.raw-replies.{new_id()}"
+        self.replies = conn.SimpleQueue(Queue(self.reply_to, routing_key=self.reply_to), no_ack=True)
+        self.producer = Producer(conn.clone())
+
+    def send(
+        self,
+        body: Any,
+        *,
+        reply: bool = True,
+        content_type: str = "application/json",
+        properties: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        compression: str | None = None,
+    ) -> str:
+        correlation_id = new_id()
+        props: dict[str, Any] = {"reply_to": self.reply_to, "correlation_id": correlation_id} if reply else {}
+        props.update(properties or {})
+        self.producer.publish(
+            body,
+            exchange="",
+            routing_key=self.queue,
+            content_type=content_type,
+            content_encoding="utf-8" if isinstance(body, str) else "binary",
+            headers=headers or {},
+            compression=compression,
+            **props,
+        )
+        return correlation_id
+
+    def reply(self, correlation_id: str) -> dict[str, Any]:
+        message = self.replies.get(block=True, timeout=10)
+        assert message.properties["correlation_id"] == correlation_id
+        body: dict[str, Any] = message.decode()
+        return body
+
+
+@pytest.fixture
+def raw(broker_url: str, queue_name: str) -> Iterator[RawClient]:
+    with connect(broker_url) as conn:  # memory:// that wakes on put, like the library's
+        client = RawClient(conn, queue_name)
+        yield client
+        client.replies.consumer.cancel()
+        client.replies.queue.purge()
+        client.replies.queue.delete()
+        client.producer.connection.release()
+
+
+def j(value: Any) -> str:
+    return json.dumps(value)
+
+
+ADDRESSABLE = [
+    pytest.param("not json {", "application/json", "DecodeError", id="not-json"),
+    pytest.param(
+        pickle.dumps({"method": "echo", "args": [1]}),
+        "application/x-python-serialize",
+        "ContentDisallowed",
+        id="pickle",
+    ),
+    pytest.param("method: echo", "application/x-yaml", "ContentDisallowed", id="yaml"),
+    pytest.param(j([1, 2]), "application/json", "MalformedRequest", id="body-a-list"),
+    pytest.param(j({"args": []}), "application/json", "MalformedRequest", id="no-method"),
+    pytest.param(j({"method": 3}), "application/json", "MalformedRequest", id="method-not-a-string"),
+    pytest.param(
+        j({"method": "echo", "args": {"a": 1}}), "application/json", "MalformedRequest", id="args-not-a-list"
+    ),
+    pytest.param(
+        j({"method": "echo", "args": [], "kwargs": [1]}),
+        "application/json",
+        "MalformedRequest",
+        id="kwargs-not-a-mapping",
+    ),
+    pytest.param(b"\xff\xfe", "application/json", "DecodeError", id="bad-utf8"),
+]
+
+
+@pytest.mark.parametrize("body, content_type, exc_type", ADDRESSABLE)
+def test_a_malformed_request_gets_an_error_reply(
+    serve: Callable[..., RPCServer],
+    raw: RawClient,
+    proxy: RPCProxy,
+    body: Any,
+    content_type: str,
+    exc_type: str,
+) -> None:
+    serve()
+    correlation_id = raw.send(body, content_type=content_type)
+    error = raw.reply(correlation_id)["error"]
+    assert (error["kind"], error["type"]) == ("malformed_request", exc_type)
+    assert proxy.echo("still serving") == "still serving"
+
+
+@pytest.mark.parametrize(
+    "method, exc_type",
+    [("_private", "MethodNotFound"), ("__class__", "MethodNotFound"), ("echo.__globals__", "MethodNotFound")],
+)
+def test_only_registered_names_are_callable(
+    serve: Callable[..., RPCServer], raw: RawClient, method: str, exc_type: str
+) -> None:
+    serve()
+    error = raw.reply(raw.send(j({"method": method, "args": []})))["error"]
+    assert error["type"] == exc_type
+
+
+def test_a_request_without_reply_to_is_run_as_a_cast(
+    serve: Callable[..., RPCServer], raw: RawClient, recorder: Recorder
+) -> None:
+    serve()
+    raw.send(j({"method": "record", "args": ["cast"]}), reply=False)
+    raw.send(j({"method": "record", "args": ["no id"]}), properties={"correlation_id": None})
+    assert sorted(recorder.wait(2)) == ["cast", "no id"]
+
+
+def test_unanswerable_malformed_requests_are_dropped_and_the_server_goes_on(
+    serve: Callable[..., RPCServer], raw: RawClient, proxy: RPCProxy
+) -> None:
+    serve()
+    raw.send("garbage", reply=False)
+    raw.send(pickle.dumps(1), reply=False, content_type="application/x-python-serialize")
+    assert proxy.echo(2) == 2
+
+
+def test_a_bad_deadline_header_is_malformed(serve: Callable[..., RPCServer], raw: RawClient) -> None:
+    serve()
+    for deadline in ["tomorrow", True, [1]]:  # (RabbitMQ itself refuses a NaN header)
+        error = raw.reply(raw.send(j({"method": "echo", "args": [1]}), headers={DEADLINE_HEADER: deadline}))
+        assert error["error"]["type"] == "MalformedRequest"
+
+
+def test_a_request_missing_args_and_kwargs_calls_with_none(
+    serve: Callable[..., RPCServer], raw: RawClient
+) -> None:
+    serve()
+    assert raw.reply(raw.send(j({"method": "fib"})))["error"]["type"] == "TypeError"
+    assert raw.reply(raw.send(j({"method": "boom"})))["error"]["message"] == "bad n"
+
+
+def test_a_function_raising_system_exit_is_answered_and_the_server_goes_on(
+    broker_url: str, queue_name: str, proxies: Callable[..., RPCProxy], servers: Any
+) -> None:
+    import sys
+
+    from kombu_rpc import Registry, RemoteError
+
+    reg = Registry()
+    reg.register(lambda: sys.exit(3), name="leave")
+    reg.register(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), name="interrupt")
+    reg.register(lambda: 1, name="one")
+    servers.enter_context(RPCServer(broker_url, registry=reg, queue=queue_name).running())
+    proxy = proxies()
+    for name, exc_type in [("leave", "SystemExit"), ("interrupt", "KeyboardInterrupt")]:
+        with pytest.raises(RemoteError) as info:
+            proxy[name]()
+        assert info.value.exc_type == exc_type
+    assert proxy.one() == 1

@@ -1,0 +1,116 @@
+"""The public surface: exported names, errors, constructor validation."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+import kombu_rpc
+from kombu_rpc import (
+    ConfigurationError,
+    InvalidArguments,
+    MethodNotFound,
+    RemoteError,
+    RPCError,
+    RPCProxy,
+    RPCServer,
+    RPCTimeout,
+)
+from kombu_rpc.errors import remote_error_from_wire
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    public = {name for name in vars(kombu_rpc) if not name.startswith("_")}
+    modules = {name for name in public if type(getattr(kombu_rpc, name)).__name__ == "module"}
+    assert set(kombu_rpc.__all__) == public - modules
+    for contract in [
+        "remote",
+        "Registry",
+        "default_registry",
+        "RPCServer",
+        "RPCProxy",
+        "RPCError",
+        "RemoteError",
+        "MethodNotFound",
+        "RPCTimeout",
+    ]:
+        assert contract in kombu_rpc.__all__
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(RPCTimeout, RPCError) and issubclass(RPCTimeout, TimeoutError)
+    assert issubclass(MethodNotFound, RemoteError) and issubclass(RemoteError, RPCError)
+    assert issubclass(ConfigurationError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RemoteError("ValueError", "bad n", "Traceback..."),
+        MethodNotFound("MethodNotFound", "no f"),
+        RPCTimeout("fib", 2.5),
+    ],
+)
+def test_errors_pickle_and_copy_intact(error: RPCError) -> None:
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(clone) is type(error) and str(clone) == str(error) and vars(clone) == vars(error)
+
+
+def test_wire_errors_map_to_classes() -> None:
+    error = remote_error_from_wire({"kind": "invalid_arguments", "type": "TypeError", "message": "m"})
+    assert type(error) is InvalidArguments and str(error) == "TypeError: m"
+    assert type(remote_error_from_wire({"kind": "unheard-of", "type": "X"})) is RemoteError
+    assert remote_error_from_wire("junk").exc_type == "MalformedReply"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"broker": 42}, "broker must be"),
+        ({"broker": "nosuch://x"}, "unknown or unavailable transport"),
+        ({"queue": ""}, "invalid queue name"),
+        ({"queue": "amq.x"}, "reserved"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": "1"}, "timeout"),
+        ({"serializer": "nope"}, "unknown serializer"),
+        ({"retry_policy": {"max_retry": 1}}, "unknown retry_policy keys"),
+    ],
+)
+def test_proxy_rejects_bad_options(kwargs: dict[str, object], match: str) -> None:
+    kwargs.setdefault("broker", "memory://")
+    with pytest.raises(ConfigurationError, match=match):
+        RPCProxy(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": True}, "concurrency"),
+        ({"accept": "json"}, "accept"),
+        ({"accept": ["json", "nope"]}, "unknown serializer"),
+        ({"registry": {}}, "registry"),
+        ({"queue": "has space"}, "invalid queue name"),
+    ],
+)
+def test_server_rejects_bad_options(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        RPCServer("memory://", **kwargs)  # type: ignore[arg-type]
+
+
+def test_proxy_rejects_invalid_method_names_before_sending() -> None:
+    with RPCProxy("memory://", queue="unused") as proxy:
+        with pytest.raises(ConfigurationError, match="invalid remote name"):
+            proxy["bad name"]()
+        with pytest.raises(AttributeError):
+            proxy._private  # noqa: B018
+
+
+def test_nothing_connects_until_the_first_call() -> None:
+    # an unreachable broker is fine to configure; only calling fails
+    proxy = RPCProxy("amqp://guest:guest@127.0.0.1:1//", retry_policy={"max_retries": 0})
+    with pytest.raises(kombu_rpc.ConnectionLostError):
+        proxy.fib(1)
+    proxy.close()

@@ -1,0 +1,86 @@
+"""Registering functions: names, duplicates, decorator forms."""
+
+from __future__ import annotations
+
+import pytest
+
+from kombu_rpc import ConfigurationError, Registry, default_registry, remote
+
+
+def test_remote_registers_and_returns_the_function_unchanged() -> None:
+    reg = Registry()
+
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    assert reg.remote(fib) is fib
+    assert fib(10) == 55
+    assert "fib" in reg and reg.names() == ["fib"] and len(reg) == 1
+    procedure = reg.get("fib")
+    assert procedure is not None and procedure.func is fib and procedure.name == "fib"
+
+
+def test_an_explicit_dotted_name() -> None:
+    reg = Registry()
+
+    @reg.remote(name="math.add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    assert reg.names() == ["math.add"] and add(1, 2) == 3
+
+
+@pytest.mark.parametrize(
+    "name", ["", "_private", "a._b", "a..b", ".a", "a.", "1a", "a b", "a-b", "ü", 3, None]
+)
+def test_invalid_names_are_refused_at_registration(name: object) -> None:
+    with pytest.raises(ConfigurationError, match="invalid remote name"):
+        Registry().register(lambda: None, name=name)  # type: ignore[arg-type]
+
+
+def test_a_duplicate_name_is_refused() -> None:
+    reg = Registry()
+    reg.register(lambda: 1, name="one")
+    with pytest.raises(ConfigurationError, match="already registered"):
+        reg.register(lambda: 2, name="one")
+    assert reg.get("one") is not None and reg.get("one").func() == 1  # type: ignore[union-attr]
+
+
+def test_non_callables_and_coroutine_functions_are_refused() -> None:
+    async def coro() -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="callable"):
+        Registry().register(42, name="x")  # type: ignore[type-var]
+    with pytest.raises(ConfigurationError, match="coroutine"):
+        Registry().register(coro)
+
+
+def test_lambdas_need_a_name() -> None:
+    with pytest.raises(ConfigurationError, match="pass name="):
+        Registry().register(lambda: None)
+
+
+def test_signature_checks_use_the_captured_signature() -> None:
+    reg = Registry()
+    reg.register(lambda a, b=1: a, name="f")
+    procedure = reg.get("f")
+    assert procedure is not None
+    procedure.check_arguments([1], {})
+    procedure.check_arguments([], {"a": 1, "b": 2})
+    for args, kwargs in [([], {}), ([1, 2, 3], {}), ([1], {"c": 1})]:
+        with pytest.raises(TypeError):
+            procedure.check_arguments(args, kwargs)
+
+
+def test_module_level_remote_uses_the_default_registry() -> None:
+    @remote(name="tests.unit.registry_probe")
+    def probe() -> str:
+        return "ok"
+
+    try:
+        assert "tests.unit.registry_probe" in default_registry
+        assert probe() == "ok"
+    finally:
+        default_registry.unregister("tests.unit.registry_probe")
+    assert "tests.unit.registry_probe" not in default_registry
