@@ -17,6 +17,7 @@ from time import monotonic
 from typing import Any
 
 from kombu import Connection, Consumer, Producer
+from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import protocol
@@ -238,7 +239,7 @@ class Client:
                 retry_policy=self._retry_policy,
                 **properties,
             )
-        except (*self._producer.connection.connection_errors, OSError) as exc:
+        except (*self._producer.connection.connection_errors, OperationalError, OSError) as exc:
             raise ConnectionLostError(f"cannot publish to {queue!r}: {exc}") from exc
 
     # -- the listener thread ---------------------------------------------------------

@@ -10,8 +10,8 @@ from kombu.transport import memory as kombu_memory
 from . import memory
 from .errors import ConfigurationError
 
-#: What a broker argument may be: a URL such as ``"amqp://guest:guest@127.0.0.1//"``,
-#: or a :class:`kombu.Connection` (which is cloned, never used directly).
+#: The type of a broker argument, a URL such as ``"amqp://guest:guest@127.0.0.1//"``
+#: or a :class:`kombu.Connection` (cloned, never used directly).
 Broker = Union[str, Connection]
 
 #: How often to retry connecting and publishing before giving up, in the keywords of

@@ -29,9 +29,6 @@ DEADLINE_HEADER = "x-rpc-deadline"
 #: Header marking an internal wake-up message; its body is ignored.
 CONTROL_HEADER = "x-rpc-control"
 
-#: Serializers that can run code when decoding; never accepted unless listed explicitly.
-UNSAFE_SERIALIZERS = frozenset({"pickle", "yaml"})
-
 
 def check_serializer(name: str) -> str:
     """Return the content type of serializer ``name``.

@@ -45,8 +45,9 @@ class RPCProxy:
         832040
 
     Note:
-        Attributes named like the proxy's own methods (``options``, ``close``) and
-        names starting with ``_`` are reached by item access: ``proxy["close"]()``.
+        Remote names that clash with the proxy's own attributes (``options``,
+        ``close``, ``queue``, ``timeout``, ``reply_queue``) or with ``call_async`` and
+        ``cast`` are reached by item access: ``proxy["close"]()``.
     """
 
     def __init__(
@@ -69,7 +70,8 @@ class RPCProxy:
         The view shares the reply queue and connections; it is closed with this proxy.
 
         Args:
-            timeout: Seconds to wait for each reply (``None``: wait forever).
+            timeout: Seconds to wait for each reply (``None``: wait forever). Omit to
+                keep this proxy's timeout.
         """
         view = object.__new__(RPCProxy)
         view._queue = self._queue
@@ -85,7 +87,7 @@ class RPCProxy:
 
     @property
     def timeout(self) -> float | None:
-        """Seconds each call waits for its reply (``None``: forever)."""
+        """Seconds each call waits for its reply, or None to wait forever."""
         return self._timeout
 
     @property

@@ -12,7 +12,7 @@ from .errors import ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Valid remote names: dotted identifiers whose parts do not start with ``_``.
+#: Valid remote names are dotted identifiers whose parts start with a letter.
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 
 

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Any
 
 from kombu import Connection, Consumer, Producer
+from kombu.exceptions import OperationalError
 from kombu.message import Message
 from kombu.pools import ProducerPool
 
@@ -226,7 +227,7 @@ class RPCServer:
         conn = self._connection.clone()
         try:
             conn.ensure_connection(**self._retry_policy)
-        except (*conn.connection_errors, OSError) as exc:
+        except (*conn.connection_errors, OperationalError, OSError) as exc:
             conn.release()
             raise ConnectionLostError(f"cannot connect to {safe_uri(conn)}: {exc}") from exc
         self._producers = ProducerPool(self._connection.Pool(limit=self.concurrency), limit=self.concurrency)

@@ -35,10 +35,18 @@ def broker_id(url: str) -> str:
     return url.split("://", 1)[0]
 
 
+#: Fixture name -> which broker URLs it is parametrized over.
+BROKER_FIXTURES: dict[str, Callable[[], list[str]]] = {
+    "broker_url": lambda: [MEMORY, *real_brokers()],
+    "real_broker_url": real_brokers,
+    "amqp_url": lambda: [url for url in real_brokers() if url.startswith("amqp")],
+}
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "broker_url" in metafunc.fixturenames:
-        urls = [MEMORY, *real_brokers()]
-        metafunc.parametrize("broker_url", urls, ids=[broker_id(u) for u in urls], indirect=True)
+    for name, urls in BROKER_FIXTURES.items():
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, urls(), ids=[broker_id(u) for u in urls()], indirect=True)
 
 
 @cache
@@ -51,8 +59,7 @@ def unreachable_reason(url: str) -> str | None:
     return None
 
 
-@pytest.fixture
-def broker_url(request: pytest.FixtureRequest) -> str:
+def checked_broker(request: pytest.FixtureRequest) -> str:
     url: str = request.param
     if url != MEMORY:
         reason = unreachable_reason(url)
@@ -61,6 +68,11 @@ def broker_url(request: pytest.FixtureRequest) -> str:
                 pytest.fail(f"{reason} (KOMBU_RPC_REQUIRE_BROKERS=1)")
             pytest.skip(reason)
     return url
+
+
+broker_url = pytest.fixture(checked_broker, name="broker_url")
+real_broker_url = pytest.fixture(checked_broker, name="real_broker_url")
+amqp_url = pytest.fixture(checked_broker, name="amqp_url")
 
 
 @pytest.fixture

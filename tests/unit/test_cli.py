@@ -17,8 +17,11 @@ def test_demo_on_memory_prints_fib_and_a_rate(capsys: pytest.CaptureFixture[str]
     assert out[1].startswith("50 sequential calls in ") and out[1].endswith(" calls/s")
 
 
-def test_demo_reports_an_unreachable_broker_as_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--broker", "nosuch://x"]) == 1
+@pytest.mark.parametrize("broker", ["nosuch://x", "amqp://guest:guest@127.0.0.1:1//"])
+def test_demo_reports_a_bad_or_unreachable_broker_as_one_error_line(
+    capsys: pytest.CaptureFixture[str], broker: str
+) -> None:
+    assert main(["demo", "--broker", broker]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and err.count("\n") == 1
 

@@ -1,0 +1,51 @@
+"""Every example under docs/examples runs as documented."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "docs" / "examples"
+NEEDS_BROKER = {"serve.py", "call.py"}
+
+
+def run_example(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in NEEDS_BROKER))
+def test_example_runs(name: str) -> None:
+    with run_example(str(EXAMPLES / name)) as process:
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, f"{name} failed:\n{out}\n{err}"
+
+
+def test_serve_and_call_examples_on_a_real_broker(real_broker_url: str) -> None:
+    broker_url = real_broker_url
+    with run_example(str(EXAMPLES / "serve.py"), broker_url) as server:
+        assert server.stderr is not None
+        for line in server.stderr:  # wait until it consumes
+            if "consuming" in line:
+                break
+        with run_example(str(EXAMPLES / "call.py"), broker_url) as client:
+            out, err = client.communicate(timeout=60)
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert client.returncode == 0, err
+    assert "832040" in out
+    assert server.returncode == 0

@@ -1,0 +1,121 @@
+"""Servers and proxies in their own processes, driven as a user would."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import IO
+
+import pytest
+from kombu import Connection
+
+from kombu_rpc import RPCProxy
+
+SERVER = textwrap.dedent("""
+    import logging, sys, time
+    from kombu_rpc import Registry, RPCServer
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    reg = Registry()
+
+    @reg.remote
+    def slow(seconds):
+        print("started", flush=True)
+        time.sleep(seconds)
+        return seconds
+
+    RPCServer(sys.argv[1], registry=reg, queue=sys.argv[2], concurrency=2).run()
+    print("stopped", flush=True)
+""")
+
+
+def read_until(stream: IO[str], text: str, process: subprocess.Popen[str]) -> str:
+    """Read lines until one contains ``text``; the test's timeout bounds the wait."""
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if text in line:
+            return line
+    raise AssertionError(f"{text!r} never printed (exit {process.poll()}): {''.join(seen)}")
+
+
+@pytest.fixture
+def server_process(real_broker_url: str, queue_name: str) -> Iterator[subprocess.Popen[str]]:
+    with subprocess.Popen(
+        [sys.executable, "-c", SERVER, real_broker_url, queue_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stderr is not None
+        try:
+            read_until(process.stderr, "consuming", process)
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_server_after_its_calls_in_flight(
+    real_broker_url: str, queue_name: str, server_process: subprocess.Popen[str], signum: int
+) -> None:
+    assert server_process.stdout is not None
+    with RPCProxy(real_broker_url, queue=queue_name, timeout=20) as proxy:
+        # Given a call in flight
+        future = proxy.slow.call_async(0.5)
+        read_until(server_process.stdout, "started", server_process)
+        # When the server is signalled
+        server_process.send_signal(signum)
+        # Then the call still gets its result, and the server exits cleanly
+        assert future.result() == 0.5
+    assert server_process.wait(20) == 0
+    assert "stopped" in server_process.stdout.read()
+
+
+PROXY = textwrap.dedent("""
+    import sys
+    from kombu_rpc import RPCProxy
+    proxy = RPCProxy(sys.argv[1], queue="nobody-serves-this", timeout=5)
+    proxy.fib.cast(1)  # connects and declares the reply queue
+    print(proxy.reply_queue, flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_on_amqp_the_reply_queue_dies_with_its_process(amqp_url: str) -> None:
+    broker_url = amqp_url
+    with (
+        subprocess.Popen(
+            [sys.executable, "-c", PROXY, broker_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as process,
+        Connection(broker_url) as conn,
+    ):
+        assert process.stdout is not None
+        reply_queue = process.stdout.readline().strip()
+        assert reply_queue.startswith("kombu_rpc.reply.")
+        assert declared(conn, reply_queue)
+        process.kill()
+        process.wait(10)
+        deadline = time.monotonic() + 10  # the broker notices the closed socket at once
+        while declared(conn, reply_queue):
+            assert time.monotonic() < deadline, "reply queue outlived its process"
+            time.sleep(0.05)
+
+
+def declared(conn: Connection, name: str) -> bool:
+    from amqp.exceptions import NotFound, ResourceLocked
+
+    try:
+        conn.channel().queue_declare(queue=name, passive=True)
+    except ResourceLocked:
+        return True
+    except NotFound:
+        return False
+    return True
