@@ -251,7 +251,7 @@ class Client:
             queue = private_queue(self.reply_queue)(conn.default_channel)
             queue.declare()
             consumer = Consumer(conn, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept)
-            consumer.on_decode_error = self._on_decode_error
+            consumer.on_decode_error = self._on_reply
             consumer.consume()
         except Exception as exc:  # reported to the caller by _start
             self._listener_error = exc
@@ -277,9 +277,9 @@ class Client:
             discard_queue(queue)
             conn.release()
 
-    def _on_reply(self, message: Message) -> None:
+    def _on_reply(self, message: Message, decode_error: Exception | None = None) -> None:
         correlation_id = (message.properties or {}).get("correlation_id")
-        if correlation_id is None:
+        if not isinstance(correlation_id, str):
             if protocol.CONTROL_HEADER not in (message.headers or {}):
                 logger.warning("dropped a reply without correlation_id on %s", self.reply_queue)
             return
@@ -288,19 +288,12 @@ class Client:
             logger.debug("dropped a late or duplicate reply %s", correlation_id)
             return
         try:
-            pending.future.set_result(protocol.parse_reply(message.decode()))
+            if decode_error is not None:
+                raise decode_error
+            result = protocol.parse_reply(message.decode())
         except RemoteError as exc:
             pending.future.set_exception(exc)
-        except Exception as exc:  # undecodable reply: the call still ends
-            pending.future.set_exception(RemoteError("MalformedReply", f"reply could not be decoded: {exc}"))
-
-    def _on_decode_error(self, message: Message, exc: Exception) -> None:
-        self._on_reply_failure(message, exc)
-
-    def _on_reply_failure(self, message: Message, exc: Exception) -> None:
-        correlation_id = (message.properties or {}).get("correlation_id")
-        pending = self._pending.pop(correlation_id) if isinstance(correlation_id, str) else None
-        if pending is not None:
+        except Exception as exc:  # an undecodable reply still ends its call
             pending.future.set_exception(RemoteError("MalformedReply", f"reply could not be decoded: {exc}"))
         else:
-            logger.warning("dropped an undecodable reply: %s", exc)
+            pending.future.set_result(result)

@@ -178,3 +178,54 @@ def test_a_function_raising_system_exit_is_answered_and_the_server_goes_on(
             proxy[name]()
         assert info.value.exc_type == exc_type
     assert proxy.one() == 1
+
+
+REPLIES = [
+    pytest.param("not json", "application/json", None, id="not-json"),
+    pytest.param(j({"neither": 1}), "application/json", None, id="no-result-or-error"),
+    pytest.param(j({"error": "junk"}), "application/json", None, id="error-not-a-mapping"),
+    pytest.param(pickle.dumps({"result": 1}), "application/x-python-serialize", None, id="pickle"),
+    pytest.param(j({"result": 42}), "application/json", 42, id="valid-then-duplicate"),
+]
+
+
+@pytest.mark.parametrize("body, content_type, result", REPLIES)
+def test_bad_or_duplicate_replies_end_the_call_cleanly(
+    broker_url: str,
+    queue_name: str,
+    proxy: RPCProxy,
+    log_waiter: Any,
+    body: Any,
+    content_type: str,
+    result: Any,
+) -> None:
+    from kombu_rpc import RemoteError
+
+    with connect(broker_url) as conn:
+        # Given a fake server that takes the request off the queue by hand
+        requests = conn.SimpleQueue(Queue(queue_name, routing_key=queue_name), no_ack=True)
+        future = proxy.echo.call_async(1)
+        request = requests.get(block=True, timeout=10)
+        reply_to, correlation_id = request.properties["reply_to"], request.properties["correlation_id"]
+        duplicate = log_waiter("dropped a late or duplicate reply")
+        # When it answers with this reply, twice
+        with conn.Producer() as producer:
+            for _ in range(2):
+                producer.publish(
+                    body,
+                    exchange="",
+                    routing_key=reply_to,
+                    correlation_id=correlation_id,
+                    content_type=content_type,
+                    content_encoding="utf-8" if isinstance(body, str) else "binary",
+                )
+        # Then the call ends with the result or a MalformedReply error, and the copy is dropped
+        if result is None:
+            with pytest.raises(RemoteError) as info:
+                future.result(timeout=10)
+            assert info.value.exc_type == "MalformedReply"
+        else:
+            assert future.result(timeout=10) == result
+        assert duplicate.seen.wait(10)
+        requests.consumer.cancel()
+        requests.queue.delete()
