@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import socket
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -264,7 +263,7 @@ class Client:
                 conn.heartbeat_check()
                 try:
                     conn.drain_events(timeout=IDLE_WAIT)
-                except socket.timeout:
+                except TimeoutError:
                     pass
         except conn.connection_errors as exc:
             logger.error("reply listener lost its connection: %s", exc)
@@ -285,7 +284,7 @@ class Client:
             return
         pending = self._pending.pop(correlation_id)
         if pending is None:
-            logger.debug("dropped a late or duplicate reply %s", correlation_id)
+            logger.warning("dropped a late or duplicate reply %s", correlation_id)
             return
         try:
             if decode_error is not None:

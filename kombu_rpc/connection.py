@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from kombu import Connection
 from kombu.transport import memory as kombu_memory
@@ -12,7 +12,7 @@ from .errors import ConfigurationError
 
 #: The type of a broker argument, a URL such as ``"amqp://guest:guest@127.0.0.1//"``
 #: or a :class:`kombu.Connection` (cloned, never used directly).
-Broker = Union[str, Connection]
+Broker: TypeAlias = str | Connection
 
 #: How often to retry connecting and publishing before giving up, in the keywords of
 #: kombu's ``Connection.ensure_connection`` and ``Producer.publish(retry_policy=...)``.

@@ -12,7 +12,6 @@ do not wake the waiters; they are picked up within ``polling_interval``.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 from queue import Empty
@@ -89,6 +88,6 @@ class Transport(memory.Transport):  # type: ignore[misc]
             if deadline is not None:
                 remaining = deadline - monotonic()
                 if remaining <= 0:
-                    raise socket.timeout()
+                    raise TimeoutError()
                 wait = remaining if wait is None else min(wait, remaining)
             _signal.wait_past(seq, wait)

@@ -14,6 +14,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: Valid remote names are dotted identifiers whose parts start with a letter.
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
+#: Names under this prefix are served by every server itself (``kombu_rpc.ping``,
+#: ``kombu_rpc.describe``) and cannot be registered.
+RESERVED_PREFIX = "kombu_rpc."
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,32 @@ class Procedure:
     name: str
     func: Callable[..., Any]
     signature: inspect.Signature | None
+
+    @classmethod
+    def of(cls, name: str, func: Callable[..., Any]) -> Procedure:
+        """Wrap ``func``, capturing its signature when it has one."""
+        signature: inspect.Signature | None = None
+        try:
+            signature = inspect.signature(func, eval_str=True)
+        except (TypeError, ValueError):  # some builtins have no introspectable signature
+            pass
+        except Exception:  # string annotations that do not evaluate yet: keep them as text
+            signature = inspect.signature(func)
+        return cls(name, func, signature)
+
+    @property
+    def is_coroutine(self) -> bool:
+        """True for ``async def`` functions, which the server runs on an event loop."""
+        return inspect.iscoroutinefunction(self.func)
+
+    def describe(self) -> dict[str, str]:
+        """Name, signature and first docstring line, as ``kombu_rpc.describe`` reports."""
+        doc = inspect.getdoc(self.func) or ""
+        return {
+            "name": self.name,
+            "signature": "(...)" if self.signature is None else str(self.signature),
+            "doc": doc.strip().splitlines()[0] if doc.strip() else "",
+        }
 
     def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Raise ``TypeError`` if ``args``/``kwargs`` do not fit the signature."""
@@ -69,10 +98,6 @@ class Registry:
         """Register ``func``; the non-decorator form of :meth:`remote`."""
         if not callable(func):
             raise ConfigurationError(f"@remote needs a callable, got {func!r}")
-        if inspect.iscoroutinefunction(func):
-            raise ConfigurationError(
-                f"{func!r} is a coroutine function; kombu_rpc serves plain functions only"
-            )
         if name is None:
             name = getattr(func, "__name__", None)
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -80,16 +105,14 @@ class Registry:
                 f"invalid remote name {name!r}: use dotted identifiers like 'math.add' "
                 "whose parts do not start with '_' (pass name=... to @remote)"
             )
+        if name.startswith(RESERVED_PREFIX):
+            raise ConfigurationError(f"invalid remote name {name!r}: {RESERVED_PREFIX!r} is reserved")
         if name in self._procedures:
             raise ConfigurationError(
                 f"a function is already registered as {name!r}: "
                 f"{self._procedures[name].func!r}; choose another name=..."
             )
-        try:
-            signature: inspect.Signature | None = inspect.signature(func)
-        except (TypeError, ValueError):  # some builtins have no introspectable signature
-            signature = None
-        self._procedures[name] = Procedure(name, func, signature)
+        self._procedures[name] = Procedure.of(name, func)
         return func
 
     def unregister(self, name: str) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
-import socket
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -30,7 +30,7 @@ from .errors import (
     RemoteError,
     SerializationError,
 )
-from .registry import Procedure, Registry, default_registry
+from .registry import RESERVED_PREFIX, Procedure, Registry, default_registry
 from .topology import (
     CONTROL_QUEUE_TEMPLATE,
     DEFAULT_QUEUE,
@@ -117,6 +117,15 @@ class RPCServer:
         self._generation = 0
         self._executor: ThreadPoolExecutor | None = None
         self._producers: ProducerPool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # runs async def functions
+        self._loop_lock = threading.Lock()
+        self._builtins = {
+            p.name: p
+            for p in (
+                Procedure.of(f"{RESERVED_PREFIX}ping", self._ping),
+                Procedure.of(f"{RESERVED_PREFIX}describe", self._describe),
+            )
+        }
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -259,6 +268,7 @@ class RPCServer:
             self._drain_in_flight()
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
+            self._stop_loop()
             self._producers.force_close_all()
             self._producers.connections.force_close_all()
             conn.release()
@@ -302,7 +312,7 @@ class RPCServer:
                 try:
                     conn.drain_events(timeout=IDLE_WAIT if self._in_flight == 0 else wait)
                     wait = _POLL_MIN
-                except socket.timeout:
+                except TimeoutError:
                     wait = min(wait * 2, _POLL_MAX)
             for consumer in consumers:
                 consumer.cancel()
@@ -361,7 +371,7 @@ class RPCServer:
             message.ack()
             return
         serializer = protocol.serializer_for(message.content_type, self.accept)
-        procedure = self.registry.get(request.method)
+        procedure = self._builtins.get(request.method) or self.registry.get(request.method)
         refusal: RemoteError | None = None
         if procedure is None:
             refusal = MethodNotFound("MethodNotFound", f"no remote function named {request.method!r}")
@@ -412,14 +422,23 @@ class RPCServer:
         """Run the function and publish its reply; False if the reply could not be sent."""
         started = monotonic()
         try:
-            body = protocol.result_body(procedure.func(*request.args, **request.kwargs))
+            result = procedure.func(*request.args, **request.kwargs)
+            if procedure.is_coroutine:
+                result = asyncio.run_coroutine_threadsafe(result, self._event_loop()).result()
+            body = protocol.result_body(result)
             outcome = "ok"
         except BaseException as exc:  # SystemExit too must be answered
             body = protocol.error_body(exc, self.send_tracebacks)
             outcome = type(exc).__name__
             if address is None:
                 logger.error("cast %s failed", request.method, exc_info=exc)
-        logger.debug("%s -> %s in %.1f ms", request.method, outcome, (monotonic() - started) * 1000)
+        logger.debug(
+            "call %s %s -> %s in %.1f ms",
+            address.correlation_id if address else "(cast)",
+            request.method,
+            outcome,
+            (monotonic() - started) * 1000,
+        )
         if address is None:
             return True
         return self._reply(address, body, serializer)
@@ -453,6 +472,32 @@ class RPCServer:
             return False
         return True
 
+    # -- built-in methods and the event loop for async def functions -------------------
+
+    def _ping(self) -> dict[str, str]:
+        """Identify this server."""
+        return {"server_id": self.server_id, "queue": self.queue}
+
+    def _describe(self) -> list[dict[str, str]]:
+        """List the methods this server exposes."""
+        return [p.describe() for p in [*self.registry, *self._builtins.values()]]
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=_run_loop, args=(loop,), name="kombu_rpc-asyncio", daemon=True
+                ).start()
+                self._loop = loop
+            return self._loop
+
+    def _stop_loop(self) -> None:
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+
     # -- acks (only from the consuming thread) ----------------------------------------
 
     def _settle(self) -> None:
@@ -472,6 +517,13 @@ class RPCServer:
                 message.requeue()
         except Exception as exc:  # the channel died; the broker redelivers
             logger.warning("could not settle a request: %s", exc)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 class _Stopped(Exception):

@@ -46,14 +46,30 @@ def test_a_duplicate_name_is_refused() -> None:
     assert reg.get("one") is not None and reg.get("one").func() == 1  # type: ignore[union-attr]
 
 
-def test_non_callables_and_coroutine_functions_are_refused() -> None:
-    async def coro() -> None:
-        pass
-
+def test_non_callables_and_reserved_names_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="callable"):
         Registry().register(42, name="x")  # type: ignore[type-var]
-    with pytest.raises(ConfigurationError, match="coroutine"):
-        Registry().register(coro)
+    with pytest.raises(ConfigurationError, match="reserved"):
+        Registry().register(lambda: None, name="kombu_rpc.ping")
+
+
+def test_coroutine_functions_are_registered_and_described() -> None:
+    async def fetch(key: str, default: int = 0) -> int:
+        """Fetch a value.
+
+        More text.
+        """
+        return default
+
+    reg = Registry()
+    reg.register(fetch)
+    procedure = reg.get("fetch")
+    assert procedure is not None and procedure.is_coroutine
+    assert procedure.describe() == {
+        "name": "fetch",
+        "signature": "(key: str, default: int = 0) -> int",
+        "doc": "Fetch a value.",
+    }
 
 
 def test_lambdas_need_a_name() -> None:
