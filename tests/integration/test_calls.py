@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from amqp.exceptions import ResourceLocked
@@ -282,3 +283,40 @@ def test_idle_proxy_and_server_use_almost_no_cpu(serve: Callable[..., RPCServer]
     threading.Event().wait(1.0)  # an idle second, not a synchronisation
     busy = time.process_time() - cpu
     assert busy < 0.25, f"idle proxy + server used {busy:.2f}s of CPU in 1s"
+
+
+def test_async_def_functions_run_on_the_servers_event_loop(
+    broker_url: str, queue_name: str, servers: Any, proxies: Callable[..., RPCProxy]
+) -> None:
+    import asyncio
+
+    from kombu_rpc import Registry
+
+    reg = Registry()
+
+    @reg.remote
+    async def double(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    @reg.remote
+    async def fail() -> None:
+        raise KeyError("gone")
+
+    servers.enter_context(RPCServer(broker_url, registry=reg, queue=queue_name, concurrency=3).running())
+    proxy = proxies()
+    assert [f.result(timeout=10) for f in [proxy.double.call_async(i) for i in range(20)]] == [
+        2 * i for i in range(20)
+    ]
+    with pytest.raises(RemoteError) as info:
+        proxy.fail()
+    assert info.value.exc_type == "KeyError"
+
+
+def test_every_server_answers_ping_and_describe(serve: Callable[..., RPCServer], proxy: RPCProxy) -> None:
+    server = serve()
+    assert proxy.kombu_rpc.ping() == {"server_id": server.server_id, "queue": server.queue}
+    methods = {m["name"]: m for m in proxy["kombu_rpc.describe"]()}
+    assert {"fib", "math.add", "kombu_rpc.ping", "kombu_rpc.describe"} <= set(methods)
+    assert methods["fib"]["signature"] == "(n: int) -> int"
+    assert methods["kombu_rpc.ping"]["doc"] == "Identify this server."
