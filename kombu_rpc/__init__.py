@@ -1,5 +1,6 @@
 """kombu_rpc: remote procedure calls over any kombu transport (RabbitMQ, Redis, memory)."""
 
+from .aio import AsyncRPCProxy
 from .errors import (
     CallError,
     ConfigurationError,
@@ -7,6 +8,7 @@ from .errors import (
     InvalidArguments,
     MalformedRequest,
     MethodNotFound,
+    NoServerError,
     RemoteError,
     RPCError,
     RPCTimeout,
@@ -27,12 +29,14 @@ __all__ = [
     "RPCServer",
     "RPCProxy",
     "MethodProxy",
+    "AsyncRPCProxy",
     # errors
     "RPCError",
     "ConfigurationError",
     "SerializationError",
     "CallError",
     "RPCTimeout",
+    "NoServerError",
     "ConnectionLostError",
     "RemoteError",
     "MethodNotFound",

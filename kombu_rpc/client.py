@@ -20,11 +20,14 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import protocol
-from .errors import CallError, ConnectionLostError, RemoteError, RPCError, RPCTimeout
+from .connection import publishing_clone
+from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
 from .topology import REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 
 logger = logging.getLogger(__name__)
 
+#: AMQP reply code of a ``basic.return`` for a message no queue is bound to take.
+NO_ROUTE = 312
 #: Longest time the listener blocks in ``drain_events`` (for heartbeats).
 IDLE_WAIT = 1.0
 
@@ -122,10 +125,19 @@ class Client:
         serializer: Serializer name for requests.
         retry_policy: Keywords for kombu's ``ensure_connection`` and
             ``publish(retry_policy=...)``.
+        confirm_publish: On AMQP, publish requests with publisher confirms and
+            ``mandatory``, so an unroutable request raises :class:`NoServerError`.
     """
 
-    def __init__(self, connection: Connection, serializer: str, retry_policy: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        serializer: str,
+        retry_policy: dict[str, Any],
+        confirm_publish: bool = True,
+    ) -> None:
         self._connection = connection
+        self._confirm_publish = confirm_publish
         self.serializer = serializer
         self._accept = {serializer, "json"}
         self._retry_policy = retry_policy
@@ -219,7 +231,7 @@ class Client:
                 f"cannot consume replies from {self._connection.as_uri()}: {self._listener_error}"
             ) from self._listener_error
         if self._producer is None:
-            conn = self._connection.clone()
+            conn = publishing_clone(self._connection, self._confirm_publish)
             self._producer = Producer(conn, auto_declare=False)
 
     def _publish(
@@ -236,8 +248,13 @@ class Client:
                 content_encoding=encoded.content_encoding,
                 retry=True,
                 retry_policy=self._retry_policy,
+                mandatory=self._confirm_publish,
                 **properties,
             )
+        except self._producer.connection.channel_errors as exc:
+            if getattr(exc, "reply_code", None) == NO_ROUTE:
+                raise NoServerError(f"no queue {queue!r} on the broker: is a server running?") from None
+            raise ConnectionLostError(f"cannot publish to {queue!r}: {exc}") from exc
         except (*self._producer.connection.connection_errors, OperationalError, OSError) as exc:
             raise ConnectionLostError(f"cannot publish to {queue!r}: {exc}") from exc
 

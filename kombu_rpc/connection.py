@@ -51,6 +51,18 @@ def connect(broker: Broker) -> Connection:
     return conn
 
 
+def publishing_clone(conn: Connection, confirm: bool) -> Connection:
+    """A clone of ``conn`` for publishing; with publisher confirms on AMQP if ``confirm``.
+
+    With confirms, ``publish`` returns only once the broker took the message, and an
+    unroutable ``mandatory`` message raises instead of vanishing. Other transports
+    have no confirms; their clone is plain.
+    """
+    if confirm and conn.transport.driver_type == "amqp":
+        return conn.clone(transport_options={**conn.transport_options, "confirm_publish": True})
+    return conn.clone()
+
+
 def safe_uri(conn: Connection) -> str:
     """The connection's URL with the password masked, for logs and banners."""
     return str(conn.as_uri())

@@ -7,6 +7,7 @@
     ├── SerializationError                 call arguments cannot be encoded
     ├── CallError                          this call did not complete
     │   ├── RPCTimeout (+TimeoutError)     no reply before the deadline
+    │   ├── NoServerError                  AMQP: no queue of that name (nobody serves it)
     │   └── ConnectionLostError            broker unreachable past the retry policy
     └── RemoteError                        the server answered with a failure
         ├── MethodNotFound                 no function of that name is served
@@ -50,6 +51,13 @@ class RPCTimeout(CallError, TimeoutError):
 
     def __str__(self) -> str:
         return f"no reply to {self.method!r} within {self.timeout:g}s"
+
+
+class NoServerError(CallError):
+    """Raised at once when the broker cannot route a request: on AMQP, no queue of that
+    name exists, so no server has ever consumed it. Needs publisher confirms (the
+    default); other transports cannot tell, and such calls end in :class:`RPCTimeout`.
+    """
 
 
 class ConnectionLostError(CallError):

@@ -38,6 +38,9 @@ class RPCProxy:
         serializer: Serializer for requests; replies come back in the same one.
         retry_policy: Overrides for connecting and publishing retries (keys of
             :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`).
+        confirm_publish: On AMQP, publish with publisher confirms and ``mandatory``:
+            a request the broker did not take raises, and a request to a queue that
+            does not exist raises :class:`~kombu_rpc.errors.NoServerError` at once.
 
     Example:
         >>> with RPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
@@ -57,11 +60,12 @@ class RPCProxy:
         timeout: float | None = 30.0,
         serializer: str = "json",
         retry_policy: dict[str, Any] | None = None,
+        confirm_publish: bool = True,
     ) -> None:
         self._queue = check_queue_name(queue)
         self._timeout = _check_timeout(timeout)
         protocol.check_serializer(serializer)
-        self._client = Client(connect(broker), serializer, merge_retry_policy(retry_policy))
+        self._client = Client(connect(broker), serializer, merge_retry_policy(retry_policy), confirm_publish)
         self._owner = True
 
     def options(self, *, timeout: float | None = _UNSET) -> RPCProxy:

@@ -20,7 +20,7 @@ from kombu.message import Message
 from kombu.pools import ProducerPool
 
 from . import protocol
-from .connection import Broker, connect, merge_retry_policy, safe_uri
+from .connection import Broker, connect, merge_retry_policy, publishing_clone, safe_uri
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -70,6 +70,9 @@ class RPCServer:
         retry_policy: Overrides for the first connect and for publishing replies
             (keys of :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`). Once
             serving, a lost connection is retried until :meth:`stop`.
+        confirm_publish: On AMQP, publish replies with publisher confirms, so a
+            reply the broker did not take is retried (the request is requeued)
+            rather than lost.
     """
 
     #: Seconds a graceful stop waits for calls in flight before giving up on them.
@@ -87,6 +90,7 @@ class RPCServer:
         send_tracebacks: bool = True,
         durable: bool = False,
         retry_policy: dict[str, Any] | None = None,
+        confirm_publish: bool = True,
     ) -> None:
         if registry is not None and not isinstance(registry, Registry):
             raise ConfigurationError(f"registry must be a kombu_rpc.Registry or None, got {registry!r}")
@@ -102,6 +106,7 @@ class RPCServer:
         self.accept = frozenset(accept)
         self.send_tracebacks = send_tracebacks
         self.durable = durable
+        self.confirm_publish = confirm_publish
         #: Unique id of this server; names its private control queue.
         self.server_id = new_id()
         self._connection = connect(broker)
@@ -239,7 +244,10 @@ class RPCServer:
         except (*conn.connection_errors, OperationalError, OSError) as exc:
             conn.release()
             raise ConnectionLostError(f"cannot connect to {safe_uri(conn)}: {exc}") from exc
-        self._producers = ProducerPool(self._connection.Pool(limit=self.concurrency), limit=self.concurrency)
+        self._producers = ProducerPool(
+            publishing_clone(self._connection, self.confirm_publish).Pool(limit=self.concurrency),
+            limit=self.concurrency,
+        )
         self._executor = (
             ThreadPoolExecutor(self.concurrency, thread_name_prefix="kombu_rpc-worker")
             if self.concurrency > 1

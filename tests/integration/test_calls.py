@@ -320,3 +320,34 @@ def test_every_server_answers_ping_and_describe(serve: Callable[..., RPCServer],
     assert {"fib", "math.add", "kombu_rpc.ping", "kombu_rpc.describe"} <= set(methods)
     assert methods["fib"]["signature"] == "(n: int) -> int"
     assert methods["kombu_rpc.ping"]["doc"] == "Identify this server."
+
+
+def test_no_server_fails_fast_on_amqp_and_times_out_elsewhere(
+    broker_url: str, proxies: Callable[..., RPCProxy]
+) -> None:
+    from kombu_rpc import NoServerError
+
+    proxy = proxies(queue="test.nobody-declared-this", timeout=0.5)
+    if broker_url.startswith("amqp"):
+        # the broker returns the mandatory request at once: no wait for the timeout
+        with pytest.raises(NoServerError, match="is a server running"):
+            proxy.fib(1)
+        with pytest.raises(NoServerError):
+            proxy.fib.cast(1)
+        # without confirms nothing tells the caller, so the call times out
+        with pytest.raises(RPCTimeout):
+            proxies(queue="test.nobody-declared-this", timeout=0.5, confirm_publish=False).fib(1)
+    else:
+        with pytest.raises(RPCTimeout):
+            proxy.fib(1)
+
+
+@pytest.mark.parametrize("confirm", [True, False], ids=["confirms", "no-confirms"])
+def test_calls_work_with_and_without_publisher_confirms(
+    serve: Callable[..., RPCServer], proxies: Callable[..., RPCProxy], confirm: bool
+) -> None:
+    serve(confirm_publish=confirm, concurrency=2)
+    proxy = proxies(confirm_publish=confirm)
+    assert [f.result(timeout=10) for f in [proxy.fib.call_async(i) for i in range(50)]] == [
+        proxy.fib(i) for i in range(50)
+    ]
