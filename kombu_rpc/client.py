@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import protocol
-from .connection import publishing_clone
+from .connection import drop_dead_transport, publishing_clone
 from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
 from .topology import REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 
@@ -264,11 +264,7 @@ class Client:
         conn = self._connection.clone()
         try:
             conn.ensure_connection(**self._retry_policy)
-            queue = private_queue(self.reply_queue)(conn.default_channel)
-            queue.declare()
-            consumer = Consumer(conn, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept)
-            consumer.on_decode_error = self._on_reply
-            consumer.consume()
+            consumer = self._consume_replies(conn)
         except Exception as exc:  # reported to the caller by _start
             self._listener_error = exc
             self._ready.set()
@@ -277,21 +273,62 @@ class Client:
         self._ready.set()
         try:
             while not self._closing:
-                conn.heartbeat_check()
                 try:
+                    conn.heartbeat_check()
                     conn.drain_events(timeout=IDLE_WAIT)
                 except TimeoutError:
                     pass
-        except conn.connection_errors as exc:
-            logger.error("reply listener lost its connection: %s", exc)
-            self._pending.fail_all(ConnectionLostError, f"connection to the broker lost: {exc}")
+                except conn.connection_errors as exc:
+                    consumer = self._reconnect(conn, exc)
+        except _Closed:
+            return
         finally:
             try:
                 consumer.cancel()
             except conn.connection_errors + conn.channel_errors:
                 pass
-            discard_queue(queue)
+            for queue in consumer.queues:
+                discard_queue(queue)
             conn.release()
+
+    def _consume_replies(self, conn: Connection) -> Consumer:
+        """Declare the reply queue on a fresh channel and consume it."""
+        channel = conn.channel()
+        queue = private_queue(self.reply_queue)(channel)
+        queue.declare()
+        consumer = Consumer(channel, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept)
+        consumer.on_decode_error = self._on_reply
+        consumer.consume()
+        return consumer
+
+    def _reconnect(self, conn: Connection, exc: Exception) -> Consumer:
+        """Reconnect (until closed) and consume the re-declared reply queue again.
+
+        Pending calls stay pending: their replies still arrive if the reply queue
+        survived (Redis) or was declared again before the server answered; the others
+        end in :class:`RPCTimeout` at their deadline.
+        """
+        logger.warning("reply listener lost its connection (%s); reconnecting", exc)
+        while True:
+            drop_dead_transport(conn)
+            try:
+                conn.ensure_connection(
+                    errback=lambda exc, interval: logger.warning(
+                        "cannot reconnect (%s); retrying in %.1fs", exc, interval
+                    ),
+                    max_retries=None,
+                    interval_start=0.1,
+                    interval_step=0.5,
+                    interval_max=self._retry_policy["interval_max"],
+                    callback=self._check_closing,
+                )
+                return self._consume_replies(conn)
+            except conn.connection_errors as again:
+                logger.warning("reply listener lost its connection again (%s)", again)
+
+    def _check_closing(self) -> None:
+        if self._closing:
+            raise _Closed()
 
     def _on_reply(self, message: Message, decode_error: Exception | None = None) -> None:
         correlation_id = (message.properties or {}).get("correlation_id")
@@ -313,3 +350,7 @@ class Client:
             pending.future.set_exception(RemoteError("MalformedReply", f"reply could not be decoded: {exc}"))
         else:
             pending.future.set_result(result)
+
+
+class _Closed(Exception):
+    """Raised inside reconnect retries to abandon them once the proxy closes."""

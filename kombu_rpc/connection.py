@@ -63,6 +63,18 @@ def publishing_clone(conn: Connection, confirm: bool) -> Connection:
     return conn.clone()
 
 
+def drop_dead_transport(conn: Connection) -> None:
+    """Before reconnecting ``conn`` after a connection error, free the dead one.
+
+    py-amqp leaves a dead connection's socket open (a ``ResourceWarning`` later);
+    ``collect()`` closes it without talking to the broker. Virtual transports
+    (Redis, memory) reconnect in place, and their ``collect()`` closes channels with
+    broker I/O, which can block on a dead Redis connection, so they are left alone.
+    """
+    if conn.transport.driver_type == "amqp":
+        conn.collect()
+
+
 def safe_uri(conn: Connection) -> str:
     """The connection's URL with the password masked, for logs and banners."""
     return str(conn.as_uri())

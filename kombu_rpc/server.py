@@ -20,7 +20,14 @@ from kombu.message import Message
 from kombu.pools import ProducerPool
 
 from . import protocol
-from .connection import Broker, connect, merge_retry_policy, publishing_clone, safe_uri
+from .connection import (
+    Broker,
+    connect,
+    drop_dead_transport,
+    merge_retry_policy,
+    publishing_clone,
+    safe_uri,
+)
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -261,6 +268,7 @@ class RPCServer:
                     self._ready.clear()
                     self._generation += 1
                     logger.warning("server lost its connection (%s); reconnecting", exc)
+                    drop_dead_transport(conn)
                     conn.ensure_connection(
                         errback=self._on_reconnect_error,
                         max_retries=None,

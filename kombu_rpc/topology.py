@@ -55,6 +55,8 @@ def discard_queue(queue: Queue) -> None:
     drops exclusive queues with their connection anyway.
     """
     channel = queue.channel
+    if channel is None or getattr(channel, "connection", None) is None:
+        return  # the channel died with its connection; AMQP dropped the queue with it
     conn = channel.connection.client
     try:
         queue.purge()

@@ -46,7 +46,10 @@ BROKER_FIXTURES: dict[str, Callable[[], list[str]]] = {
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for name, urls in BROKER_FIXTURES.items():
         if name in metafunc.fixturenames:
-            metafunc.parametrize(name, urls(), ids=[broker_id(u) for u in urls()], indirect=True)
+            chosen = urls()
+            if name == "broker_url" and getattr(metafunc.module, "REAL_BROKERS_ONLY", False):
+                chosen = real_brokers()
+            metafunc.parametrize(name, chosen, ids=[broker_id(u) for u in chosen], indirect=True)
 
 
 @cache
