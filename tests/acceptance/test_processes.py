@@ -8,7 +8,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 import pytest
 from kombu import Connection
@@ -122,3 +122,51 @@ def declared(conn: Connection, name: str) -> bool:
     except NotFound:
         return False
     return True
+
+
+STUCK_SERVER = textwrap.dedent("""
+    import logging, sys, threading
+    from kombu_rpc import Registry, RPCServer
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    reg = Registry()
+
+    @reg.remote
+    def work(x):
+        print("started", x, flush=True)
+        threading.Event().wait()  # never returns: the test kills this process
+
+    RPCServer(sys.argv[1], registry=reg, queue=sys.argv[2]).run()
+""")
+
+
+def test_a_request_whose_server_is_killed_is_answered_once_by_another(
+    amqp_url: str, queue_name: str, log_waiter: Any
+) -> None:
+    from kombu_rpc import Registry, RPCServer
+
+    with subprocess.Popen(
+        [sys.executable, "-c", STUCK_SERVER, amqp_url, queue_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as doomed:
+        assert doomed.stdout is not None and doomed.stderr is not None
+        try:
+            read_until(doomed.stderr, "consuming", doomed)
+            with RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy:
+                # Given a request that a server has started but will never finish
+                future = proxy.work.call_async(7)
+                read_until(doomed.stdout, "started 7", doomed)
+                # When a second server joins and the first is SIGKILLed mid-request
+                runs = []
+                reg = Registry()
+                reg.register(lambda x: runs.append(x) or ("survivor", x), name="work")
+                with RPCServer(amqp_url, registry=reg, queue=queue_name).running():
+                    doomed.kill()
+                    # Then the broker redelivers it, and the caller gets exactly one result
+                    assert future.result() == ["survivor", 7]
+                    assert runs == [7]
+                    assert proxy.work(8) == ["survivor", 8]
+        finally:
+            if doomed.poll() is None:
+                doomed.kill()
