@@ -73,6 +73,9 @@ class RPCServer:
         accept: Serializers accepted for requests. Code-executing ones (``pickle``,
             ``yaml``) are refused unless listed here.
         send_tracebacks: Whether error replies carry the server-side traceback.
+        max_message_size: Largest request body, in bytes, the server decodes; a
+            larger one is rejected with a ``MessageTooLarge`` error reply. ``None``
+            disables the check.
         durable: Declare the request queue durable (it survives a broker restart).
         retry_policy: Overrides for the first connect and for publishing replies
             (keys of :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`). Once
@@ -95,6 +98,7 @@ class RPCServer:
         concurrency: int = 1,
         accept: tuple[str, ...] | list[str] = ("json",),
         send_tracebacks: bool = True,
+        max_message_size: int | None = 10 * 1024 * 1024,
         durable: bool = False,
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
@@ -112,6 +116,15 @@ class RPCServer:
         self.concurrency = concurrency
         self.accept = frozenset(accept)
         self.send_tracebacks = send_tracebacks
+        if max_message_size is not None and (
+            isinstance(max_message_size, bool)
+            or not isinstance(max_message_size, int)
+            or max_message_size < 1
+        ):
+            raise ConfigurationError(
+                f"max_message_size must be a positive int or None, got {max_message_size!r}"
+            )
+        self.max_message_size = max_message_size
         self.durable = durable
         self.confirm_publish = confirm_publish
         #: Unique id of this server; names its private control queue.
@@ -376,6 +389,16 @@ class RPCServer:
         message.reject(requeue=False)
 
     def _on_request(self, message: Message) -> None:
+        size = len(message.body or b"")
+        if self.max_message_size is not None and size > self.max_message_size:
+            self._refuse(
+                message,
+                MalformedRequest(
+                    "MessageTooLarge",
+                    f"request body of {size} bytes exceeds max_message_size={self.max_message_size}",
+                ),
+            )
+            return
         try:
             request = protocol.parse_request(message)
         except MalformedRequest as error:

@@ -229,3 +229,12 @@ def test_bad_or_duplicate_replies_end_the_call_cleanly(
         assert duplicate.seen.wait(10)
         requests.consumer.cancel()
         requests.queue.delete()
+
+
+def test_a_request_over_max_message_size_is_refused(
+    serve: Callable[..., RPCServer], raw: RawClient, proxy: RPCProxy
+) -> None:
+    serve(max_message_size=1000)
+    error = raw.reply(raw.send(j({"method": "echo", "args": ["x" * 2000]})))["error"]
+    assert (error["kind"], error["type"]) == ("malformed_request", "MessageTooLarge")
+    assert proxy.echo("x" * 500) == "x" * 500

@@ -114,3 +114,9 @@ def test_nothing_connects_until_the_first_call() -> None:
     with pytest.raises(kombu_rpc.ConnectionLostError):
         proxy.fib(1)
     proxy.close()
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "10"])
+def test_max_message_size_must_be_a_positive_int(size: object) -> None:
+    with pytest.raises(ConfigurationError, match="max_message_size"):
+        RPCServer("memory://", max_message_size=size)  # type: ignore[arg-type]
