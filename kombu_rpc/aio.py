@@ -1,0 +1,252 @@
+"""AsyncRPCProxy: remote calls awaited from asyncio code (owns no broker code).
+
+kombu is synchronous, so the async proxy drives the same machinery as
+:class:`~kombu_rpc.proxy.RPCProxy`: one :class:`~kombu_rpc.client.Client` with one
+reply queue, whose listener thread completes a :class:`concurrent.futures.Future` per
+call by correlation id. Each of these futures is bridged to the event loop with
+``asyncio.wrap_future``.
+
+Every step that can block (connecting on the first call, encoding and publishing a
+request, closing) runs on one worker thread owned by the proxy and shared by its
+:meth:`~AsyncRPCProxy.options` views, in the order the calls were made. The event loop
+only hands work to that thread and awaits futures: it never touches a socket, takes
+the client's lock or waits for another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .connection import Broker
+from .errors import CallError
+from .proxy import _UNSET, RPCProxy
+from .topology import DEFAULT_QUEUE
+
+_T = TypeVar("_T")
+
+
+class _Sender:
+    """The worker thread that runs the blocking steps of one proxy and its views."""
+
+    def __init__(self) -> None:
+        # One worker: the client publishes under a lock anyway, and one thread keeps the
+        # requests in the order the calls were made. It starts on the first call.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kombu_rpc-aio")
+        self._lock = threading.Lock()
+        self._closed: Future[None] | None = None
+
+    def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asyncio.Future[_T]:
+        """Run ``fn`` on the worker thread; returns a future of the running loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._closed is not None:
+                raise CallError("the proxy is closed")
+            return asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs), loop=loop)
+
+    def close(self, fn: Callable[[], None]) -> Future[None]:
+        """Run ``fn`` after the work already queued, then stop the worker; idempotent."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = self._executor.submit(fn)
+                self._executor.shutdown(wait=False)  # the queued work still runs
+            return self._closed
+
+
+class AsyncRPCProxy:
+    """Calls functions served by an :class:`~kombu_rpc.RPCServer` from asyncio code.
+
+    The asyncio counterpart of :class:`~kombu_rpc.proxy.RPCProxy`, with the same
+    arguments and errors. Attribute access builds an :class:`AsyncMethodProxy`;
+    awaiting a call sends the request and waits for the reply without blocking the
+    event loop. The proxy connects on first use and owns one reply queue, shared by all
+    the calls in flight. It is not bound to an event loop: it can be created outside
+    one, and used from several event loops.
+
+    Args:
+        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly).
+        queue: The request queue the server consumes.
+        timeout: Seconds to wait for each reply (``None``: wait forever), counted from
+            the moment the request is published.
+        serializer: Serializer for requests; replies come back in the same one.
+        retry_policy: Overrides for connecting and publishing retries (keys of
+            :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`).
+
+    Raises:
+        ConfigurationError: An argument is invalid (nothing is connected yet).
+
+    Example:
+        >>> async with AsyncRPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
+        ...     await proxy.fib(30)
+        832040
+
+    Note:
+        Remote names that clash with the proxy's own attributes (``options``,
+        ``aclose``, ``queue``, ``timeout``, ``reply_queue``) or with ``call_async`` and
+        ``cast`` are reached by item access: ``await proxy["options"]()``.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str = DEFAULT_QUEUE,
+        timeout: float | None = 30.0,
+        serializer: str = "json",
+        retry_policy: dict[str, Any] | None = None,
+    ) -> None:
+        self._sync = RPCProxy(broker, queue, timeout, serializer, retry_policy)
+        self._sender = _Sender()
+        self._owner = True
+
+    def options(self, *, timeout: float | None = _UNSET) -> AsyncRPCProxy:
+        """Return a view of this proxy with per-call options overridden.
+
+        The view shares the reply queue, the connections and the worker thread; it is
+        closed with this proxy.
+
+        Args:
+            timeout: Seconds to wait for each reply (``None``: wait forever). Omit to
+                keep this proxy's timeout.
+
+        Raises:
+            ConfigurationError: ``timeout`` is not a positive number or ``None``.
+        """
+        view = object.__new__(AsyncRPCProxy)
+        view._sync = self._sync.options(timeout=timeout)
+        view._sender = self._sender
+        view._owner = False
+        return view
+
+    @property
+    def queue(self) -> str:
+        """The request queue this proxy publishes to."""
+        return self._sync.queue
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each call waits for its reply, or None to wait forever."""
+        return self._sync.timeout
+
+    @property
+    def reply_queue(self) -> str:
+        """The name of this proxy's reply queue."""
+        return self._sync.reply_queue
+
+    async def aclose(self) -> None:
+        """Delete the reply queue and close the connections, off the event loop.
+
+        Requests of calls made before ``aclose`` are still sent; calls still waiting
+        for their reply then fail with :class:`~kombu_rpc.errors.CallError`, and so
+        does every later call. Closing twice is harmless, and cancelling ``aclose``
+        does not stop the closing. A view from :meth:`options` is closed with the
+        proxy that made it; closing the view does nothing.
+        """
+        if self._owner:
+            closed = self._sender.close(self._sync.close)
+            await asyncio.shield(asyncio.wrap_future(closed))
+
+    async def __aenter__(self) -> AsyncRPCProxy:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __getattr__(self, name: str) -> AsyncMethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return AsyncMethodProxy(self, name)
+
+    def __getitem__(self, name: str) -> AsyncMethodProxy:
+        return AsyncMethodProxy(self, name)
+
+    def __repr__(self) -> str:
+        return f"<AsyncRPCProxy queue={self.queue!r} timeout={self.timeout}>"
+
+
+class AsyncMethodProxy:
+    """One remote function, reached as ``proxy.name`` or ``proxy["dotted.name"]``.
+
+    ``await proxy.fib(30)`` sends the request and returns the result, or raises what
+    the blocking call raises: :class:`~kombu_rpc.errors.RemoteError` (or a subclass
+    such as :class:`~kombu_rpc.errors.MethodNotFound`),
+    :class:`~kombu_rpc.errors.RPCTimeout`, :class:`~kombu_rpc.errors.CallError` when
+    the proxy is closed, and the errors of sending listed under :meth:`call_async`.
+    Cancelling the call stops the wait; the request is not sent if it was still queued
+    behind others, and a reply that arrives later is dropped.
+
+    :meth:`call_async` returns a future once the request is sent and :meth:`cast`
+    sends without waiting for a reply. Attribute access extends a dotted name:
+    ``proxy.math.add`` is ``proxy["math.add"]``.
+    """
+
+    def __init__(self, proxy: AsyncRPCProxy, name: str) -> None:
+        self._proxy = proxy
+        self._name = name
+
+    def __getattr__(self, name: str) -> AsyncMethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return AsyncMethodProxy(self._proxy, f"{self._name}.{name}")
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the remote function and return its result.
+
+        Cancelling the call stops the wait; the request is not sent if it was still
+        queued behind others, and a reply that arrives later is dropped.
+
+        Raises:
+            RemoteError: The remote function raised (or the call was refused).
+            RPCTimeout: No reply within the proxy's timeout.
+            CallError: The proxy is closed, or was closed before the reply arrived.
+            ConnectionLostError: The broker could not be reached.
+            SerializationError: The arguments cannot be encoded.
+            ConfigurationError: The name is not a valid remote name.
+        """
+        future = await self.call_async(*args, **kwargs)
+        return await future
+
+    async def call_async(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Send the call and return an ``asyncio.Future`` of its result.
+
+        Returns once the request is published, so the errors of sending are raised
+        here, as by a call. Await the future for the result; it fails with
+        :class:`~kombu_rpc.RPCTimeout` at the deadline even if nobody awaits it, and
+        cancelling it only stops waiting: the request is already sent.
+
+        Returns:
+            An ``asyncio.Future`` of the remote function's result, bound to the running
+            event loop.
+
+        Raises:
+            CallError: The proxy is closed.
+            ConnectionLostError: The broker could not be reached.
+            SerializationError: The arguments cannot be encoded.
+            ConfigurationError: The name is not a valid remote name.
+        """
+        proxy = self._proxy
+        method = proxy._sync[self._name]
+        sent = await proxy._sender.run(method.call_async, *args, **kwargs)
+        return asyncio.wrap_future(sent)
+
+    async def cast(self, *args: Any, **kwargs: Any) -> None:
+        """Send the call without asking for a reply (fire and forget); returns ``None``.
+
+        Returns once the request is published. The server runs it and logs any error.
+
+        Raises:
+            CallError: The proxy is closed.
+            ConnectionLostError: The broker could not be reached.
+            SerializationError: The arguments cannot be encoded.
+            ConfigurationError: The name is not a valid remote name.
+        """
+        proxy = self._proxy
+        await proxy._sender.run(proxy._sync[self._name].cast, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<AsyncMethodProxy {self._name!r} on {self._proxy.queue!r}>"
