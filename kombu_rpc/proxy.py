@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
@@ -9,11 +10,14 @@ from typing import Any
 from . import protocol
 from .client import Client
 from .connection import Broker, connect, merge_retry_policy
-from .errors import ConfigurationError
+from .errors import ConfigurationError, RPCTimeout
 from .registry import NAME_PATTERN
 from .topology import DEFAULT_QUEUE, check_queue_name
 
 _UNSET: Any = object()
+#: Seconds past a call's timeout after which a blocking call stops waiting regardless.
+_GUARD = 1.0
+logger = logging.getLogger(__name__)
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -152,7 +156,18 @@ class MethodProxy:
             ConnectionLostError: The broker could not be reached.
             SerializationError: The arguments cannot be encoded.
         """
-        return self.call_async(*args, **kwargs).result()
+        future = self.call_async(*args, **kwargs)
+        timeout = self._proxy._timeout
+        try:
+            # The client fails the future at its deadline; the caller's own bounded
+            # wait is a second guard, so that a sync call can never hang past it.
+            return future.result(None if timeout is None else timeout + _GUARD)
+        except TimeoutError:
+            if future.done():
+                raise
+            assert timeout is not None
+            logger.error("call to %r outlived its deadline by %ss; failing it", self._name, _GUARD)
+            raise RPCTimeout(self._name, timeout) from None
 
     def call_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """Send the call and return a :class:`concurrent.futures.Future` of its result.

@@ -77,6 +77,10 @@ class RPCServer:
             larger one is rejected with a ``MessageTooLarge`` error reply. ``None``
             disables the check.
         durable: Declare the request queue durable (it survives a broker restart).
+        queue_arguments: Broker arguments for declaring the request queue, such as
+            ``{"x-queue-type": "quorum", "x-delivery-limit": 5}`` on RabbitMQ (a
+            quorum queue needs ``durable=True``; its delivery limit drops, or
+            dead-letters, a request that keeps being redelivered).
         retry_policy: Overrides for the first connect and for publishing replies
             (keys of :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`). Once
             serving, a lost connection is retried until :meth:`stop`.
@@ -100,6 +104,7 @@ class RPCServer:
         send_tracebacks: bool = True,
         max_message_size: int | None = 10 * 1024 * 1024,
         durable: bool = False,
+        queue_arguments: dict[str, Any] | None = None,
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
     ) -> None:
@@ -126,6 +131,7 @@ class RPCServer:
             )
         self.max_message_size = max_message_size
         self.durable = durable
+        self.queue_arguments = queue_arguments
         self.confirm_publish = confirm_publish
         #: Unique id of this server; names its private control queue.
         self.server_id = new_id()
@@ -305,7 +311,7 @@ class RPCServer:
 
     def _consume(self, conn: Connection) -> None:
         channel = conn.channel()
-        requests = request_queue(self.queue, self.durable)(channel)
+        requests = request_queue(self.queue, self.durable, self.queue_arguments)(channel)
         control = private_queue(self._control_queue)(channel)
         consumers = [
             Consumer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from kombu import Queue
 
@@ -38,13 +39,15 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def request_queue(name: str, durable: bool = False) -> Queue:
+def request_queue(name: str, durable: bool = False, arguments: dict[str, Any] | None = None) -> Queue:
     """The shared queue a server consumes requests from.
 
     It is bound to the default exchange under its own name, like the tutorial's
-    ``rpc_queue``, and is not durable unless asked for.
+    ``rpc_queue``, and is not durable unless asked for. ``arguments`` are the
+    broker's queue arguments, e.g. ``{"x-queue-type": "quorum", "x-delivery-limit": 5}``
+    on RabbitMQ.
     """
-    return Queue(name, routing_key=name, durable=durable, auto_delete=False)
+    return Queue(name, routing_key=name, durable=durable, auto_delete=False, queue_arguments=arguments)
 
 
 def discard_queue(queue: Queue) -> None:

@@ -170,3 +170,67 @@ def test_a_request_whose_server_is_killed_is_answered_once_by_another(
         finally:
             if doomed.poll() is None:
                 doomed.kill()
+
+
+CRASHING_SERVER = textwrap.dedent("""
+    import logging, os, signal, sys
+    from kombu_rpc import Registry, RPCServer
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    reg = Registry()
+
+    @reg.remote
+    def crash():
+        os.kill(os.getpid(), signal.SIGKILL)  # takes the whole server down, every time
+
+    @reg.remote
+    def ok():
+        return "ok"
+
+    RPCServer(sys.argv[1], registry=reg, queue=sys.argv[2], durable=True, queue_arguments={
+        "x-queue-type": "quorum", "x-delivery-limit": 1,
+        "x-dead-letter-exchange": "", "x-dead-letter-routing-key": sys.argv[2] + ".dead",
+    }).run()
+""")
+
+
+def test_a_poison_request_is_dead_lettered_after_the_delivery_limit(amqp_url: str, queue_name: str) -> None:
+    from kombu import Connection, Queue
+
+    dead = Queue(f"{queue_name}.dead", routing_key=f"{queue_name}.dead")
+    with Connection(amqp_url) as conn:
+        channel = conn.default_channel
+        dead(channel).declare()
+
+        def dead_lettered() -> int:
+            return int(channel.queue_declare(queue=dead.name, passive=True).message_count)
+
+        try:
+            with RPCProxy(amqp_url, queue=queue_name, timeout=20) as proxy:
+                crashes = 0
+                for _ in range(4):  # bounded: the delivery limit must end it after two crashes
+                    with subprocess.Popen(
+                        [sys.executable, "-c", CRASHING_SERVER, amqp_url, queue_name],
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ) as server:
+                        assert server.stderr is not None
+                        read_until(server.stderr, "consuming", server)
+                        if crashes == 0:
+                            proxy.crash.cast()
+                        # wait until the poison request kills this server, or is dead-lettered
+                        deadline = time.monotonic() + 20
+                        while server.poll() is None and not dead_lettered():
+                            assert time.monotonic() < deadline, "neither a crash nor a dead letter"
+                            time.sleep(0.05)
+                        if server.poll() is not None:
+                            crashes += 1
+                            continue
+                        assert proxy.ok() == "ok"  # the survivor serves on
+                        server.terminate()
+                        break
+            assert crashes == 2  # first delivery + one redelivery (x-delivery-limit: 1)
+            message = dead(channel).get(no_ack=True)
+            assert message is not None and message.decode()["method"] == "crash"
+        finally:
+            dead(channel).delete()
+            Queue(queue_name)(channel).delete()

@@ -120,3 +120,15 @@ def test_nothing_connects_until_the_first_call() -> None:
 def test_max_message_size_must_be_a_positive_int(size: object) -> None:
     with pytest.raises(ConfigurationError, match="max_message_size"):
         RPCServer("memory://", max_message_size=size)  # type: ignore[arg-type]
+
+
+def test_a_blocking_call_cannot_outlive_its_timeout_even_if_the_deadline_thread_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kombu_rpc.client import PendingCalls
+
+    monkeypatch.setattr(PendingCalls, "_watch", lambda self: None)  # a deadline thread that never fires
+    with RPCProxy("memory://", queue="test.nobody-serves-this", timeout=0.1) as proxy:
+        with pytest.raises(RPCTimeout):
+            proxy.fib(1)
+    assert "outlived its deadline" in caplog.text
