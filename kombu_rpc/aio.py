@@ -75,6 +75,8 @@ class AsyncRPCProxy:
         serializer: Serializer for requests; replies come back in the same one.
         retry_policy: Overrides for connecting and publishing retries (keys of
             :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`).
+        confirm_publish: As for :class:`~kombu_rpc.proxy.RPCProxy`: on AMQP, publisher
+            confirms and ``mandatory`` requests (``NoServerError`` at once).
 
     Raises:
         ConfigurationError: An argument is invalid (nothing is connected yet).
@@ -97,8 +99,9 @@ class AsyncRPCProxy:
         timeout: float | None = 30.0,
         serializer: str = "json",
         retry_policy: dict[str, Any] | None = None,
+        confirm_publish: bool = True,
     ) -> None:
-        self._sync = RPCProxy(broker, queue, timeout, serializer, retry_policy)
+        self._sync = RPCProxy(broker, queue, timeout, serializer, retry_policy, confirm_publish)
         self._sender = _Sender()
         self._owner = True
 
