@@ -1,4 +1,9 @@
-"""kombu_rpc: remote procedure calls over any kombu transport (RabbitMQ, Redis, memory)."""
+"""kombu_rpc: remote procedure calls over any kombu transport (RabbitMQ, Redis, memory).
+
+The package opts out of pytest's assertion rewriting (PYTEST_DONT_REWRITE): its pytest
+plugin is loaded through an entry point, and pytest would otherwise warn when a test
+session starts an inner pytest run (pytester) after kombu_rpc was imported.
+"""
 
 from .aio import AsyncRPCProxy
 from .errors import (

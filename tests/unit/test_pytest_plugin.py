@@ -19,11 +19,6 @@ from kombu_rpc.testing import PLUGIN, pytest_plugin_args
 
 pytest_plugins = ["pytester"]
 
-# When kombu_rpc is installed, each in-process inner run loads the plugin through its
-# entry point and asks pytest to rewrite the already-imported kombu_rpc package, which
-# pytest reports with this warning. It is an artifact of pytest-inside-pytest.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestAssertRewriteWarning")
-
 ROOT = Path(__file__).resolve().parents[2]
 ENV_VAR = "KOMBU_RPC_TEST_BROKER_URL"  # spelled out: a typo in the plugin must fail a test
 
