@@ -146,6 +146,7 @@ class RPCServer:
         self._done: deque[tuple[Message, int, bool]] = deque()
         self._in_flight = 0
         self._generation = 0
+        self._connection_errors: tuple[type[BaseException], ...] = ()
         self._executor: ThreadPoolExecutor | None = None
         self._producers: ProducerPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # runs async def functions
@@ -265,6 +266,7 @@ class RPCServer:
 
     def _serve_once(self) -> None:
         conn = self._connection.clone()
+        self._connection_errors = conn.connection_errors
         try:
             conn.ensure_connection(**self._retry_policy)
         except (*conn.connection_errors, OperationalError, OSError) as exc:
@@ -363,7 +365,10 @@ class RPCServer:
         """Wait (up to :attr:`shutdown_timeout`) for calls in flight and settle them."""
         deadline = monotonic() + self.shutdown_timeout
         while True:
-            self._settle()
+            try:
+                self._settle()
+            except self._connection_errors:
+                self._generation += 1  # the connection is gone: nothing left can be acked
             remaining = deadline - monotonic()
             if self._in_flight == 0 or remaining <= 0:
                 break
@@ -560,6 +565,11 @@ class RPCServer:
                 message.ack()
             else:
                 message.requeue()
+        except self._connection_errors as exc:
+            # The first sign of a lost connection may come here: let the consume loop
+            # reconnect (the broker redelivers the request) instead of polling on.
+            logger.warning("could not settle a request: %s", exc)
+            raise
         except Exception as exc:  # the channel died; the broker redelivers
             logger.warning("could not settle a request: %s", exc)
 
