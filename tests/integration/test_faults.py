@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+from time import monotonic
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -48,13 +49,15 @@ def restart_rabbitmq() -> Iterator[Callable[[], None]]:
 
 
 def run_load(proxy: RPCProxy, fault: Callable[[], None], threads: int = 4) -> Counter[str]:
-    """``threads`` callers call in a loop from before ``fault`` until 50 calls after it.
+    """``threads`` callers call in a loop from before ``fault`` until 50 calls after it
+    (or 30 s after it, if calls keep failing).
 
     Returns how the calls ended. A hung call fails the test: callers are bounded in
     count, and their calls in time by the proxy's timeout.
     """
     started = threading.Barrier(threads + 1, timeout=30)
     fault_done = threading.Event()
+    fault_ended: list[float] = []
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -71,7 +74,7 @@ def run_load(proxy: RPCProxy, fault: Callable[[], None], threads: int = 4) -> Co
                 outcomes[outcome] += 1
             if fault_done.is_set():
                 after += 1
-                if after == 50:
+                if after == 50 or monotonic() > fault_ended[0] + 30:
                     return
 
     with ThreadPoolExecutor(threads) as pool:
@@ -80,6 +83,7 @@ def run_load(proxy: RPCProxy, fault: Callable[[], None], threads: int = 4) -> Co
         try:
             fault()
         finally:
+            fault_ended.append(monotonic())
             fault_done.set()
         done, hung = wait(futures, timeout=90)
     assert not hung, f"{len(hung)} callers hung"
