@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from time import monotonic
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from time import monotonic
 from typing import Any
 
 import pytest
