@@ -238,3 +238,51 @@ def test_a_request_over_max_message_size_is_refused(
     error = raw.reply(raw.send(j({"method": "echo", "args": ["x" * 2000]})))["error"]
     assert (error["kind"], error["type"]) == ("malformed_request", "MessageTooLarge")
     assert proxy.echo("x" * 500) == "x" * 500
+
+
+def test_more_hostile_shapes_get_error_replies_and_the_server_goes_on(
+    serve: Callable[..., RPCServer], raw: RawClient, proxy: RPCProxy, recorder: Recorder
+) -> None:
+    serve()
+    deep = "[" * 100_000 + "]" * 100_000  # nesting deeper than the JSON decoder allows
+    cases = [
+        # (body, send options, expected exc_type)
+        (deep, {}, "DecodeError"),
+        (
+            j({"method": "echo", "args": [1]}),
+            {"headers": {"compression": "application/x-nosuch"}},
+            "DecodeError",
+        ),
+        (j({"method": "", "args": []}), {}, "MalformedRequest"),
+        (j({"method": "echo", "args": [1, 2, 3]}), {}, "TypeError"),
+        (j({"method": "echo", "kwargs": {"value": 1, "extra": 2}}), {}, "TypeError"),
+        (j({"method": "echo\u0000", "args": [1]}), {}, "MethodNotFound"),
+        (j({"method": "math.add.__class__", "args": []}), {}, "MethodNotFound"),
+    ]
+    for body, options, exc_type in cases:
+        error = raw.reply(raw.send(body, **options))["error"]
+        assert error["type"] == exc_type, (body[:40], error)
+    # compressed bodies are decompressed as kombu does; odd unicode travels intact
+    odd = "z\u0301\u202e\U0001f600\ufeff"
+    correlation_id = raw.send(j({"method": "echo", "args": [odd]}), compression="zlib")
+    assert raw.reply(correlation_id) == {"result": odd}
+    assert proxy.echo(odd) == odd
+
+
+def test_a_function_hitting_recursion_error_is_answered(
+    broker_url: str, queue_name: str, proxies: Callable[..., RPCProxy], servers: Any
+) -> None:
+    from kombu_rpc import Registry, RemoteError
+
+    def forever(n: int) -> int:
+        return forever(n + 1)
+
+    reg = Registry()
+    reg.register(forever)
+    reg.register(lambda: 1, name="one")
+    servers.enter_context(RPCServer(broker_url, registry=reg, queue=queue_name).running())
+    proxy = proxies()
+    with pytest.raises(RemoteError) as info:
+        proxy.forever(0)
+    assert info.value.exc_type == "RecursionError"
+    assert proxy.one() == 1
