@@ -77,6 +77,7 @@ class AsyncRPCProxy:
             :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`).
         confirm_publish: As for :class:`~kombu_rpc.proxy.RPCProxy`: on AMQP, publisher
             confirms and ``mandatory`` requests (``NoServerError`` at once).
+        secret: As for :class:`~kombu_rpc.proxy.RPCProxy`: sign every request.
 
     Raises:
         ConfigurationError: An argument is invalid (nothing is connected yet).
@@ -100,8 +101,9 @@ class AsyncRPCProxy:
         serializer: str = "json",
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
+        secret: str | bytes | None = None,
     ) -> None:
-        self._sync = RPCProxy(broker, queue, timeout, serializer, retry_policy, confirm_publish)
+        self._sync = RPCProxy(broker, queue, timeout, serializer, retry_policy, confirm_publish, secret)
         self._sender = _Sender()
         self._owner = True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from time import monotonic
@@ -127,6 +128,8 @@ class Client:
             ``publish(retry_policy=...)``.
         confirm_publish: On AMQP, publish requests with publisher confirms and
             ``mandatory``, so an unroutable request raises :class:`NoServerError`.
+        secret: Sign every request with this HMAC key (see
+            :func:`kombu_rpc.protocol.check_signature`).
     """
 
     def __init__(
@@ -135,9 +138,11 @@ class Client:
         serializer: str,
         retry_policy: dict[str, Any],
         confirm_publish: bool = True,
+        secret: bytes | None = None,
     ) -> None:
         self._connection = connection
         self._confirm_publish = confirm_publish
+        self._secret = secret
         self.serializer = serializer
         self._accept = {serializer, "json"}
         self._retry_policy = retry_policy
@@ -159,7 +164,8 @@ class Client:
         encoded = protocol.encode(protocol.request_body(method, args, kwargs), self.serializer)
         correlation_id = new_id()
         deadline = protocol.deadline_after(timeout)
-        headers = {} if deadline is None else {protocol.DEADLINE_HEADER: deadline}
+        headers: dict[str, Any] = {} if deadline is None else {protocol.DEADLINE_HEADER: deadline}
+        self._sign(encoded, headers, correlation_id, self.reply_queue)
         with self._lock:
             self._start()
             future = self._pending.add(correlation_id, method, timeout)
@@ -180,9 +186,12 @@ class Client:
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Publish a request that asks for no reply."""
         encoded = protocol.encode(protocol.request_body(method, args, kwargs), self.serializer)
+        correlation_id = new_id()
+        headers: dict[str, Any] = {}
+        self._sign(encoded, headers, correlation_id, "")
         with self._lock:
             self._start()
-            self._publish(encoded, queue, {}, correlation_id=new_id())
+            self._publish(encoded, queue, headers, correlation_id=correlation_id)
 
     def close(self) -> None:
         """Stop the listener, delete the reply queue, fail calls still pending."""
@@ -214,6 +223,25 @@ class Client:
         return self._closing
 
     # -- publishing ----------------------------------------------------------------
+
+    def _sign(
+        self, encoded: protocol.Encoded, headers: dict[str, Any], correlation_id: str, reply_to: str
+    ) -> None:
+        if self._secret is None:
+            return
+        payload = encoded.payload
+        body = payload.encode(encoded.content_encoding) if isinstance(payload, str) else payload
+        signed_at = time.time()
+        text = protocol.signed_text(
+            body,
+            encoded.content_type,
+            correlation_id,
+            reply_to,
+            headers.get(protocol.DEADLINE_HEADER),
+            signed_at,
+        )
+        headers[protocol.SIGNED_AT_HEADER] = signed_at
+        headers[protocol.SIGNATURE_HEADER] = protocol.sign(self._secret, text)
 
     def _start(self) -> None:
         """Start the reply listener and the publisher; called under ``self._lock``."""

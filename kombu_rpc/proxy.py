@@ -45,6 +45,9 @@ class RPCProxy:
         confirm_publish: On AMQP, publish with publisher confirms and ``mandatory``:
             a request the broker did not take raises, and a request to a queue that
             does not exist raises :class:`~kombu_rpc.errors.NoServerError` at once.
+        secret: Sign every request with this key (HMAC-SHA256 over the body, the
+            routing properties and a timestamp), for servers created with the same
+            ``secret``. At least 16 bytes.
 
     Example:
         >>> with RPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
@@ -65,11 +68,18 @@ class RPCProxy:
         serializer: str = "json",
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
+        secret: str | bytes | None = None,
     ) -> None:
         self._queue = check_queue_name(queue)
         self._timeout = _check_timeout(timeout)
         protocol.check_serializer(serializer)
-        self._client = Client(connect(broker), serializer, merge_retry_policy(retry_policy), confirm_publish)
+        self._client = Client(
+            connect(broker),
+            serializer,
+            merge_retry_policy(retry_policy),
+            confirm_publish,
+            protocol.secret_bytes(secret),
+        )
         self._owner = True
 
     def options(self, *, timeout: float | None = _UNSET) -> RPCProxy:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -87,10 +87,17 @@ class RPCServer:
         confirm_publish: On AMQP, publish replies with publisher confirms, so a
             reply the broker did not take is retried (the request is requeued)
             rather than lost.
+        secret: Accept only requests signed with this key by a proxy created with
+            the same ``secret``. Unsigned, tampered, replayed, or signed more than
+            :attr:`signature_window` seconds away requests are refused with an
+            ``InvalidSignature`` error reply and never run.
     """
 
     #: Seconds a graceful stop waits for calls in flight before giving up on them.
     shutdown_timeout: float = 30.0
+    #: Seconds a signed request stays valid (either way, for clock skew); a signature
+    #: seen again within it is a replay.
+    signature_window: float = 60.0
     #: Seconds :meth:`running` waits for the server to be ready.
     startup_timeout: float = 30.0
 
@@ -107,6 +114,7 @@ class RPCServer:
         queue_arguments: dict[str, Any] | None = None,
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
+        secret: str | bytes | None = None,
     ) -> None:
         if registry is not None and not isinstance(registry, Registry):
             raise ConfigurationError(f"registry must be a kombu_rpc.Registry or None, got {registry!r}")
@@ -133,6 +141,8 @@ class RPCServer:
         self.durable = durable
         self.queue_arguments = queue_arguments
         self.confirm_publish = confirm_publish
+        self._secret = protocol.secret_bytes(secret)
+        self._seen_signatures: OrderedDict[str, float] = OrderedDict()
         #: Unique id of this server; names its private control queue.
         self.server_id = new_id()
         self._connection = connect(broker)
@@ -411,6 +421,8 @@ class RPCServer:
             )
             return
         try:
+            if self._secret is not None:
+                self._check_signature(message, self._secret)
             request = protocol.parse_request(message)
         except MalformedRequest as error:
             self._refuse(message, error)
@@ -521,6 +533,17 @@ class RPCServer:
             logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
             return False
         return True
+
+    def _check_signature(self, message: Message, secret: bytes) -> None:
+        protocol.check_signature(message, secret, self.signature_window)
+        signature = message.headers[protocol.SIGNATURE_HEADER]
+        now = monotonic()
+        seen = self._seen_signatures
+        while seen and next(iter(seen.values())) < now:
+            seen.popitem(last=False)
+        if signature in seen and not (message.delivery_info or {}).get("redelivered"):
+            raise MalformedRequest("InvalidSignature", "the request was already received (a replay)")
+        seen[signature] = now + 2 * self.signature_window
 
     # -- built-in methods and the event loop for async def functions -------------------
 
