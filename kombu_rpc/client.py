@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import protocol
-from .connection import drop_dead_transport, publishing_clone
+from .connection import publishing_clone, reconnect
 from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
 from .topology import REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 
@@ -161,11 +161,8 @@ class Client:
         self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Future[Any]:
         """Publish a request and return the future of its result."""
-        encoded = protocol.encode(protocol.request_body(method, args, kwargs), self.serializer)
         correlation_id = new_id()
-        deadline = protocol.deadline_after(timeout)
-        headers: dict[str, Any] = {} if deadline is None else {protocol.DEADLINE_HEADER: deadline}
-        self._sign(encoded, headers, correlation_id, self.reply_queue)
+        encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
         with self._lock:
             self._start()
             future = self._pending.add(correlation_id, method, timeout)
@@ -185,10 +182,8 @@ class Client:
 
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Publish a request that asks for no reply."""
-        encoded = protocol.encode(protocol.request_body(method, args, kwargs), self.serializer)
         correlation_id = new_id()
-        headers: dict[str, Any] = {}
-        self._sign(encoded, headers, correlation_id, "")
+        encoded, headers = self._request(method, args, kwargs, correlation_id, "", None)
         with self._lock:
             self._start()
             self._publish(encoded, queue, headers, correlation_id=correlation_id)
@@ -202,11 +197,7 @@ class Client:
             listener = self._listener
             if listener is not None and listener.is_alive():
                 try:  # wake the listener out of drain_events
-                    self._publish(
-                        protocol.Encoded(b"", "application/data", "binary"),
-                        self.reply_queue,
-                        {protocol.CONTROL_HEADER: "wake"},
-                    )
+                    self._publish(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS))
                 except RPCError:
                     logger.warning("could not wake the reply listener; it stops within %ss", IDLE_WAIT)
             if self._producer is not None:
@@ -224,24 +215,29 @@ class Client:
 
     # -- publishing ----------------------------------------------------------------
 
-    def _sign(
-        self, encoded: protocol.Encoded, headers: dict[str, Any], correlation_id: str, reply_to: str
-    ) -> None:
-        if self._secret is None:
-            return
-        payload = encoded.payload
-        body = payload.encode(encoded.content_encoding) if isinstance(payload, str) else payload
-        signed_at = time.time()
-        text = protocol.signed_text(
-            body,
-            encoded.content_type,
-            correlation_id,
-            reply_to,
-            headers.get(protocol.DEADLINE_HEADER),
-            signed_at,
-        )
-        headers[protocol.SIGNED_AT_HEADER] = signed_at
-        headers[protocol.SIGNATURE_HEADER] = protocol.sign(self._secret, text)
+    def _request(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        correlation_id: str,
+        reply_to: str,
+        timeout: float | None,
+    ) -> tuple[protocol.Encoded, dict[str, Any]]:
+        """Encode a request body and build its headers: deadline, and signature if any."""
+        encoded = protocol.encode(protocol.request_body(method, args, kwargs), self.serializer)
+        deadline = protocol.deadline_after(timeout)
+        headers: dict[str, Any] = {} if deadline is None else {protocol.DEADLINE_HEADER: deadline}
+        if self._secret is not None:
+            payload = encoded.payload
+            body = payload.encode(encoded.content_encoding) if isinstance(payload, str) else payload
+            signed_at = time.time()
+            text = protocol.signed_text(
+                body, encoded.content_type, correlation_id, reply_to, deadline, signed_at
+            )
+            headers[protocol.SIGNED_AT_HEADER] = signed_at
+            headers[protocol.SIGNATURE_HEADER] = protocol.sign(self._secret, text)
+        return encoded, headers
 
     def _start(self) -> None:
         """Start the reply listener and the publisher; called under ``self._lock``."""
@@ -338,18 +334,8 @@ class Client:
         """
         logger.warning("reply listener lost its connection (%s); reconnecting", exc)
         while True:
-            drop_dead_transport(conn)
             try:
-                conn.ensure_connection(
-                    errback=lambda exc, interval: logger.warning(
-                        "cannot reconnect (%s); retrying in %.1fs", exc, interval
-                    ),
-                    max_retries=None,
-                    interval_start=0.1,
-                    interval_step=0.5,
-                    interval_max=self._retry_policy["interval_max"],
-                    callback=self._check_closing,
-                )
+                reconnect(conn, self._retry_policy, self._check_closing)
                 return self._consume_replies(conn)
             except conn.connection_errors as again:
                 logger.warning("reply listener lost its connection again (%s)", again)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from kombu import Connection
@@ -9,6 +11,8 @@ from kombu.transport import memory as kombu_memory
 
 from . import memory
 from .errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 #: The type of a broker argument, a URL such as ``"amqp://guest:guest@127.0.0.1//"``
 #: or a :class:`kombu.Connection` (cloned, never used directly).
@@ -63,16 +67,29 @@ def publishing_clone(conn: Connection, confirm: bool) -> Connection:
     return conn.clone()
 
 
-def drop_dead_transport(conn: Connection) -> None:
-    """Before reconnecting ``conn`` after a connection error, free the dead one.
+def reconnect(conn: Connection, retry_policy: dict[str, Any], callback: Callable[[], None]) -> None:
+    """Re-establish ``conn`` after a connection error, retrying with backoff (capped at
+    the policy's ``interval_max``) until it succeeds or ``callback`` raises.
 
-    py-amqp leaves a dead connection's socket open (a ``ResourceWarning`` later);
-    ``collect()`` closes it without talking to the broker. Virtual transports
+    py-amqp leaves a dead connection's socket open (a ``ResourceWarning`` later), so on
+    AMQP ``collect()`` first closes it without talking to the broker. Virtual transports
     (Redis, memory) reconnect in place, and their ``collect()`` closes channels with
     broker I/O, which can block on a dead Redis connection, so they are left alone.
     """
     if conn.transport.driver_type == "amqp":
         conn.collect()
+    conn.ensure_connection(
+        errback=_log_retry,
+        max_retries=None,
+        interval_start=0.1,
+        interval_step=0.5,
+        interval_max=retry_policy["interval_max"],
+        callback=callback,
+    )
+
+
+def _log_retry(exc: Exception, interval: float) -> None:
+    logger.warning("cannot reconnect (%s); retrying in %.1fs", exc, interval)
 
 
 def safe_uri(conn: Connection) -> str:

@@ -65,6 +65,12 @@ class Encoded:
     content_encoding: str
 
 
+#: The headers of an internal wake-up message.
+WAKE_HEADERS = {CONTROL_HEADER: "wake"}
+#: The (empty) body of an internal wake-up message, sent with :data:`WAKE_HEADERS`.
+WAKE_UP = Encoded(b"", "application/data", "binary")
+
+
 def encode(body: Any, serializer: str) -> Encoded:
     """Serialize ``body``; raises :class:`SerializationError` when it cannot be."""
     try:

@@ -23,9 +23,9 @@ from . import protocol
 from .connection import (
     Broker,
     connect,
-    drop_dead_transport,
     merge_retry_policy,
     publishing_clone,
+    reconnect,
     safe_uri,
 )
 from .errors import (
@@ -118,8 +118,7 @@ class RPCServer:
     ) -> None:
         if registry is not None and not isinstance(registry, Registry):
             raise ConfigurationError(f"registry must be a kombu_rpc.Registry or None, got {registry!r}")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigurationError(f"concurrency must be a positive integer, got {concurrency!r}")
+        _check_positive_int("concurrency", concurrency)
         if isinstance(accept, str) or not accept:
             raise ConfigurationError(f"accept must be a non-empty list of serializer names, got {accept!r}")
         for name in accept:
@@ -129,14 +128,8 @@ class RPCServer:
         self.concurrency = concurrency
         self.accept = frozenset(accept)
         self.send_tracebacks = send_tracebacks
-        if max_message_size is not None and (
-            isinstance(max_message_size, bool)
-            or not isinstance(max_message_size, int)
-            or max_message_size < 1
-        ):
-            raise ConfigurationError(
-                f"max_message_size must be a positive int or None, got {max_message_size!r}"
-            )
+        if max_message_size is not None:
+            _check_positive_int("max_message_size", max_message_size, or_none=True)
         self.max_message_size = max_message_size
         self.durable = durable
         self.queue_arguments = queue_arguments
@@ -253,13 +246,14 @@ class RPCServer:
         try:
             with self._connection.clone() as conn:
                 conn.ensure_connection(max_retries=1)
+                wake = protocol.WAKE_UP
                 Producer(conn).publish(
-                    b"",
+                    wake.payload,
                     exchange="",
                     routing_key=self._control_queue,
-                    headers={protocol.CONTROL_HEADER: "wake"},
-                    content_type="application/data",
-                    content_encoding="binary",
+                    headers=dict(protocol.WAKE_HEADERS),
+                    content_type=wake.content_type,
+                    content_encoding=wake.content_encoding,
                 )
         except Exception as exc:  # the loop still sees the flag within IDLE_WAIT
             logger.debug("could not wake server %s: %s", self.server_id, exc)
@@ -299,15 +293,7 @@ class RPCServer:
                     self._ready.clear()
                     self._generation += 1
                     logger.warning("server lost its connection (%s); reconnecting", exc)
-                    drop_dead_transport(conn)
-                    conn.ensure_connection(
-                        errback=self._on_reconnect_error,
-                        max_retries=None,
-                        interval_start=0.1,
-                        interval_step=0.5,
-                        interval_max=self._retry_policy["interval_max"],
-                        callback=self._check_stopping,
-                    )
+                    reconnect(conn, self._retry_policy, self._check_stopping)
         except _Stopped:
             pass
         finally:
@@ -392,9 +378,6 @@ class RPCServer:
     def _check_stopping(self) -> None:
         if self._stopping.is_set():
             raise _Stopped()
-
-    def _on_reconnect_error(self, exc: Exception, interval: float) -> None:
-        logger.warning("cannot reconnect (%s); retrying in %.1fs", exc, interval)
 
     # -- handling one request ---------------------------------------------------------
 
@@ -595,6 +578,12 @@ class RPCServer:
             raise
         except Exception as exc:  # the channel died; the broker redelivers
             logger.warning("could not settle a request: %s", exc)
+
+
+def _check_positive_int(name: str, value: object, or_none: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer or None" if or_none else "a positive integer"
+        raise ConfigurationError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

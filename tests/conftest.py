@@ -20,7 +20,7 @@ import pytest
 from kombu import Connection
 
 from kombu_rpc import Registry, RPCProxy, RPCServer
-from kombu_rpc.topology import new_id
+from kombu_rpc.testing import unique_queue_name
 
 DEFAULT_BROKERS = "amqp://guest:guest@127.0.0.1:5672//,redis://127.0.0.1:6379/0"
 MEMORY = "memory://"
@@ -81,7 +81,7 @@ amqp_url = pytest.fixture(checked_broker, name="amqp_url")
 @pytest.fixture
 def queue_name() -> str:
     """A request queue name no other test uses."""
-    return f"test.{new_id()}"
+    return unique_queue_name()
 
 
 class Gate:
