@@ -34,8 +34,8 @@ class _Sender:
     """The worker thread that runs the blocking steps of one proxy and its views."""
 
     def __init__(self) -> None:
-        # One worker: the client publishes under a lock anyway, and one thread keeps the
-        # requests in the order the calls were made. It starts on the first call.
+        # One worker keeps the requests in the order the calls were made. It starts on
+        # the first call.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kombu_rpc-aio")
         self._lock = threading.Lock()
         self._closed: Future[None] | None = None

@@ -1,8 +1,10 @@
 """The calling side's machinery: pending calls, the reply listener and the publisher.
 
-:class:`Client` owns two connections: one for publishing requests (shared by all
-calling threads under a lock) and one owned by the reply-listener thread, which
-consumes the proxy's reply queue and completes futures by correlation id.
+:class:`Client` owns two threads, each with its own connection: the publisher, which
+publishes the requests that calling threads queue for it, in order, and the reply
+listener, which consumes the proxy's reply queue and completes futures by correlation
+id. Callers only queue and wait on futures, so no broker I/O ever blocks them past
+their deadline.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from queue import SimpleQueue
 from time import monotonic
 from typing import Any
 
@@ -21,7 +24,7 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import protocol
-from .connection import publishing_clone, reconnect
+from .connection import PUBLISH_TIMEOUT, publishing_clone, reconnect
 from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
 from .topology import REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 
@@ -38,6 +41,51 @@ class _Pending:
     future: Future[Any]
     method: str
     timeout: float | None
+
+
+@dataclass
+class _Outgoing:
+    """A request waiting for the publisher thread.
+
+    A call's request carries its ``correlation_id`` (its pending entry is its state);
+    a cast's carries the ``sent`` future its caller waits on.
+    """
+
+    encoded: protocol.Encoded
+    queue: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    deadline: float | None  # monotonic
+    correlation_id: str | None = None
+    sent: Future[None] | None = field(default=None)
+
+    def claim(self, pending: PendingCalls) -> bool:
+        """True if the request should still be published now."""
+        if self.sent is not None:
+            return self.sent.set_running_or_notify_cancel()
+        return self.correlation_id is None or self.correlation_id in pending
+
+    def publish_timeout(self) -> float:
+        """How long publishing may block: until the deadline, at most PUBLISH_TIMEOUT."""
+        if self.deadline is None:
+            return PUBLISH_TIMEOUT
+        return max(0.001, min(PUBLISH_TIMEOUT, self.deadline - monotonic()))
+
+    def done(self) -> None:
+        if self.sent is not None:
+            self.sent.set_result(None)
+
+    def fail(self, pending: PendingCalls, exc: RPCError) -> None:
+        if self.sent is not None:
+            self.sent.set_exception(exc)
+        elif self.correlation_id is not None:
+            entry = pending.pop(self.correlation_id)
+            if entry is not None:
+                entry.future.set_exception(exc)
+            else:
+                logger.warning("could not publish an expired request to %r: %s", self.queue, exc)
+        else:
+            logger.warning("could not publish to %r: %s", self.queue, exc)
 
 
 class PendingCalls:
@@ -97,6 +145,9 @@ class PendingCalls:
     def __len__(self) -> int:
         return len(self._calls)
 
+    def __contains__(self, correlation_id: object) -> bool:
+        return correlation_id in self._calls
+
     def _watch(self) -> None:
         while True:
             expired: list[_Pending] = []
@@ -148,8 +199,9 @@ class Client:
         self._retry_policy = retry_policy
         self.reply_queue = REPLY_QUEUE_TEMPLATE.format(uid=new_id())
         self._pending = PendingCalls()
-        self._lock = threading.Lock()  # guards starting, closing and the publisher
-        self._producer: Producer | None = None
+        self._lock = threading.Lock()  # guards starting and closing
+        self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
+        self._publisher: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._listener_error: BaseException | None = None
         self._ready = threading.Event()
@@ -160,49 +212,64 @@ class Client:
     def call(
         self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Future[Any]:
-        """Publish a request and return the future of its result."""
+        """Queue a request for publishing and return the future of its result.
+
+        The future fails with :class:`RPCTimeout` at the deadline even if the request
+        could not be published by then (a stalled connection), and with
+        :class:`NoServerError` or :class:`ConnectionLostError` if publishing failed.
+        """
         correlation_id = new_id()
         encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
-        with self._lock:
-            self._start()
-            future = self._pending.add(correlation_id, method, timeout)
-            try:
-                self._publish(
-                    encoded,
-                    queue,
-                    headers,
-                    reply_to=self.reply_queue,
-                    correlation_id=correlation_id,
-                    expiration=timeout,
-                )
-            except BaseException:
-                self._pending.pop(correlation_id)
-                raise
+        self._start()
+        future = self._pending.add(correlation_id, method, timeout)
+        properties = {"reply_to": self.reply_queue, "correlation_id": correlation_id, "expiration": timeout}
+        deadline = None if timeout is None else monotonic() + timeout
+        self._outbox.put(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id))
         return future
 
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Publish a request that asks for no reply."""
+        """Publish a request that asks for no reply; returns once the broker took it.
+
+        Raises:
+            NoServerError: On AMQP with confirms, no queue ``queue`` exists.
+            ConnectionLostError: The request could not be published within
+                :data:`~kombu_rpc.connection.PUBLISH_TIMEOUT`.
+        """
         correlation_id = new_id()
         encoded, headers = self._request(method, args, kwargs, correlation_id, "", None)
-        with self._lock:
-            self._start()
-            self._publish(encoded, queue, headers, correlation_id=correlation_id)
+        self._start()
+        sent: Future[None] = Future()
+        properties = {"correlation_id": correlation_id}
+        self._outbox.put(_Outgoing(encoded, queue, headers, properties, None, sent=sent))
+        try:
+            sent.result(PUBLISH_TIMEOUT)
+        except TimeoutError:
+            if sent.cancel():
+                raise ConnectionLostError(
+                    f"cast to {method!r} not sent: the broker took no message for {PUBLISH_TIMEOUT}s"
+                ) from None
+            raise ConnectionLostError(
+                f"cast to {method!r} may not have been sent: publishing it took over {PUBLISH_TIMEOUT}s"
+            ) from None
 
     def close(self) -> None:
-        """Stop the listener, delete the reply queue, fail calls still pending."""
+        """Stop the publisher and the listener, delete the reply queue, fail calls
+        still pending."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-            listener = self._listener
-            if listener is not None and listener.is_alive():
-                try:  # wake the listener out of drain_events
-                    self._publish(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS))
-                except RPCError:
-                    logger.warning("could not wake the reply listener; it stops within %ss", IDLE_WAIT)
-            if self._producer is not None:
-                self._producer.connection.release()
-                self._producer = None
+            listener, publisher = self._listener, self._publisher
+            if publisher is not None:
+                if listener is not None and listener.is_alive():  # wake it out of drain_events
+                    self._outbox.put(
+                        _Outgoing(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS), {}, None)
+                    )
+                self._outbox.put(None)
+        if publisher is not None:
+            publisher.join(PUBLISH_TIMEOUT)
+            if publisher.is_alive():
+                logger.warning("the publisher is stuck on a dead connection; leaving it behind")
         if listener is not None:
             listener.join()
         self._pending.fail_all(CallError, "proxy closed before the reply arrived")
@@ -240,47 +307,80 @@ class Client:
         return encoded, headers
 
     def _start(self) -> None:
-        """Start the reply listener and the publisher; called under ``self._lock``."""
-        if self._closing:
-            raise CallError("the proxy is closed")
-        if self._listener is not None and self._listener.is_alive():
+        """Start the reply listener and the publisher thread, unless running."""
+        listener = self._listener
+        if listener is not None and listener.is_alive() and not self._closing:
             return
-        self._ready.clear()
-        self._listener_error = None
-        self._listener = threading.Thread(target=self._listen, name="kombu_rpc-replies", daemon=True)
-        self._listener.start()
-        self._ready.wait()
-        if self._listener_error is not None:
-            raise ConnectionLostError(
-                f"cannot consume replies from {self._connection.as_uri()}: {self._listener_error}"
-            ) from self._listener_error
-        if self._producer is None:
-            conn = publishing_clone(self._connection, self._confirm_publish)
-            self._producer = Producer(conn, auto_declare=False)
+        with self._lock:
+            if self._closing:
+                raise CallError("the proxy is closed")
+            if self._listener is not None and self._listener.is_alive():
+                return
+            self._ready.clear()
+            self._listener_error = None
+            self._listener = threading.Thread(target=self._listen, name="kombu_rpc-replies", daemon=True)
+            self._listener.start()
+            self._ready.wait()
+            if self._listener_error is not None:
+                raise ConnectionLostError(
+                    f"cannot consume replies from {self._connection.as_uri()}: {self._listener_error}"
+                ) from self._listener_error
+            if self._publisher is None:
+                self._publisher = threading.Thread(
+                    target=self._publish_loop, name="kombu_rpc-publisher", daemon=True
+                )
+                self._publisher.start()
 
-    def _publish(
-        self, encoded: protocol.Encoded, queue: str, headers: dict[str, Any], **properties: Any
-    ) -> None:
-        assert self._producer is not None
+    # -- the publisher thread ----------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        """Publish queued requests in order, skipping those whose caller gave up.
+
+        Publishing runs here rather than in the calling thread so that a stalled
+        connection, which can block a publish until its socket timeout, never holds a
+        caller past its deadline: the caller waits on its future, which the deadline
+        thread fails on time.
+        """
+        producer = Producer(publishing_clone(self._connection, self._confirm_publish), auto_declare=False)
         try:
-            self._producer.publish(
-                encoded.payload,
+            while (job := self._outbox.get()) is not None:
+                if not job.claim(self._pending):
+                    continue
+                try:
+                    self._publish(producer, job)
+                except RPCError as exc:
+                    job.fail(self._pending, exc)
+                except Exception as exc:  # never let one request kill the publisher
+                    logger.exception("unexpected error publishing to %r", job.queue)
+                    job.fail(self._pending, ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}"))
+                else:
+                    job.done()
+        finally:
+            producer.connection.release()
+
+    def _publish(self, producer: Producer, job: _Outgoing) -> None:
+        timeout = job.publish_timeout()
+        try:
+            producer.publish(
+                job.encoded.payload,
                 exchange="",
-                routing_key=queue,
-                headers=headers,
-                content_type=encoded.content_type,
-                content_encoding=encoded.content_encoding,
+                routing_key=job.queue,
+                headers=job.headers,
+                content_type=job.encoded.content_type,
+                content_encoding=job.encoded.content_encoding,
                 retry=True,
                 retry_policy=self._retry_policy,
                 mandatory=self._confirm_publish,
-                **properties,
+                timeout=timeout,
+                confirm_timeout=timeout,
+                **job.properties,
             )
-        except self._producer.connection.channel_errors as exc:
+        except producer.connection.channel_errors as exc:
             if getattr(exc, "reply_code", None) == NO_ROUTE:
-                raise NoServerError(f"no queue {queue!r} on the broker: is a server running?") from None
-            raise ConnectionLostError(f"cannot publish to {queue!r}: {exc}") from exc
-        except (*self._producer.connection.connection_errors, OperationalError, OSError) as exc:
-            raise ConnectionLostError(f"cannot publish to {queue!r}: {exc}") from exc
+                raise NoServerError(f"no queue {job.queue!r} on the broker: is a server running?") from None
+            raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
+        except (*producer.connection.connection_errors, OperationalError, OSError) as exc:
+            raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
 
     # -- the listener thread ---------------------------------------------------------
 

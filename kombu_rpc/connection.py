@@ -26,13 +26,23 @@ DEFAULT_RETRY_POLICY: dict[str, Any] = {
     "interval_step": 0.4,
     "interval_max": 1.0,
 }
+#: Longest one publish may block (writing, then waiting for the broker's confirm)
+#: before its connection counts as lost. A call with a shorter timeout uses its own.
+PUBLISH_TIMEOUT = 10.0
+
+#: Transport options applied unless the connection sets them: without a socket
+#: timeout, redis-py waits forever on a half-open connection (a stalled broker).
+TRANSPORT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "redis": {"socket_timeout": PUBLISH_TIMEOUT, "socket_connect_timeout": 5.0},
+}
 
 
 def connect(broker: Broker) -> Connection:
     """Return a new, not yet connected :class:`kombu.Connection` for ``broker``.
 
     ``memory://`` gets kombu_rpc's event-driven memory transport (see
-    :mod:`kombu_rpc.memory`), which shares kombu's in-process broker state.
+    :mod:`kombu_rpc.memory`), which shares kombu's in-process broker state. Options
+    of :data:`TRANSPORT_DEFAULTS` are added where the connection does not set them.
 
     Raises:
         ConfigurationError: ``broker`` is not a URL or a Connection, or names an
@@ -50,6 +60,8 @@ def connect(broker: Broker) -> Connection:
             conn = Connection(transport=memory.Transport, transport_options=conn.transport_options)
         else:
             conn.get_transport_cls()
+        for key, value in TRANSPORT_DEFAULTS.get(conn.transport.driver_type, {}).items():
+            conn.transport_options.setdefault(key, value)
     except (KeyError, ImportError, ValueError) as exc:
         raise ConfigurationError(f"unknown or unavailable transport in {broker!r}: {exc}") from exc
     return conn

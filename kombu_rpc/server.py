@@ -21,6 +21,7 @@ from kombu.pools import ProducerPool
 
 from . import protocol
 from .connection import (
+    PUBLISH_TIMEOUT,
     Broker,
     connect,
     merge_retry_policy,
@@ -511,6 +512,8 @@ class RPCServer:
                     content_encoding=encoded.content_encoding,
                     retry=True,
                     retry_policy=self._retry_policy,
+                    timeout=PUBLISH_TIMEOUT,
+                    confirm_timeout=PUBLISH_TIMEOUT,
                 )
         except Exception as exc:
             logger.error("could not publish the reply to %s: %s", address.reply_to, exc)

@@ -18,6 +18,7 @@ import pytest
 from kombu_rpc import RPCError, RPCProxy, RPCServer
 
 from ..conftest import broker_id
+from .tcpproxy import TCPProxy
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
 #: memory:// has no connections to cut: ``broker_url`` covers the real brokers only.
@@ -48,30 +49,52 @@ def restart_rabbitmq() -> Iterator[Callable[[], None]]:
     subprocess.run(["rabbitmqctl", "-q", "await_startup"], timeout=120)
 
 
-def run_load(proxy: RPCProxy, fault: Callable[[], None], threads: int = 4) -> Counter[str]:
+class Load:
+    """How the calls of :func:`run_load` ended, by outcome, as they end."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.cond = threading.Condition()
+
+    def add(self, outcome: str) -> None:
+        with self.cond:
+            self.outcomes[outcome] += 1
+            self.cond.notify_all()
+
+    def wait_for(self, outcome: str, count: int, timeout: float = 30) -> None:
+        """Wait until ``count`` calls ended with ``outcome``."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.outcomes[outcome] >= count, timeout), dict(self.outcomes)
+
+
+def run_load(
+    proxy: RPCProxy, fault: Callable[[], None], threads: int = 4, load: Load | None = None
+) -> Counter[str]:
     """``threads`` callers call in a loop from before ``fault`` until 50 calls after it
     (or 30 s after it, if calls keep failing).
 
     Returns how the calls ended. A hung call fails the test: callers are bounded in
-    count, and their calls in time by the proxy's timeout.
+    count, and their calls in time by the proxy's timeout. A call that ends more than
+    a second past its timeout counts as ``late``.
     """
+    assert proxy.timeout is not None
+    limit = proxy.timeout + 1.0
+    load = load or Load()
     started = threading.Barrier(threads + 1, timeout=30)
     fault_done = threading.Event()
     fault_ended: list[float] = []
-    outcomes: Counter[str] = Counter()
-    lock = threading.Lock()
 
     def caller(thread: int) -> None:
         started.wait()
         after = 0
         for i in range(20_000):
+            began = monotonic()
             try:
                 ok = proxy.echo([thread, i]) == [thread, i]
                 outcome = "answered" if ok else "crossed"
             except RPCError as exc:
                 outcome = f"error:{type(exc).__name__}"
-            with lock:
-                outcomes[outcome] += 1
+            load.add("late" if monotonic() - began > limit else outcome)
             if fault_done.is_set():
                 after += 1
                 if after == 50 or monotonic() > fault_ended[0] + 30:
@@ -89,7 +112,7 @@ def run_load(proxy: RPCProxy, fault: Callable[[], None], threads: int = 4) -> Co
     assert not hung, f"{len(hung)} callers hung"
     for future in done:
         future.result()
-    return outcomes
+    return load.outcomes
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
@@ -106,7 +129,7 @@ def test_cut_connections_under_load_end_every_call_and_recover(
     # When the broker drops every connection while calls are in flight
     outcomes = run_load(proxy, lambda: cut_connections(broker_url))
     # Then every call ended (result or RPCError, none crossed, none hung) ...
-    assert outcomes["crossed"] == 0 and outcomes["answered"] >= 4 * 50
+    assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 4 * 50
     # ... and new calls succeed once both sides reconnected
     assert [proxy.echo(i) for i in range(20)] == list(range(20))
     with capsys.disabled():
@@ -134,7 +157,49 @@ def test_rabbitmq_restart_mid_load(
     with server.running(), RPCProxy(amqp_url, queue=queue_name, timeout=5) as proxy:
         assert proxy.echo("before") == "before"
         outcomes = run_load(proxy, restart_rabbitmq, threads=2)
-        assert outcomes["crossed"] == 0 and outcomes["answered"] >= 2 * 50
+        assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 2 * 50
         assert [proxy.echo(i) for i in range(10)] == list(range(10))
     with capsys.disabled():
         print(f"\n  RabbitMQ restart under load: {dict(outcomes)}")
+
+
+@pytest.mark.parametrize("side", ["proxy", "server"])
+@pytest.mark.parametrize("fault", ["sever", "stall"])
+def test_tcp_fault_under_load_ends_every_call_by_its_timeout(
+    broker_url: str,
+    registry: Any,
+    queue_name: str,
+    side: str,
+    fault: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One side reaches the broker through a loopback TCP proxy, which resets its
+    connections or stalls them (no byte moves, no error: a silent network partition)."""
+    with TCPProxy.for_url(broker_url) as tcp:
+        via = tcp.url(broker_url)
+        server = RPCServer(via if side == "server" else broker_url, registry=registry, queue=queue_name)
+        proxy = RPCProxy(via if side == "proxy" else broker_url, queue=queue_name, timeout=2)
+        with server.running(), proxy:
+            assert proxy.echo("before") == "before"
+            assert tcp.connections >= 2
+            accepted = tcp.accepted
+            load = Load()
+
+            def partition() -> None:
+                if fault == "sever":
+                    tcp.sever()
+                    return
+                tcp.stall()  # until every caller has seen a call time out in the stall
+                try:
+                    load.wait_for("error:RPCTimeout", 4)
+                finally:
+                    tcp.resume()
+
+            outcomes = run_load(proxy, partition, load=load)
+            # Every call ended on time, none crossed, and calls succeed afterwards
+            assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 4 * 50
+            assert [proxy.echo(i) for i in range(10)] == list(range(10))
+            if fault == "sever":  # the side behind the proxy reconnected
+                assert tcp.accepted > accepted
+    with capsys.disabled():
+        print(f"\n  {fault} the {side}'s connections, {broker_id(broker_url)}: {dict(outcomes)}")
