@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def declared(conn: Connection, name: str) -> bool:
 
 
 STUCK_SERVER = textwrap.dedent("""
-    import logging, sys, threading
+    import json, logging, sys, threading
+    from kombu import Connection
     from kombu_rpc import Registry, RPCServer
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     reg = Registry()
@@ -135,17 +137,24 @@ STUCK_SERVER = textwrap.dedent("""
         print("started", x, flush=True)
         threading.Event().wait()  # never returns: the test kills this process
 
-    RPCServer(sys.argv[1], registry=reg, queue=sys.argv[2]).run()
+    broker = Connection(sys.argv[1], transport_options=json.loads(sys.argv[3]))
+    RPCServer(broker, registry=reg, queue=sys.argv[2]).run()
 """)
+
+#: On Redis an unacked message comes back once its visibility timeout has passed, at
+#: the next idle poll of any consumer; by default that is an hour.
+REDELIVERY_OPTIONS = {"redis": {"visibility_timeout": 3, "unacked_restore_throttle": 1}}
 
 
 def test_a_request_whose_server_is_killed_is_answered_once_by_another(
-    amqp_url: str, queue_name: str, log_waiter: Any
+    real_broker_url: str, queue_name: str
 ) -> None:
     from kombu_rpc import Registry, RPCServer
 
+    options = REDELIVERY_OPTIONS.get(real_broker_url.split(":", 1)[0], {})
+    broker = Connection(real_broker_url, transport_options=options)
     with subprocess.Popen(
-        [sys.executable, "-c", STUCK_SERVER, amqp_url, queue_name],
+        [sys.executable, "-c", STUCK_SERVER, real_broker_url, queue_name, json.dumps(options)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -153,7 +162,7 @@ def test_a_request_whose_server_is_killed_is_answered_once_by_another(
         assert doomed.stdout is not None and doomed.stderr is not None
         try:
             read_until(doomed.stderr, "consuming", doomed)
-            with RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy:
+            with RPCProxy(broker, queue=queue_name, timeout=30) as proxy:
                 # Given a request that a server has started but will never finish
                 future = proxy.work.call_async(7)
                 read_until(doomed.stdout, "started 7", doomed)
@@ -161,7 +170,7 @@ def test_a_request_whose_server_is_killed_is_answered_once_by_another(
                 runs = []
                 reg = Registry()
                 reg.register(lambda x: runs.append(x) or ("survivor", x), name="work")
-                with RPCServer(amqp_url, registry=reg, queue=queue_name).running():
+                with RPCServer(broker, registry=reg, queue=queue_name).running():
                     doomed.kill()
                     # Then the broker redelivers it, and the caller gets exactly one result
                     assert future.result() == ["survivor", 7]
