@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from queue import SimpleQueue
@@ -179,8 +178,8 @@ class Client:
             ``publish(retry_policy=...)``.
         confirm_publish: On AMQP, publish requests with publisher confirms and
             ``mandatory``, so an unroutable request raises :class:`NoServerError`.
-        secret: Sign every request with this HMAC key (see
-            :func:`kombu_rpc.protocol.check_signature`).
+        secret: Sign every request with this HMAC key, and accept only replies signed
+            with it (see :func:`kombu_rpc.protocol.check_signature`).
     """
 
     def __init__(
@@ -296,14 +295,11 @@ class Client:
         deadline = protocol.deadline_after(timeout)
         headers: dict[str, Any] = {} if deadline is None else {protocol.DEADLINE_HEADER: deadline}
         if self._secret is not None:
-            payload = encoded.payload
-            body = payload.encode(encoded.content_encoding) if isinstance(payload, str) else payload
-            signed_at = time.time()
-            text = protocol.signed_text(
-                body, encoded.content_type, correlation_id, reply_to, deadline, signed_at
+            headers.update(
+                protocol.signature_headers(
+                    self._secret, "request", encoded, correlation_id, reply_to, deadline
+                )
             )
-            headers[protocol.SIGNED_AT_HEADER] = signed_at
-            headers[protocol.SIGNATURE_HEADER] = protocol.sign(self._secret, text)
         return encoded, headers
 
     def _start(self) -> None:
@@ -457,6 +453,8 @@ class Client:
         try:
             if decode_error is not None:
                 raise decode_error
+            if self._secret is not None:
+                protocol.check_signature(message, self._secret, protocol.SIGNATURE_WINDOW, "reply")
             result = protocol.parse_reply(message.decode())
         except RemoteError as exc:
             pending.future.set_exception(exc)

@@ -28,10 +28,12 @@ from .errors import (
 
 #: Header holding the caller's deadline as seconds since the epoch (a float).
 DEADLINE_HEADER = "x-rpc-deadline"
+#: Seconds a signature stays valid, either way (for clock skew).
+SIGNATURE_WINDOW = 60.0
 #: Header marking an internal wake-up message; its body is ignored.
 CONTROL_HEADER = "x-rpc-control"
-#: Headers of a signed request: seconds since the epoch when it was signed, and the
-#: hex HMAC-SHA256 of :func:`signed_text`.
+#: Headers of a signed request or reply: seconds since the epoch when it was signed,
+#: and the hex HMAC-SHA256 of :func:`signed_text`.
 SIGNED_AT_HEADER = "x-rpc-signed-at"
 SIGNATURE_HEADER = "x-rpc-signature"
 
@@ -172,11 +174,18 @@ def secret_bytes(secret: str | bytes | None) -> bytes | None:
 
 
 def signed_text(
-    payload: bytes, content_type: str, correlation_id: str, reply_to: str, deadline: Any, signed_at: Any
+    kind: str,
+    payload: bytes,
+    content_type: str,
+    correlation_id: str,
+    reply_to: str,
+    deadline: Any,
+    signed_at: Any,
 ) -> bytes:
-    """What a request signature covers: the body and every property that routes it."""
-    head = "\n".join(str(part) for part in (signed_at, deadline, correlation_id, reply_to, content_type))
-    return head.encode() + b"\n" + payload
+    """What a signature covers: what the message is (``"request"`` or ``"reply"``), its
+    body and every property that routes it."""
+    parts = (kind, signed_at, deadline, correlation_id, reply_to, content_type)
+    return "\n".join(str(part) for part in parts).encode() + b"\n" + payload
 
 
 def sign(secret: bytes, text: bytes) -> str:
@@ -184,13 +193,26 @@ def sign(secret: bytes, text: bytes) -> str:
     return hmac.new(secret, text, hashlib.sha256).hexdigest()
 
 
-def check_signature(message: Message, secret: bytes, window: float) -> None:
-    """Verify a request's signature and that it was signed within ``window`` seconds.
+def signature_headers(
+    secret: bytes, kind: str, encoded: Encoded, correlation_id: str, reply_to: str, deadline: float | None
+) -> dict[str, Any]:
+    """The headers that sign a message about to be published, signed now."""
+    payload = encoded.payload
+    body = payload.encode(encoded.content_encoding) if isinstance(payload, str) else payload
+    signed_at = time.time()
+    text = signed_text(kind, body, encoded.content_type, correlation_id, reply_to, deadline, signed_at)
+    return {SIGNED_AT_HEADER: signed_at, SIGNATURE_HEADER: sign(secret, text)}
+
+
+def check_signature(message: Message, secret: bytes, window: float, kind: str = "request") -> None:
+    """Verify the signature of a received ``kind`` message (``"request"`` or ``"reply"``)
+    and that it was signed within ``window`` seconds.
 
     Raises:
-        MalformedRequest: ``exc_type`` ``"InvalidSignature"``: unsigned, tampered with,
-            or signed too long ago (a replay).
+        RemoteError: ``exc_type`` ``"InvalidSignature"`` (a :class:`MalformedRequest`
+            for a request): unsigned, tampered with, or signed too long ago.
     """
+    error = MalformedRequest if kind == "request" else RemoteError
     headers = message.headers or {}
     props = message.properties or {}
     signature, signed_at = headers.get(SIGNATURE_HEADER), headers.get(SIGNED_AT_HEADER)
@@ -199,9 +221,10 @@ def check_signature(message: Message, secret: bytes, window: float) -> None:
         or isinstance(signed_at, bool)
         or not isinstance(signed_at, (int, float))
     ):
-        raise MalformedRequest("InvalidSignature", "the request is not signed; this server requires a secret")
+        raise error("InvalidSignature", f"the {kind} is not signed, but a secret is set")
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
     text = signed_text(
+        kind,
         body,
         message.content_type or "",
         props.get("correlation_id") or "",
@@ -210,13 +233,9 @@ def check_signature(message: Message, secret: bytes, window: float) -> None:
         signed_at,
     )
     if not hmac.compare_digest(signature, sign(secret, text)):
-        raise MalformedRequest(
-            "InvalidSignature", "the request signature does not match (wrong secret or tampered)"
-        )
+        raise error("InvalidSignature", f"the {kind} signature does not match (wrong secret or tampered)")
     if not abs(time.time() - signed_at) <= window:
-        raise MalformedRequest(
-            "InvalidSignature", f"the request was signed more than {window:g}s ago or ahead"
-        )
+        raise error("InvalidSignature", f"the {kind} was signed more than {window:g}s ago or ahead")
 
 
 # -- replies ----------------------------------------------------------------------

@@ -91,14 +91,14 @@ class RPCServer:
         secret: Accept only requests signed with this key by a proxy created with
             the same ``secret``. Unsigned, tampered, replayed, or signed more than
             :attr:`signature_window` seconds away requests are refused with an
-            ``InvalidSignature`` error reply and never run.
+            ``InvalidSignature`` error reply and never run. Replies are signed too.
     """
 
     #: Seconds a graceful stop waits for calls in flight before giving up on them.
     shutdown_timeout: float = 30.0
     #: Seconds a signed request stays valid (either way, for clock skew); a signature
     #: seen again within it is a replay.
-    signature_window: float = 60.0
+    signature_window: float = protocol.SIGNATURE_WINDOW
     #: Seconds :meth:`running` waits for the server to be ready.
     startup_timeout: float = 30.0
 
@@ -500,6 +500,11 @@ class RPCServer:
                 ),
                 serializer,
             )
+        headers = {}
+        if self._secret is not None:
+            headers = protocol.signature_headers(
+                self._secret, "reply", encoded, address.correlation_id, "", None
+            )
         assert self._producers is not None
         try:
             with self._producers.acquire(block=True) as producer:
@@ -508,6 +513,7 @@ class RPCServer:
                     exchange="",
                     routing_key=address.reply_to,
                     correlation_id=address.correlation_id,
+                    headers=headers,
                     content_type=encoded.content_type,
                     content_encoding=encoded.content_encoding,
                     retry=True,

@@ -20,6 +20,7 @@ class RawClient:
         self.reply_to = f"test.raw-replies.{new_id()}"
         self.replies = conn.SimpleQueue(Queue(self.reply_to, routing_key=self.reply_to), no_ack=True)
         self.producer = Producer(conn.clone())
+        self.last_message: Any = None
 
     def send(
         self,
@@ -47,7 +48,7 @@ class RawClient:
         return correlation_id
 
     def reply(self, correlation_id: str) -> dict[str, Any]:
-        message = self.replies.get(block=True, timeout=10)
+        message = self.last_message = self.replies.get(block=True, timeout=10)
         assert message.properties["correlation_id"] == correlation_id
         body: dict[str, Any] = message.decode()
         return body

@@ -21,7 +21,9 @@ def signed_headers(
     body: str, correlation_id: str, reply_to: str, *, secret: str = SECRET, signed_at: float | None = None
 ) -> dict[str, Any]:
     signed_at = time.time() if signed_at is None else signed_at
-    text = protocol.signed_text(body.encode(), "application/json", correlation_id, reply_to, None, signed_at)
+    text = protocol.signed_text(
+        "request", body.encode(), "application/json", correlation_id, reply_to, None, signed_at
+    )
     return {
         protocol.SIGNED_AT_HEADER: signed_at,
         protocol.SIGNATURE_HEADER: protocol.sign(secret.encode(), text),
@@ -75,6 +77,32 @@ def test_tampered_replayed_and_stale_requests_are_refused(
     stale = signed_headers(body, "cid-3", raw.reply_to, signed_at=time.time() - 3600)
     assert send(body, stale, "cid-3")["error"]["type"] == "InvalidSignature"
     assert recorder.calls == ["once"]
+
+
+@pytest.mark.parametrize("server_secret", [None, "the server's own secret"], ids=["unsigned", "wrong-secret"])
+def test_a_proxy_with_a_secret_refuses_replies_not_signed_with_it(
+    serve: Callable[..., RPCServer], proxies: Callable[..., RPCProxy], server_secret: str | None
+) -> None:
+    # A server without the secret (or with another) stands in for a forger that can
+    # publish to the proxy's reply queue: its replies must not be taken as results.
+    serve(secret=server_secret)
+    with pytest.raises(RemoteError) as info:
+        proxies(secret=SECRET).echo(1)
+    assert info.value.exc_type == "InvalidSignature"
+    assert "reply" in info.value.exc_message
+
+
+def test_replies_of_a_server_with_a_secret_are_signed(
+    serve: Callable[..., RPCServer], raw: RawClient
+) -> None:
+    serve(secret=SECRET)
+    body = json.dumps({"method": "echo", "args": [5]})
+    raw.send(
+        body, headers=signed_headers(body, "cid-r", raw.reply_to), properties={"correlation_id": "cid-r"}
+    )
+    assert raw.reply("cid-r") == {"result": 5}
+    message = raw.last_message
+    protocol.check_signature(message, SECRET.encode(), 60, "reply")  # raises if unsigned or tampered
 
 
 @pytest.mark.parametrize("secret", ["short", b"", 42])
