@@ -6,6 +6,7 @@ session starts an inner pytest run (pytester) after kombu_rpc was imported.
 """
 
 from .aio import AsyncRPCProxy
+from .client import BroadcastReply
 from .errors import (
     CallError,
     ConfigurationError,
@@ -35,6 +36,7 @@ __all__ = [
     "RPCProxy",
     "MethodProxy",
     "AsyncRPCProxy",
+    "BroadcastReply",
     # errors
     "RPCError",
     "ConfigurationError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -18,14 +19,14 @@ from queue import SimpleQueue
 from time import monotonic
 from typing import Any
 
-from kombu import Connection, Consumer, Producer
+from kombu import Connection, Consumer, Exchange, Producer
 from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import protocol
 from .connection import PUBLISH_TIMEOUT, publishing_clone, reconnect
 from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
-from .topology import REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
+from .topology import REPLY_QUEUE_TEMPLATE, broadcast_exchange, discard_queue, new_id, private_queue
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,56 @@ class _Pending:
     future: Future[Any]
     method: str
     timeout: float | None
+
+
+@dataclass(frozen=True)
+class BroadcastReply:
+    """One server's answer to a broadcast (see :meth:`kombu_rpc.proxy.MethodProxy.broadcast`).
+
+    Attributes:
+        server_id: The answering server's :attr:`~kombu_rpc.server.RPCServer.server_id`
+            (empty if the reply did not name one).
+        result: The function's result on that server, if it succeeded.
+        error: What the server answered instead, if it failed.
+    """
+
+    server_id: str
+    result: Any = None
+    error: RemoteError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the function succeeded on this server."""
+        return self.error is None
+
+    def get(self) -> Any:
+        """Return the result, or raise the server's :class:`RemoteError`."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Gathering:
+    """The replies to one broadcast, collected as they arrive."""
+
+    def __init__(self, expect: int | None) -> None:
+        self.replies: list[BroadcastReply] = []
+        self._expect = expect
+        self._cond = threading.Condition()
+
+    def add(self, reply: BroadcastReply) -> None:
+        with self._cond:
+            self.replies.append(reply)
+            self._cond.notify_all()
+
+    def wait(self, deadline: float) -> list[BroadcastReply]:
+        """Wait until ``expect`` replies arrived or the (monotonic) deadline passed."""
+        with self._cond:
+            expect = self._expect
+            self._cond.wait_for(
+                lambda: expect is not None and len(self.replies) >= expect, max(0.0, deadline - monotonic())
+            )
+            return list(self.replies)
 
 
 @dataclass
@@ -57,6 +108,7 @@ class _Outgoing:
     deadline: float | None  # monotonic
     correlation_id: str | None = None
     sent: Future[None] | None = field(default=None)
+    exchange: Exchange | None = None  # None: the default exchange, routed by queue name
 
     def claim(self, pending: PendingCalls) -> bool:
         """True if the request should still be published now."""
@@ -196,15 +248,23 @@ class Client:
         self.serializer = serializer
         self._accept = {serializer, "json"}
         self._retry_policy = retry_policy
+        self._closing = False
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """Per-process state: a forked child starts over with a reply queue of its own
+        (the parent's threads did not survive the fork, and on AMQP its exclusive reply
+        queue belongs to the parent's connection)."""
+        self._pid = os.getpid()
         self.reply_queue = REPLY_QUEUE_TEMPLATE.format(uid=new_id())
         self._pending = PendingCalls()
         self._lock = threading.Lock()  # guards starting and closing
         self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
+        self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._listener_error: BaseException | None = None
         self._ready = threading.Event()
-        self._closing = False
 
     # -- public --------------------------------------------------------------------
 
@@ -250,6 +310,48 @@ class Client:
             raise ConnectionLostError(
                 f"cast to {method!r} may not have been sent: publishing it took over {PUBLISH_TIMEOUT}s"
             ) from None
+
+    def broadcast(
+        self,
+        queue: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float,
+        expect: int | None,
+    ) -> list[BroadcastReply]:
+        """Send one request to every server of ``queue`` and gather their replies for
+        ``timeout`` seconds, or until ``expect`` replies arrived.
+
+        Raises:
+            ConnectionLostError: The request could not be published in time.
+        """
+        correlation_id = new_id()
+        deadline = monotonic() + timeout
+        encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
+        self._start()
+        gathering = self._broadcasts[correlation_id] = _Gathering(expect)
+        try:
+            sent: Future[None] = Future()
+            properties = {
+                "reply_to": self.reply_queue,
+                "correlation_id": correlation_id,
+                "expiration": timeout,
+            }
+            exchange = broadcast_exchange(queue)
+            self._outbox.put(
+                _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange)
+            )
+            try:
+                sent.result(timeout)
+            except NoServerError:  # AMQP: no server has bound a queue to the exchange
+                return []
+            except TimeoutError:
+                sent.cancel()
+                raise ConnectionLostError(f"broadcast of {method!r} not sent within {timeout}s") from None
+            return gathering.wait(deadline)
+        finally:
+            del self._broadcasts[correlation_id]
 
     def close(self) -> None:
         """Stop the publisher and the listener, delete the reply queue, fail calls
@@ -307,6 +409,8 @@ class Client:
         listener = self._listener
         if listener is not None and listener.is_alive() and not self._closing:
             return
+        if self._pid != os.getpid():
+            self._fresh_state()
         with self._lock:
             if self._closing:
                 raise CallError("the proxy is closed")
@@ -359,8 +463,9 @@ class Client:
         try:
             producer.publish(
                 job.encoded.payload,
-                exchange="",
-                routing_key=job.queue,
+                exchange=job.exchange or "",
+                declare=[job.exchange] if job.exchange else None,
+                routing_key="" if job.exchange else job.queue,
                 headers=job.headers,
                 content_type=job.encoded.content_type,
                 content_encoding=job.encoded.content_encoding,
@@ -446,22 +551,38 @@ class Client:
             if protocol.CONTROL_HEADER not in (message.headers or {}):
                 logger.warning("dropped a reply without correlation_id on %s", self.reply_queue)
             return
+        gathering = self._broadcasts.get(correlation_id)
+        if gathering is not None:
+            server_id = str((message.headers or {}).get(protocol.SERVER_ID_HEADER, ""))
+            try:
+                gathering.add(BroadcastReply(server_id, self._read_reply(message, decode_error)))
+            except RemoteError as exc:
+                gathering.add(BroadcastReply(server_id, error=exc))
+            return
         pending = self._pending.pop(correlation_id)
         if pending is None:
             logger.warning("dropped a late or duplicate reply %s", correlation_id)
             return
         try:
+            result = self._read_reply(message, decode_error)
+        except RemoteError as exc:
+            pending.future.set_exception(exc)
+        else:
+            pending.future.set_result(result)
+
+    def _read_reply(self, message: Message, decode_error: Exception | None) -> Any:
+        """The result a reply carries; raises :class:`RemoteError` for a failure or a
+        reply that cannot be read (an undecodable reply still ends its call)."""
+        try:
             if decode_error is not None:
                 raise decode_error
             if self._secret is not None:
                 protocol.check_signature(message, self._secret, protocol.SIGNATURE_WINDOW, "reply")
-            result = protocol.parse_reply(message.decode())
-        except RemoteError as exc:
-            pending.future.set_exception(exc)
-        except Exception as exc:  # an undecodable reply still ends its call
-            pending.future.set_exception(RemoteError("MalformedReply", f"reply could not be decoded: {exc}"))
-        else:
-            pending.future.set_result(result)
+            return protocol.parse_reply(message.decode())
+        except RemoteError:
+            raise
+        except Exception as exc:
+            raise RemoteError("MalformedReply", f"reply could not be decoded: {exc}") from exc
 
 
 class _Closed(Exception):

@@ -30,6 +30,8 @@ from .errors import (
 DEADLINE_HEADER = "x-rpc-deadline"
 #: Seconds a signature stays valid, either way (for clock skew).
 SIGNATURE_WINDOW = 60.0
+#: Reply header naming the server that sent the reply.
+SERVER_ID_HEADER = "x-rpc-server-id"
 #: Header marking an internal wake-up message; its body is ignored.
 CONTROL_HEADER = "x-rpc-control"
 #: Headers of a signed request or reply: seconds since the epoch when it was signed,

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import Any
 
 from . import protocol
-from .client import Client
+from .client import BroadcastReply, Client
 from .connection import Broker, connect, merge_retry_policy
 from .errors import ConfigurationError, RPCTimeout
 from .registry import NAME_PATTERN
@@ -81,6 +81,15 @@ class RPCProxy:
             protocol.secret_bytes(secret),
         )
         self._owner = True
+
+    @classmethod
+    def from_celery(cls, app: Any, **kwargs: Any) -> RPCProxy:
+        """A proxy over a Celery app's broker settings (URL, transport options, SSL);
+        see :func:`kombu_rpc.contrib.celery.proxy_from_celery`, which takes the same
+        arguments. Needs Celery (``pip install 'kombu-rpc[celery]'``)."""
+        from .contrib.celery import proxy_from_celery
+
+        return proxy_from_celery(app, **kwargs)
 
     def options(self, *, timeout: float | None = _UNSET) -> RPCProxy:
         """Return a view of this proxy with per-call options overridden.
@@ -195,6 +204,36 @@ class MethodProxy:
         """
         proxy = self._proxy
         proxy._client.cast(proxy._queue, self._checked_name(), args, kwargs)
+
+    def broadcast(
+        self, *args: Any, timeout: float = 1.0, expect: int | None = None, **kwargs: Any
+    ) -> list[BroadcastReply]:
+        """Call the function on every server of the proxy's queue at once, and return
+        the replies that arrive within ``timeout`` seconds, one per server, in the order
+        they arrived. Use it for health checks, cache resets or config reloads.
+
+        The request goes through the queue's fanout exchange to a queue each server
+        binds to it, not through the shared request queue. A server that fails answers
+        with a :class:`~kombu_rpc.client.BroadcastReply` whose ``error`` is set. With no
+        server running the list is empty (at once on AMQP).
+
+        Args:
+            timeout: Seconds to wait for replies; the call always waits this long
+                unless ``expect`` replies arrive first. ``timeout`` and ``expect`` are
+                the broadcast's own keywords: pass a remote argument of either name
+                by position.
+            expect: Return as soon as this many replies arrived.
+
+        Raises:
+            ConnectionLostError: The request could not be sent within ``timeout``.
+        """
+        window = _check_timeout(timeout)
+        if window is None:
+            raise ConfigurationError("a broadcast needs a timeout: it cannot tell when all servers answered")
+        if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int) or expect < 1):
+            raise ConfigurationError(f"expect must be a positive integer or None, got {expect!r}")
+        proxy = self._proxy
+        return proxy._client.broadcast(proxy._queue, self._checked_name(), args, kwargs, window, expect)
 
     def _checked_name(self) -> str:
         if not NAME_PATTERN.fullmatch(self._name):

@@ -42,6 +42,7 @@ from .registry import RESERVED_PREFIX, Procedure, Registry, default_registry
 from .topology import (
     CONTROL_QUEUE_TEMPLATE,
     DEFAULT_QUEUE,
+    broadcast_queue,
     check_queue_name,
     discard_queue,
     new_id,
@@ -64,6 +65,11 @@ class RPCServer:
 
     Each request is decoded, checked, run, answered on its ``reply_to`` queue, and only
     then acknowledged (at-least-once, as in the RabbitMQ tutorial).
+
+    Besides the shared request queue, every server consumes a queue of its own bound to
+    the queue's broadcast exchange, which reaches all the servers of ``queue`` at once
+    (:meth:`kombu_rpc.proxy.MethodProxy.broadcast`); its replies name its
+    :attr:`server_id`.
 
     Args:
         broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly).
@@ -227,7 +233,8 @@ class RPCServer:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-        self._wake()
+        if self._ready.is_set():  # otherwise no loop waits in drain_events
+            self._wake()
 
     @property
     def ready(self) -> bool:
@@ -246,7 +253,7 @@ class RPCServer:
         """
         try:
             with self._connection.clone() as conn:
-                conn.ensure_connection(max_retries=1)
+                conn.ensure_connection(max_retries=1, interval_start=0)
                 wake = protocol.WAKE_UP
                 Producer(conn).publish(
                     wake.payload,
@@ -312,10 +319,11 @@ class RPCServer:
         channel = conn.channel()
         requests = request_queue(self.queue, self.durable, self.queue_arguments)(channel)
         control = private_queue(self._control_queue)(channel)
+        broadcasts = broadcast_queue(self.queue, self.server_id)(channel)
         consumers = [
             Consumer(
                 channel,
-                [requests],
+                [requests, broadcasts],
                 on_message=self._on_request,
                 accept=self.accept,
                 prefetch_count=self.concurrency,
@@ -353,6 +361,7 @@ class RPCServer:
             self._drain_in_flight()
         finally:
             discard_queue(control)
+            discard_queue(broadcasts)
             try:
                 channel.close()
             except conn.connection_errors + conn.channel_errors:
@@ -500,10 +509,10 @@ class RPCServer:
                 ),
                 serializer,
             )
-        headers = {}
+        headers: dict[str, Any] = {protocol.SERVER_ID_HEADER: self.server_id}
         if self._secret is not None:
-            headers = protocol.signature_headers(
-                self._secret, "reply", encoded, address.correlation_id, "", None
+            headers.update(
+                protocol.signature_headers(self._secret, "reply", encoded, address.correlation_id, "", None)
             )
         assert self._producers is not None
         try:

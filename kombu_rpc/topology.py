@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from .errors import ConfigurationError
 
@@ -15,6 +15,10 @@ DEFAULT_QUEUE = "rpc_queue"
 REPLY_QUEUE_TEMPLATE = "kombu_rpc.reply.{uid}"
 #: Each server consumes wake-up (control) messages from one queue named after this.
 CONTROL_QUEUE_TEMPLATE = "kombu_rpc.server.{server_id}"
+#: Broadcasts to the servers of request queue ``queue`` go through this fanout exchange.
+BROADCAST_EXCHANGE_TEMPLATE = "kombu_rpc.broadcast.{queue}"
+#: Each server receives broadcasts on one queue named after this, bound to the exchange.
+BROADCAST_QUEUE_TEMPLATE = "kombu_rpc.broadcast.{queue}.{server_id}"
 
 
 def check_queue_name(name: object) -> str:
@@ -74,3 +78,29 @@ def private_queue(name: str) -> Queue:
     On AMQP it is exclusive, so the broker deletes it when its connection closes.
     """
     return Queue(name, routing_key=name, durable=False, exclusive=True, auto_delete=True)
+
+
+def broadcast_exchange(queue: str) -> Exchange:
+    """The fanout exchange that reaches every server of request queue ``queue``.
+
+    Servers and proxies both declare it, with the same arguments.
+    """
+    return Exchange(BROADCAST_EXCHANGE_TEMPLATE.format(queue=queue), type="fanout", durable=False)
+
+
+def broadcast_queue(queue: str, server_id: str) -> Queue:
+    """Server ``server_id``'s own queue for broadcasts to the servers of ``queue``.
+
+    Exclusive like the other private queues: on AMQP it goes with its connection. The
+    binding has an empty routing key, as broadcasts are published with: kombu's Redis
+    transport subscribes to a topic named after the binding's routing key.
+    """
+    name = BROADCAST_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id)
+    return Queue(
+        name,
+        exchange=broadcast_exchange(queue),
+        routing_key="",
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+    )

@@ -244,3 +244,35 @@ def test_a_poison_request_is_dead_lettered_after_the_delivery_limit(amqp_url: st
         finally:
             dead(channel).delete()
             Queue(queue_name)(channel).delete()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_proxy_used_before_a_fork_works_in_each_child(
+    real_broker_url: str, registry: Any, queue_name: str
+) -> None:
+    import multiprocessing
+
+    from kombu_rpc import RPCServer
+
+    fork = multiprocessing.get_context("fork")
+    with (
+        RPCServer(real_broker_url, registry=registry, queue=queue_name).running(),
+        RPCProxy(real_broker_url, queue=queue_name, timeout=10) as proxy,
+    ):
+        assert proxy.echo("parent") == "parent"  # the parent's threads and reply queue exist
+        results = fork.SimpleQueue()
+
+        def child(n: int) -> None:
+            results.put((n, proxy.echo(n), proxy.reply_queue))
+
+        children = [fork.Process(target=child, args=(n,)) for n in range(2)]
+        for process in children:
+            process.start()
+        for process in children:
+            process.join(30)
+            assert process.exitcode == 0
+        got = sorted(results.get() for _ in children)
+        # Each child got its own answer on a reply queue of its own
+        assert [(n, echoed) for n, echoed, _ in got] == [(0, 0), (1, 1)]
+        assert len({proxy.reply_queue, *(queue for *_, queue in got)}) == 3
+        assert proxy.echo("parent again") == "parent again"
