@@ -7,6 +7,7 @@ session starts an inner pytest run (pytester) after kombu_rpc was imported.
 
 from .aio import AsyncRPCProxy
 from .client import BroadcastReply
+from .codecs import Codec, Envelope, Plain
 from .errors import (
     CallError,
     ConfigurationError,
@@ -37,6 +38,10 @@ __all__ = [
     "MethodProxy",
     "AsyncRPCProxy",
     "BroadcastReply",
+    # wire formats
+    "Codec",
+    "Envelope",
+    "Plain",
     # errors
     "RPCError",
     "ConfigurationError",

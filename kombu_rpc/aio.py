@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .codecs import Codec
 from .connection import Broker
 from .errors import CallError
 from .proxy import _UNSET, RPCProxy
@@ -78,6 +79,7 @@ class AsyncRPCProxy:
         confirm_publish: As for :class:`~kombu_rpc.proxy.RPCProxy`: on AMQP, publisher
             confirms and ``mandatory`` requests (``NoServerError`` at once).
         secret: As for :class:`~kombu_rpc.proxy.RPCProxy`: sign every request.
+        codec: As for :class:`~kombu_rpc.proxy.RPCProxy`: the wire format.
 
     Raises:
         ConfigurationError: An argument is invalid (nothing is connected yet).
@@ -102,8 +104,11 @@ class AsyncRPCProxy:
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
         secret: str | bytes | None = None,
+        codec: Codec | None = None,
     ) -> None:
-        self._sync = RPCProxy(broker, queue, timeout, serializer, retry_policy, confirm_publish, secret)
+        self._sync = RPCProxy(
+            broker, queue, timeout, serializer, retry_policy, confirm_publish, secret, codec
+        )
         self._sender = _Sender()
         self._owner = True
 

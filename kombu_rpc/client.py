@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import protocol
+from .codecs import Codec, check_codec
 from .connection import PUBLISH_TIMEOUT, publishing_clone, reconnect
 from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
 from .topology import REPLY_QUEUE_TEMPLATE, broadcast_exchange, discard_queue, new_id, private_queue
@@ -232,6 +233,7 @@ class Client:
             ``mandatory``, so an unroutable request raises :class:`NoServerError`.
         secret: Sign every request with this HMAC key, and accept only replies signed
             with it (see :func:`kombu_rpc.protocol.check_signature`).
+        codec: The wire format (:mod:`kombu_rpc.codecs`); ``None``: the default.
     """
 
     def __init__(
@@ -241,8 +243,10 @@ class Client:
         retry_policy: dict[str, Any],
         confirm_publish: bool = True,
         secret: bytes | None = None,
+        codec: Codec | None = None,
     ) -> None:
         self._connection = connection
+        self._codec = check_codec(codec)
         self._confirm_publish = confirm_publish
         self._secret = secret
         self.serializer = serializer
@@ -393,7 +397,7 @@ class Client:
         timeout: float | None,
     ) -> tuple[protocol.Encoded, dict[str, Any]]:
         """Encode a request body and build its headers: deadline, and signature if any."""
-        encoded = protocol.encode(protocol.request_body(method, args, kwargs), self.serializer)
+        encoded = self._codec.encode_request(method, args, kwargs, self.serializer)
         deadline = protocol.deadline_after(timeout)
         headers: dict[str, Any] = {} if deadline is None else {protocol.DEADLINE_HEADER: deadline}
         if self._secret is not None:
@@ -578,7 +582,7 @@ class Client:
                 raise decode_error
             if self._secret is not None:
                 protocol.check_signature(message, self._secret, protocol.SIGNATURE_WINDOW, "reply")
-            return protocol.parse_reply(message.decode())
+            return self._codec.decode_reply(message)
         except RemoteError:
             raise
         except Exception as exc:

@@ -153,12 +153,21 @@ def parse_request(message: Message) -> Request:
         raise MalformedRequest("MalformedRequest", "'args' must be a list")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise MalformedRequest("MalformedRequest", "'kwargs' must be a mapping with string keys")
+    return Request(method, args, kwargs, read_deadline(message))
+
+
+def read_deadline(message: Message) -> float | None:
+    """The deadline a request carries, if any.
+
+    Raises:
+        MalformedRequest: The deadline header is not a finite number.
+    """
     deadline = (message.headers or {}).get(DEADLINE_HEADER)
-    if deadline is not None and (
-        isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)
-    ):
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
         raise MalformedRequest("MalformedRequest", f"{DEADLINE_HEADER} header must be a number")
-    return Request(method, args, kwargs, None if deadline is None else float(deadline))
+    return float(deadline)
 
 
 # -- signing ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 
 from . import protocol
 from .client import BroadcastReply, Client
+from .codecs import Codec
 from .connection import Broker, connect, merge_retry_policy
 from .errors import ConfigurationError, RPCTimeout
 from .registry import NAME_PATTERN
@@ -47,7 +48,10 @@ class RPCProxy:
             does not exist raises :class:`~kombu_rpc.errors.NoServerError` at once.
         secret: Sign every request with this key (HMAC-SHA256 over the body, the
             routing properties and a timestamp), for servers created with the same
-            ``secret``. At least 16 bytes.
+            ``secret``, and refuse replies not signed with it. At least 16 bytes.
+        codec: The wire format, as the server's (:mod:`kombu_rpc.codecs`).
+            ``Plain()`` calls the RabbitMQ tutorial's servers: ``proxy.fib(30)``
+            sends ``"30"``.
 
     Example:
         >>> with RPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
@@ -69,6 +73,7 @@ class RPCProxy:
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
         secret: str | bytes | None = None,
+        codec: Codec | None = None,
     ) -> None:
         self._queue = check_queue_name(queue)
         self._timeout = _check_timeout(timeout)
@@ -79,6 +84,7 @@ class RPCProxy:
             merge_retry_policy(retry_policy),
             confirm_publish,
             protocol.secret_bytes(secret),
+            codec,
         )
         self._owner = True
 

@@ -20,6 +20,7 @@ from kombu.message import Message
 from kombu.pools import ProducerPool
 
 from . import protocol
+from .codecs import Codec, check_codec
 from .connection import (
     PUBLISH_TIMEOUT,
     Broker,
@@ -98,6 +99,9 @@ class RPCServer:
             the same ``secret``. Unsigned, tampered, replayed, or signed more than
             :attr:`signature_window` seconds away requests are refused with an
             ``InvalidSignature`` error reply and never run. Replies are signed too.
+        codec: The wire format (:mod:`kombu_rpc.codecs`); by default kombu_rpc's own
+            :class:`~kombu_rpc.codecs.Envelope`. ``Plain("fib")`` answers the RabbitMQ
+            tutorial's clients, running ``fib`` for every request.
     """
 
     #: Seconds a graceful stop waits for calls in flight before giving up on them.
@@ -122,6 +126,7 @@ class RPCServer:
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
         secret: str | bytes | None = None,
+        codec: Codec | None = None,
     ) -> None:
         if registry is not None and not isinstance(registry, Registry):
             raise ConfigurationError(f"registry must be a kombu_rpc.Registry or None, got {registry!r}")
@@ -142,6 +147,7 @@ class RPCServer:
         self.queue_arguments = queue_arguments
         self.confirm_publish = confirm_publish
         self._secret = protocol.secret_bytes(secret)
+        self.codec = check_codec(codec)
         self._seen_signatures: OrderedDict[str, float] = OrderedDict()
         #: Unique id of this server; names its private control queue.
         self.server_id = new_id()
@@ -416,7 +422,7 @@ class RPCServer:
         try:
             if self._secret is not None:
                 self._check_signature(message, self._secret)
-            request = protocol.parse_request(message)
+            request = self.codec.decode_request(message)
         except MalformedRequest as error:
             self._refuse(message, error)
             return
@@ -501,15 +507,11 @@ class RPCServer:
     def _reply(self, address: protocol.ReplyAddress, body: dict[str, Any], serializer: str) -> bool:
         """Publish a reply; returns False when the broker did not take it."""
         try:
-            encoded = protocol.encode(body, serializer)
+            encoded, headers = self.codec.encode_reply(body, serializer)
         except SerializationError as exc:
-            encoded = protocol.encode(
-                protocol.error_body(
-                    RemoteError("UnserializableResult", f"the result cannot be serialized: {exc}")
-                ),
-                serializer,
-            )
-        headers: dict[str, Any] = {protocol.SERVER_ID_HEADER: self.server_id}
+            unserializable = RemoteError("UnserializableResult", f"the result cannot be serialized: {exc}")
+            encoded, headers = self.codec.encode_reply(protocol.error_body(unserializable), serializer)
+        headers = {**headers, protocol.SERVER_ID_HEADER: self.server_id}
         if self._secret is not None:
             headers.update(
                 protocol.signature_headers(self._secret, "reply", encoded, address.correlation_id, "", None)
