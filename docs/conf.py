@@ -66,7 +66,7 @@ nitpick_ignore = [
 ]
 nitpick_ignore_regex = [
     (r"py:.*", r"kombu\..*"),  # kombu.Connection, kombu.message.Message, kombu.Queue, ...
-    (r"py:.*", r"(abc|concurrent\.futures|collections\.abc|inspect|re|types|argparse)\..*"),
+    (r"py:.*", r"(abc|logging|concurrent\.futures|collections\.abc|inspect|re|types|argparse)\..*"),
 ]
 
 _MISSING = object()

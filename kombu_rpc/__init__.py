@@ -8,6 +8,7 @@ session starts an inner pytest run (pytester) after kombu_rpc was imported.
 from .aio import AsyncRPCProxy
 from .client import BroadcastReply
 from .codecs import Codec, Envelope, Plain
+from .context import CallContext, CallIdFilter, current_call
 from .errors import (
     CallError,
     ConfigurationError,
@@ -38,6 +39,10 @@ __all__ = [
     "MethodProxy",
     "AsyncRPCProxy",
     "BroadcastReply",
+    # call context
+    "current_call",
+    "CallContext",
+    "CallIdFilter",
     # wire formats
     "Codec",
     "Envelope",

@@ -23,7 +23,7 @@ from kombu import Connection, Consumer, Exchange, Producer
 from kombu.exceptions import OperationalError
 from kombu.message import Message
 
-from . import protocol
+from . import context, protocol
 from .codecs import Codec, check_codec
 from .connection import PUBLISH_TIMEOUT, publishing_clone, reconnect
 from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
@@ -42,6 +42,15 @@ class _Pending:
     future: Future[Any]
     method: str
     timeout: float | None
+    span: Any = None  # the call's OpenTelemetry span, ended before the future completes
+
+    def resolve(self, result: Any) -> None:
+        context.end_span(self.span)
+        self.future.set_result(result)
+
+    def reject(self, error: BaseException) -> None:
+        context.end_span(self.span, error)
+        self.future.set_exception(error)
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ class _Outgoing:
         elif self.correlation_id is not None:
             entry = pending.pop(self.correlation_id)
             if entry is not None:
-                entry.future.set_exception(exc)
+                entry.reject(exc)
             else:
                 logger.warning("could not publish an expired request to %r: %s", self.queue, exc)
         else:
@@ -155,12 +164,12 @@ class PendingCalls:
         self._closed = False
         self._watcher: threading.Thread | None = None
 
-    def add(self, correlation_id: str, method: str, timeout: float | None) -> Future[Any]:
+    def add(self, correlation_id: str, method: str, timeout: float | None, span: Any = None) -> Future[Any]:
         """Register a call before its request is published; returns its future."""
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # a sent request cannot be cancelled
         with self._cond:
-            self._calls[correlation_id] = _Pending(future, method, timeout)
+            self._calls[correlation_id] = _Pending(future, method, timeout, span)
             if timeout is not None:
                 deadline = monotonic() + timeout
                 heapq.heappush(self._deadlines, (deadline, correlation_id))
@@ -183,7 +192,7 @@ class PendingCalls:
         with self._cond:
             calls, self._calls = self._calls, {}
         for pending in calls.values():
-            pending.future.set_exception(exc_factory(f"{message} (call to {pending.method!r})"))
+            pending.reject(exc_factory(f"{message} (call to {pending.method!r})"))
 
     def close(self) -> None:
         """Stop the deadline thread (pending calls are left to :meth:`fail_all`)."""
@@ -217,7 +226,7 @@ class PendingCalls:
                     self._cond.wait(wait)
             for pending in expired:
                 assert pending.timeout is not None
-                pending.future.set_exception(RPCTimeout(pending.method, pending.timeout))
+                pending.reject(RPCTimeout(pending.method, pending.timeout))
 
 
 class Client:
@@ -282,9 +291,16 @@ class Client:
         :class:`NoServerError` or :class:`ConnectionLostError` if publishing failed.
         """
         correlation_id = new_id()
-        encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
-        self._start()
-        future = self._pending.add(correlation_id, method, timeout)
+        with context.client_span(method, queue, correlation_id) as span:
+            try:
+                encoded, headers = self._request(
+                    method, args, kwargs, correlation_id, self.reply_queue, timeout
+                )
+                self._start()
+            except BaseException as exc:
+                context.end_span(span, exc)
+                raise
+        future = self._pending.add(correlation_id, method, timeout, span)
         properties = {"reply_to": self.reply_queue, "correlation_id": correlation_id, "expiration": timeout}
         deadline = None if timeout is None else monotonic() + timeout
         self._outbox.put(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id))
@@ -299,6 +315,12 @@ class Client:
                 :data:`~kombu_rpc.connection.PUBLISH_TIMEOUT`.
         """
         correlation_id = new_id()
+        with context.traced_call(method, queue, correlation_id):
+            self._cast(queue, method, args, kwargs, correlation_id)
+
+    def _cast(
+        self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], correlation_id: str
+    ) -> None:
         encoded, headers = self._request(method, args, kwargs, correlation_id, "", None)
         self._start()
         sent: Future[None] = Future()
@@ -331,6 +353,19 @@ class Client:
             ConnectionLostError: The request could not be published in time.
         """
         correlation_id = new_id()
+        with context.traced_call(method, queue, correlation_id):
+            return self._broadcast(queue, method, args, kwargs, timeout, expect, correlation_id)
+
+    def _broadcast(
+        self,
+        queue: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float,
+        expect: int | None,
+        correlation_id: str,
+    ) -> list[BroadcastReply]:
         deadline = monotonic() + timeout
         encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
         self._start()
@@ -399,7 +434,9 @@ class Client:
         """Encode a request body and build its headers: deadline, and signature if any."""
         encoded = self._codec.encode_request(method, args, kwargs, self.serializer)
         deadline = protocol.deadline_after(timeout)
-        headers: dict[str, Any] = {} if deadline is None else {protocol.DEADLINE_HEADER: deadline}
+        headers = context.outgoing_headers(correlation_id)
+        if deadline is not None:
+            headers[protocol.DEADLINE_HEADER] = deadline
         if self._secret is not None:
             headers.update(
                 protocol.signature_headers(
@@ -570,9 +607,9 @@ class Client:
         try:
             result = self._read_reply(message, decode_error)
         except RemoteError as exc:
-            pending.future.set_exception(exc)
+            pending.reject(exc)
         else:
-            pending.future.set_result(result)
+            pending.resolve(result)
 
     def _read_reply(self, message: Message, decode_error: Exception | None) -> Any:
         """The result a reply carries; raises :class:`RemoteError` for a failure or a

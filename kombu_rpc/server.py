@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 from kombu.pools import ProducerPool
 
-from . import protocol
+from . import context, protocol
 from .codecs import Codec, check_codec
 from .connection import (
     PUBLISH_TIMEOUT,
@@ -402,7 +402,8 @@ class RPCServer:
 
     def _refuse(self, message: Message, error: MalformedRequest) -> None:
         """Reject a message that is not a valid request (never requeued)."""
-        logger.warning("rejected a malformed request on %r: %s", self.queue, error)
+        call_id = (message.properties or {}).get("correlation_id")
+        logger.warning("call %s: rejected a malformed request on %r: %s", call_id or "-", self.queue, error)
         address = protocol.reply_address(message)
         if address is not None:
             self._reply(address, protocol.error_body(error, self.send_tracebacks), "json")
@@ -427,8 +428,19 @@ class RPCServer:
             self._refuse(message, error)
             return
         address = protocol.reply_address(message)
+        call = context.received(
+            message.headers,
+            (message.properties or {}).get("correlation_id"),
+            request.method,
+            self.server_id,
+            request.deadline,
+        )
         if request.expired():
-            logger.warning("dropped a request for %r that arrived after its deadline", request.method)
+            logger.warning(
+                "call %s: dropped a request for %r that arrived after its deadline",
+                call.call_id,
+                request.method,
+            )
             message.ack()
             return
         serializer = protocol.serializer_for(message.content_type, self.accept)
@@ -442,7 +454,7 @@ class RPCServer:
             except TypeError as exc:
                 refusal = InvalidArguments("TypeError", f"{request.method}(): {exc}")
         if refusal is not None:
-            logger.info("refused a call to %r: %s", request.method, refusal)
+            logger.info("call %s: refused a call to %r: %s", call.call_id, request.method, refusal)
             sent = address is None or self._reply(
                 address, protocol.error_body(refusal, self.send_tracebacks), serializer
             )
@@ -450,13 +462,15 @@ class RPCServer:
             return
         assert procedure is not None
         if self._executor is None:
-            self._settle_message(message, self._execute(procedure, request, address, serializer))
+            self._settle_message(
+                message, self._execute(procedure, request, call, message, address, serializer)
+            )
             return
         generation = self._generation
         with self._cond:
             self._in_flight += 1
         self._executor.submit(
-            self._execute_in_worker, message, generation, procedure, request, address, serializer
+            self._execute_in_worker, message, generation, procedure, request, call, address, serializer
         )
 
     def _execute_in_worker(
@@ -465,10 +479,11 @@ class RPCServer:
         generation: int,
         procedure: Procedure,
         request: protocol.Request,
+        call: context.CallContext,
         address: protocol.ReplyAddress | None,
         serializer: str,
     ) -> None:
-        ok = self._execute(procedure, request, address, serializer)
+        ok = self._execute(procedure, request, call, message, address, serializer)
         with self._cond:
             self._done.append((message, generation, ok))
             self._cond.notify_all()
@@ -477,26 +492,32 @@ class RPCServer:
         self,
         procedure: Procedure,
         request: protocol.Request,
+        call: context.CallContext,
+        message: Message,
         address: protocol.ReplyAddress | None,
         serializer: str,
     ) -> bool:
-        """Run the function and publish its reply; False if the reply could not be sent."""
+        """Run the function as the current call and publish its reply; False if the
+        reply could not be sent."""
         started = monotonic()
-        try:
-            result = procedure.func(*request.args, **request.kwargs)
-            if procedure.is_coroutine:
-                result = asyncio.run_coroutine_threadsafe(result, self._event_loop()).result()
-            body = protocol.result_body(result)
-            outcome = "ok"
-        except BaseException as exc:  # SystemExit too must be answered
-            body = protocol.error_body(exc, self.send_tracebacks)
-            outcome = type(exc).__name__
-            if address is None:
-                logger.error("cast %s failed", request.method, exc_info=exc)
+        with context.server_span(call, self.queue, message.headers) as span:
+            try:
+                result = procedure.func(*request.args, **request.kwargs)
+                if procedure.is_coroutine:  # runs in a copy of this context: current_call() works
+                    result = asyncio.run_coroutine_threadsafe(result, self._event_loop()).result()
+                body = protocol.result_body(result)
+                outcome = "ok"
+            except BaseException as exc:  # SystemExit too must be answered
+                context.record_error(span, exc)
+                body = protocol.error_body(exc, self.send_tracebacks)
+                outcome = type(exc).__name__
+                if address is None:
+                    logger.error("call %s: cast %s failed", call.call_id, request.method, exc_info=exc)
         logger.debug(
-            "call %s %s -> %s in %.1f ms",
-            address.correlation_id if address else "(cast)",
+            "call %s %s%s -> %s in %.1f ms",
+            call.call_id,
             request.method,
+            "" if address else " (cast)",
             outcome,
             (monotonic() - started) * 1000,
         )

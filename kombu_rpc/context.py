@@ -1,0 +1,204 @@
+"""Call context: which call a remote function is serving, and the calls that led to it.
+
+Every request carries its call id and the ids of its parent calls (the calls being
+served, in the process that made it, when it was made), plus a W3C ``traceparent``
+when one is set. A server exposes the context of the call it runs through
+:func:`current_call`; a proxy used inside a remote function sends the chain on, one
+level deeper. With ``opentelemetry-api`` installed (``pip install 'kombu-rpc[otel]'``),
+calls are also traced: a client span per call on the caller's side and a server span
+around the function, linked through ``traceparent``. Without it nothing is traced,
+and a received ``traceparent`` is passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    from opentelemetry import propagate, trace
+except ImportError:  # an optional extra
+    propagate = trace = None  # type: ignore[assignment]
+    _tracer: Any = None
+else:
+    _tracer = trace.get_tracer(__name__)  # follows the tracer provider set later
+
+#: Header with the id of the call (the request's ``correlation_id``).
+CALL_ID_HEADER = "x-rpc-call-id"
+#: Header with the ids of the parent calls, outermost first (a list of strings).
+PARENTS_HEADER = "x-rpc-parents"
+#: The W3C trace context headers, as OpenTelemetry writes them.
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
+#: Longest parent chain kept: a deeper one loses its outermost ids.
+MAX_PARENTS = 32
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ID = re.compile(r"[\w.:-]{1,128}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """The call a remote function is running for, as :func:`current_call` returns it.
+
+    Attributes:
+        call_id: This call's id, the request's ``correlation_id`` (shared by the
+            servers of one broadcast).
+        method: The remote name that was called.
+        parents: Ids of the calls that led to this one, outermost first; empty for a
+            call made outside any remote function.
+        server_id: The serving :class:`~kombu_rpc.server.RPCServer`'s id.
+        deadline: The caller's deadline in seconds since the epoch, or ``None``.
+        traceparent: The W3C trace context the request carried, if any.
+    """
+
+    call_id: str
+    method: str
+    parents: tuple[str, ...] = ()
+    server_id: str = ""
+    deadline: float | None = None
+    traceparent: str | None = None
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The parents and this call: what a call made from here sends as parents."""
+        return (*self.parents, self.call_id)[-MAX_PARENTS:]
+
+
+_current: ContextVar[CallContext | None] = ContextVar("kombu_rpc_current_call", default=None)
+
+
+def current_call() -> CallContext | None:
+    """The context of the call being served, inside a remote function; else ``None``."""
+    return _current.get()
+
+
+@contextmanager
+def serving(context: CallContext) -> Iterator[None]:
+    """Make ``context`` the current call (in this thread or task) for a ``with`` block."""
+    token = _current.set(context)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def received(
+    headers: Mapping[str, Any] | None, correlation_id: str | None, method: str, server_id: str, deadline: Any
+) -> CallContext:
+    """The context of a received request. Malformed context headers are ignored, never
+    refused: they only describe the call."""
+    headers = headers or {}
+    call_id = headers.get(CALL_ID_HEADER)
+    if not (isinstance(call_id, str) and _ID.fullmatch(call_id)):
+        call_id = correlation_id if isinstance(correlation_id, str) else ""
+    parents = headers.get(PARENTS_HEADER)
+    if not (
+        isinstance(parents, (list, tuple)) and all(isinstance(p, str) and _ID.fullmatch(p) for p in parents)
+    ):
+        parents = ()
+    traceparent = headers.get(TRACEPARENT_HEADER)
+    if not (isinstance(traceparent, str) and _TRACEPARENT.fullmatch(traceparent)):
+        traceparent = None
+    return CallContext(call_id, method, tuple(parents)[-MAX_PARENTS:], server_id, deadline, traceparent)
+
+
+def outgoing_headers(call_id: str) -> dict[str, Any]:
+    """The context headers of a request about to be sent (inside a client span, if any)."""
+    headers: dict[str, Any] = {CALL_ID_HEADER: call_id}
+    parent = _current.get()
+    if parent is not None:
+        headers[PARENTS_HEADER] = list(parent.chain)
+    if propagate is not None:
+        propagate.inject(headers)
+    if TRACEPARENT_HEADER not in headers and parent is not None and parent.traceparent is not None:
+        headers[TRACEPARENT_HEADER] = parent.traceparent  # not tracing here: pass it on
+    return headers
+
+
+# -- OpenTelemetry --------------------------------------------------------------------
+
+
+def _attributes(method: str, queue: str, call_id: str) -> dict[str, str]:
+    return {
+        "rpc.system": "kombu_rpc",
+        "rpc.service": queue,
+        "rpc.method": method,
+        "kombu_rpc.call_id": call_id,
+    }
+
+
+@contextmanager
+def client_span(method: str, queue: str, call_id: str) -> Iterator[Any]:
+    """Start the caller's span for a call, current for the ``with`` block (so that
+    :func:`outgoing_headers` injects it). The caller ends it with :func:`end_span`
+    when the call ends. Yields ``None`` when OpenTelemetry is not installed."""
+    if trace is None:
+        yield None
+        return
+    span = _tracer.start_span(
+        method, kind=trace.SpanKind.CLIENT, attributes=_attributes(method, queue, call_id)
+    )
+    with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+        yield span
+
+
+@contextmanager
+def traced_call(method: str, queue: str, call_id: str) -> Iterator[None]:
+    """A :func:`client_span` that ends with the ``with`` block (failed if it raises)."""
+    with client_span(method, queue, call_id) as span:
+        try:
+            yield
+        except BaseException as exc:
+            end_span(span, exc)
+            raise
+        end_span(span)
+
+
+def record_error(span: Any, error: BaseException) -> None:
+    """Mark a span (or ``None``: not tracing) as failed with ``error``."""
+    if span is not None:
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+
+
+def end_span(span: Any, error: BaseException | None = None) -> None:
+    """End a span from :func:`client_span`, marking it failed with ``error``."""
+    if span is not None:
+        if error is not None:
+            record_error(span, error)
+        span.end()
+
+
+@contextmanager
+def server_span(context: CallContext, queue: str, headers: Mapping[str, Any] | None) -> Iterator[Any]:
+    """Serve ``context`` as the current call, inside a server span that continues the
+    caller's trace when OpenTelemetry is installed; yields the span, or ``None``."""
+    with serving(context):
+        if trace is None:
+            yield None
+            return
+        parent = propagate.extract(dict(headers or {}))
+        with _tracer.start_as_current_span(
+            context.method,
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes=_attributes(context.method, queue, context.call_id),
+        ) as span:
+            yield span
+
+
+class CallIdFilter(logging.Filter):
+    """A logging filter that sets ``record.call_id`` (``"-"`` outside a remote call),
+    for formats such as ``"%(call_id)s %(message)s"``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Add the current call's id to ``record``; never drops it."""
+        current = _current.get()
+        record.call_id = current.call_id if current is not None else "-"
+        return True
