@@ -16,12 +16,14 @@ the client's lock or waits for another thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .client import BroadcastReply
 from .codecs import Codec
 from .connection import Broker
 from .errors import CallError
@@ -224,10 +226,12 @@ class AsyncMethodProxy:
     async def call_async(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Send the call and return an ``asyncio.Future`` of its result.
 
-        Returns once the request is published, so the errors of sending are raised
-        here, as by a call. Await the future for the result; it fails with
-        :class:`~kombu_rpc.RPCTimeout` at the deadline even if nobody awaits it, and
-        cancelling it only stops waiting: the request is already sent.
+        Returns once the request is queued for publishing, so the errors found before
+        sending are raised here, as by a call; a failed publish (such as
+        :class:`~kombu_rpc.errors.NoServerError`) fails the future. Await the future for
+        the result; it fails with :class:`~kombu_rpc.RPCTimeout` at the deadline even
+        if nobody awaits it, and cancelling it only stops waiting: the request is
+        already sent.
 
         Returns:
             An ``asyncio.Future`` of the remote function's result, bound to the running
@@ -257,6 +261,16 @@ class AsyncMethodProxy:
         """
         proxy = self._proxy
         await proxy._sender.run(proxy._sync[self._name].cast, *args, **kwargs)
+
+    async def broadcast(
+        self, *args: Any, timeout: float = 1.0, expect: int | None = None, **kwargs: Any
+    ) -> list[BroadcastReply]:
+        """Call the function on every server of the queue and return their replies:
+        :meth:`kombu_rpc.proxy.MethodProxy.broadcast`, awaited. It waits in the event
+        loop's default executor, so the proxy's other calls go on meanwhile."""
+        method = self._proxy._sync[self._name]
+        call = functools.partial(method.broadcast, *args, timeout=timeout, expect=expect, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
 
     def __repr__(self) -> str:
         return f"<AsyncMethodProxy {self._name!r} on {self._proxy.queue!r}>"

@@ -90,3 +90,24 @@ def test_broadcast_options_are_checked(options: dict[str, object], match: str) -
 def test_a_broadcast_reply_is_a_value() -> None:
     assert BroadcastReply("s1", 5).get() == 5
     assert BroadcastReply("s1", 5) == BroadcastReply("s1", 5)
+
+
+def test_the_async_proxy_broadcasts_too(
+    serve: Callable[..., RPCServer], broker_url: str, queue_name: str
+) -> None:
+    import asyncio
+
+    from kombu_rpc import AsyncRPCProxy
+
+    servers = {serve().server_id for _ in range(2)}
+
+    async def main() -> list[BroadcastReply]:
+        async with AsyncRPCProxy(broker_url, queue=queue_name, timeout=10) as proxy:
+            replies, echoed = await asyncio.gather(
+                proxy.echo.broadcast(3, timeout=10, expect=2), proxy.echo(4)
+            )
+            assert echoed == 4
+            return replies
+
+    replies = asyncio.run(main())
+    assert {r.server_id for r in replies} == servers and [r.result for r in replies] == [3, 3]
