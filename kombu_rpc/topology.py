@@ -83,9 +83,12 @@ def private_queue(name: str) -> Queue:
 def broadcast_exchange(queue: str) -> Exchange:
     """The fanout exchange that reaches every server of request queue ``queue``.
 
-    Servers and proxies both declare it, with the same arguments.
+    Servers and proxies both declare it, with the same arguments. It is auto-delete:
+    RabbitMQ drops it when the last server's queue is unbound from it.
     """
-    return Exchange(BROADCAST_EXCHANGE_TEMPLATE.format(queue=queue), type="fanout", durable=False)
+    return Exchange(
+        BROADCAST_EXCHANGE_TEMPLATE.format(queue=queue), type="fanout", durable=False, auto_delete=True
+    )
 
 
 def broadcast_queue(queue: str, server_id: str) -> Queue:

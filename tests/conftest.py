@@ -17,7 +17,7 @@ from functools import cache
 from typing import Any
 
 import pytest
-from kombu import Connection
+from kombu import Connection, Queue
 
 from kombu_rpc import Registry, RPCProxy, RPCServer
 from kombu_rpc.testing import unique_queue_name
@@ -172,10 +172,25 @@ ServeFactory = Callable[..., AbstractContextManager[RPCServer]]
 
 
 @pytest.fixture
-def servers(gate: Gate) -> Iterator[ExitStack]:
+def servers(gate: Gate, broker_url: str, queue_name: str) -> Iterator[ExitStack]:
     with ExitStack() as stack:
         yield stack
         gate.released.set()  # let held calls finish so the servers stop at once
+    delete_queue(broker_url, queue_name)
+
+
+def delete_queue(broker_url: str, name: str) -> None:
+    """Delete a request queue a test used: servers never delete theirs, and the real
+    brokers are shared by every run. On Redis, purging removes the list itself."""
+    if broker_url == MEMORY:
+        return
+    with Connection(broker_url) as conn:
+        queue = Queue(name, routing_key=name)(conn.default_channel)
+        try:
+            queue.purge()
+            queue.delete()
+        except conn.connection_errors + conn.channel_errors:
+            pass
 
 
 @pytest.fixture
