@@ -25,7 +25,7 @@ from kombu.message import Message
 
 from . import context, protocol
 from .codecs import Codec, check_codec
-from .connection import PUBLISH_TIMEOUT, publishing_clone, reconnect
+from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, reconnect
 from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
 from .topology import REPLY_QUEUE_TEMPLATE, broadcast_exchange, discard_queue, new_id, private_queue
 
@@ -261,6 +261,7 @@ class Client:
         self.serializer = serializer
         self._accept = {serializer, "json"}
         self._retry_policy = retry_policy
+        self._inline = connection.transport.driver_type == "memory"
         self._closing = False
         self._fresh_state()
 
@@ -275,6 +276,8 @@ class Client:
         self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
+        self._producer: Producer | None = None  # the inline publisher's
+        self._inline_lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listener_error: BaseException | None = None
         self._ready = threading.Event()
@@ -303,7 +306,7 @@ class Client:
         future = self._pending.add(correlation_id, method, timeout, span)
         properties = {"reply_to": self.reply_queue, "correlation_id": correlation_id, "expiration": timeout}
         deadline = None if timeout is None else monotonic() + timeout
-        self._outbox.put(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id))
+        self._submit(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id))
         return future
 
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -325,7 +328,7 @@ class Client:
         self._start()
         sent: Future[None] = Future()
         properties = {"correlation_id": correlation_id}
-        self._outbox.put(_Outgoing(encoded, queue, headers, properties, None, sent=sent))
+        self._submit(_Outgoing(encoded, queue, headers, properties, None, sent=sent))
         try:
             sent.result(PUBLISH_TIMEOUT)
         except TimeoutError:
@@ -378,7 +381,7 @@ class Client:
                 "expiration": timeout,
             }
             exchange = broadcast_exchange(queue)
-            self._outbox.put(
+            self._submit(
                 _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange)
             )
             try:
@@ -400,16 +403,17 @@ class Client:
                 return
             self._closing = True
             listener, publisher = self._listener, self._publisher
-            if publisher is not None:
-                if listener is not None and listener.is_alive():  # wake it out of drain_events
-                    self._outbox.put(
-                        _Outgoing(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS), {}, None)
-                    )
-                self._outbox.put(None)
+        if listener is not None and listener.is_alive():  # wake it out of drain_events
+            self._submit(_Outgoing(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS), {}, None))
         if publisher is not None:
+            self._outbox.put(None)
             publisher.join(PUBLISH_TIMEOUT)
             if publisher.is_alive():
                 logger.warning("the publisher is stuck on a dead connection; leaving it behind")
+        with self._inline_lock:
+            if self._producer is not None:
+                self._producer.connection.release()
+                self._producer = None
         if listener is not None:
             listener.join()
         self._pending.fail_all(CallError, "proxy closed before the reply arrived")
@@ -466,13 +470,27 @@ class Client:
                 raise ConnectionLostError(
                     f"cannot consume replies from {self._connection.as_uri()}: {self._listener_error}"
                 ) from self._listener_error
-            if self._publisher is None:
+            if self._publisher is None and not self._inline:
                 self._publisher = threading.Thread(
                     target=self._publish_loop, name="kombu_rpc-publisher", daemon=True
                 )
                 self._publisher.start()
 
     # -- the publisher thread ----------------------------------------------------------
+
+    def _submit(self, job: _Outgoing) -> None:
+        """Have ``job`` published: by the publisher thread, or right here on memory://,
+        where a publish cannot stall (it saves a thread hand-off per call)."""
+        if self._inline:
+            with self._inline_lock:
+                if self._producer is None:
+                    self._producer = self._new_producer()
+                self._send(self._producer, job)
+        else:
+            self._outbox.put(job)
+
+    def _new_producer(self) -> Producer:
+        return Producer(publishing_clone(self._connection, self._confirm_publish), auto_declare=False)
 
     def _publish_loop(self) -> None:
         """Publish queued requests in order, skipping those whose caller gave up.
@@ -482,36 +500,40 @@ class Client:
         caller past its deadline: the caller waits on its future, which the deadline
         thread fails on time.
         """
-        producer = Producer(publishing_clone(self._connection, self._confirm_publish), auto_declare=False)
+        producer = self._new_producer()
         try:
             while (job := self._outbox.get()) is not None:
-                if not job.claim(self._pending):
-                    continue
-                try:
-                    self._publish(producer, job)
-                except RPCError as exc:
-                    job.fail(self._pending, exc)
-                except Exception as exc:  # never let one request kill the publisher
-                    logger.exception("unexpected error publishing to %r", job.queue)
-                    job.fail(self._pending, ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}"))
-                else:
-                    job.done()
+                self._send(producer, job)
         finally:
             producer.connection.release()
+
+    def _send(self, producer: Producer, job: _Outgoing) -> None:
+        """Publish one request unless its caller gave up, and report how it went."""
+        if not job.claim(self._pending):
+            return
+        try:
+            self._publish(producer, job)
+        except RPCError as exc:
+            job.fail(self._pending, exc)
+        except Exception as exc:  # never let one request kill the publisher
+            logger.exception("unexpected error publishing to %r", job.queue)
+            job.fail(self._pending, ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}"))
+        else:
+            job.done()
 
     def _publish(self, producer: Producer, job: _Outgoing) -> None:
         timeout = job.publish_timeout()
         try:
-            producer.publish(
-                job.encoded.payload,
+            publish(
+                producer,
+                self._retry_policy,
+                body=job.encoded.payload,
                 exchange=job.exchange or "",
                 declare=[job.exchange] if job.exchange else None,
                 routing_key="" if job.exchange else job.queue,
                 headers=job.headers,
                 content_type=job.encoded.content_type,
                 content_encoding=job.encoded.content_encoding,
-                retry=True,
-                retry_policy=self._retry_policy,
                 mandatory=self._confirm_publish,
                 timeout=timeout,
                 confirm_timeout=timeout,

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-from kombu import Connection
+from kombu import Connection, Producer
 from kombu.transport import memory as kombu_memory
 
 from . import memory
@@ -77,6 +77,20 @@ def publishing_clone(conn: Connection, confirm: bool) -> Connection:
     if confirm and conn.transport.driver_type == "amqp":
         return conn.clone(transport_options={**conn.transport_options, "confirm_publish": True})
     return conn.clone()
+
+
+def publish(producer: Producer, retry_policy: dict[str, Any], **kwargs: Any) -> None:
+    """``producer.publish(**kwargs)``, retried through kombu's ``retry=True`` (with
+    ``retry_policy``) only once a first attempt hit a recoverable connection error.
+
+    The first attempt goes without ``retry``, which would wrap every message in a fresh
+    ``Connection.ensure`` closure; a failed one is redone by kombu's retry, which
+    reconnects and publishes again.
+    """
+    try:
+        producer.publish(**kwargs)
+    except producer.connection.recoverable_connection_errors:
+        producer.publish(retry=True, retry_policy=retry_policy, **kwargs)
 
 
 def reconnect(conn: Connection, retry_policy: dict[str, Any], callback: Callable[[], None]) -> None:

@@ -5,9 +5,10 @@ served, in the process that made it, when it was made), plus a W3C ``traceparent
 when one is set. A server exposes the context of the call it runs through
 :func:`current_call`; a proxy used inside a remote function sends the chain on, one
 level deeper. With ``opentelemetry-api`` installed (``pip install 'kombu-rpc[otel]'``),
-calls are also traced: a client span per call on the caller's side and a server span
-around the function, linked through ``traceparent``. Without it nothing is traced,
-and a received ``traceparent`` is passed on unchanged.
+calls are also traced once a tracer provider is configured: a client span per call on
+the caller's side and a server span around the function, linked through
+``traceparent``. Otherwise nothing is traced, and a received ``traceparent`` is passed
+on unchanged.
 """
 
 from __future__ import annotations
@@ -78,16 +79,6 @@ def current_call() -> CallContext | None:
     return _current.get()
 
 
-@contextmanager
-def serving(context: CallContext) -> Iterator[None]:
-    """Make ``context`` the current call (in this thread or task) for a ``with`` block."""
-    token = _current.set(context)
-    try:
-        yield
-    finally:
-        _current.reset(token)
-
-
 def received(
     headers: Mapping[str, Any] | None, correlation_id: str | None, method: str, server_id: str, deadline: Any
 ) -> CallContext:
@@ -114,7 +105,7 @@ def outgoing_headers(call_id: str) -> dict[str, Any]:
     parent = _current.get()
     if parent is not None:
         headers[PARENTS_HEADER] = list(parent.chain)
-    if propagate is not None:
+    if tracing():
         propagate.inject(headers)
     if TRACEPARENT_HEADER not in headers and parent is not None and parent.traceparent is not None:
         headers[TRACEPARENT_HEADER] = parent.traceparent  # not tracing here: pass it on
@@ -122,6 +113,25 @@ def outgoing_headers(call_id: str) -> dict[str, Any]:
 
 
 # -- OpenTelemetry --------------------------------------------------------------------
+
+
+def tracing() -> bool:
+    """True when OpenTelemetry is installed and a tracer provider is set (before that,
+    every span would be a no-op: kombu_rpc skips them).
+
+    Checked on every call, so it reads the API's global directly: asking
+    ``get_tracer_provider()`` costs an environment lookup each time until a provider
+    is set.
+    """
+    if trace is None:
+        return False
+    provider = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
+    if provider is _UNKNOWN:  # another opentelemetry-api layout: ask it
+        return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return provider is not None
+
+
+_UNKNOWN = object()
 
 
 def _attributes(method: str, queue: str, call_id: str) -> dict[str, str]:
@@ -137,8 +147,8 @@ def _attributes(method: str, queue: str, call_id: str) -> dict[str, str]:
 def client_span(method: str, queue: str, call_id: str) -> Iterator[Any]:
     """Start the caller's span for a call, current for the ``with`` block (so that
     :func:`outgoing_headers` injects it). The caller ends it with :func:`end_span`
-    when the call ends. Yields ``None`` when OpenTelemetry is not installed."""
-    if trace is None:
+    when the call ends. Yields ``None`` when not :func:`tracing`."""
+    if not tracing():
         yield None
         return
     span = _tracer.start_span(
@@ -178,9 +188,10 @@ def end_span(span: Any, error: BaseException | None = None) -> None:
 @contextmanager
 def server_span(context: CallContext, queue: str, headers: Mapping[str, Any] | None) -> Iterator[Any]:
     """Serve ``context`` as the current call, inside a server span that continues the
-    caller's trace when OpenTelemetry is installed; yields the span, or ``None``."""
-    with serving(context):
-        if trace is None:
+    caller's trace when :func:`tracing`; yields the span, or ``None``."""
+    token = _current.set(context)
+    try:
+        if not tracing():
             yield None
             return
         parent = propagate.extract(dict(headers or {}))
@@ -191,6 +202,8 @@ def server_span(context: CallContext, queue: str, headers: Mapping[str, Any] | N
             attributes=_attributes(context.method, queue, context.call_id),
         ) as span:
             yield span
+    finally:
+        _current.reset(token)
 
 
 class CallIdFilter(logging.Filter):

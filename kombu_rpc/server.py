@@ -17,7 +17,6 @@ from typing import Any
 from kombu import Connection, Consumer, Producer
 from kombu.exceptions import OperationalError
 from kombu.message import Message
-from kombu.pools import ProducerPool
 
 from . import context, protocol
 from .codecs import Codec, check_codec
@@ -26,6 +25,7 @@ from .connection import (
     Broker,
     connect,
     merge_retry_policy,
+    publish,
     publishing_clone,
     reconnect,
     safe_uri,
@@ -164,7 +164,9 @@ class RPCServer:
         self._generation = 0
         self._connection_errors: tuple[type[BaseException], ...] = ()
         self._executor: ThreadPoolExecutor | None = None
-        self._producers: ProducerPool | None = None
+        self._producers: list[Producer] = []  # every thread's reply producer
+        self._producers_lock = threading.Lock()
+        self._local = threading.local()
         self._loop: asyncio.AbstractEventLoop | None = None  # runs async def functions
         self._loop_lock = threading.Lock()
         self._builtins = {
@@ -290,10 +292,7 @@ class RPCServer:
         except (*conn.connection_errors, OperationalError, OSError) as exc:
             conn.release()
             raise ConnectionLostError(f"cannot connect to {safe_uri(conn)}: {exc}") from exc
-        self._producers = ProducerPool(
-            publishing_clone(self._connection, self.confirm_publish).Pool(limit=self.concurrency),
-            limit=self.concurrency,
-        )
+        self._local = threading.local()  # new reply producers for this run
         self._executor = (
             ThreadPoolExecutor(self.concurrency, thread_name_prefix="kombu_rpc-worker")
             if self.concurrency > 1
@@ -316,8 +315,10 @@ class RPCServer:
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
             self._stop_loop()
-            self._producers.force_close_all()
-            self._producers.connections.force_close_all()
+            with self._producers_lock:
+                producers, self._producers = self._producers, []
+            for producer in producers:
+                producer.connection.release()
             conn.release()
             logger.info("server %s on %r stopped", self.server_id, self.queue)
 
@@ -537,26 +538,35 @@ class RPCServer:
             headers.update(
                 protocol.signature_headers(self._secret, "reply", encoded, address.correlation_id, "", None)
             )
-        assert self._producers is not None
         try:
-            with self._producers.acquire(block=True) as producer:
-                producer.publish(
-                    encoded.payload,
-                    exchange="",
-                    routing_key=address.reply_to,
-                    correlation_id=address.correlation_id,
-                    headers=headers,
-                    content_type=encoded.content_type,
-                    content_encoding=encoded.content_encoding,
-                    retry=True,
-                    retry_policy=self._retry_policy,
-                    timeout=PUBLISH_TIMEOUT,
-                    confirm_timeout=PUBLISH_TIMEOUT,
-                )
+            publish(
+                self._producer(),
+                self._retry_policy,
+                body=encoded.payload,
+                exchange="",
+                routing_key=address.reply_to,
+                correlation_id=address.correlation_id,
+                headers=headers,
+                content_type=encoded.content_type,
+                content_encoding=encoded.content_encoding,
+                timeout=PUBLISH_TIMEOUT,
+                confirm_timeout=PUBLISH_TIMEOUT,
+            )
         except Exception as exc:
             logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
             return False
         return True
+
+    def _producer(self) -> Producer:
+        """This thread's reply producer: each thread that runs calls (the consuming one,
+        or a worker) publishes on a connection of its own, made on its first reply."""
+        producer: Producer | None = getattr(self._local, "producer", None)
+        if producer is None:
+            conn = publishing_clone(self._connection, self.confirm_publish)
+            producer = self._local.producer = Producer(conn, auto_declare=False)
+            with self._producers_lock:
+                self._producers.append(producer)
+        return producer
 
     def _check_signature(self, message: Message, secret: bytes) -> None:
         protocol.check_signature(message, secret, self.signature_window)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any
 
 from kombu import Exchange, Queue
@@ -39,8 +39,9 @@ def check_queue_name(name: object) -> str:
 
 
 def new_id() -> str:
-    """A fresh unique id for correlation ids, reply queues and servers."""
-    return uuid.uuid4().hex
+    """A fresh unique id for correlation ids, reply queues and servers: 128 random bits
+    as 32 hex digits (the form of ``uuid.uuid4().hex``, at half the cost)."""
+    return os.urandom(16).hex()
 
 
 def request_queue(name: str, durable: bool = False, arguments: dict[str, Any] | None = None) -> Queue:
