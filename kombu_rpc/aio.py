@@ -82,6 +82,8 @@ class AsyncRPCProxy:
             confirms and ``mandatory`` requests (``NoServerError`` at once).
         secret: As for :class:`~kombu_rpc.proxy.RPCProxy`: sign every request.
         codec: As for :class:`~kombu_rpc.proxy.RPCProxy`: the wire format.
+        direct_reply_to: As for :class:`~kombu_rpc.proxy.RPCProxy`: RabbitMQ's direct
+            reply-to instead of a reply queue.
 
     Raises:
         ConfigurationError: An argument is invalid (nothing is connected yet).

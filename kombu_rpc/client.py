@@ -12,22 +12,39 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import select
+import socket
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from time import monotonic
 from typing import Any
 
-from kombu import Connection, Consumer, Exchange, Producer
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
 from .codecs import Codec, check_codec
 from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, reconnect
-from .errors import CallError, ConnectionLostError, NoServerError, RemoteError, RPCError, RPCTimeout
-from .topology import REPLY_QUEUE_TEMPLATE, broadcast_exchange, discard_queue, new_id, private_queue
+from .errors import (
+    CallError,
+    ConfigurationError,
+    ConnectionLostError,
+    NoServerError,
+    RemoteError,
+    RPCError,
+    RPCTimeout,
+)
+from .topology import (
+    DIRECT_REPLY_TO,
+    REPLY_QUEUE_TEMPLATE,
+    broadcast_exchange,
+    discard_queue,
+    new_id,
+    private_queue,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +260,10 @@ class Client:
         secret: Sign every request with this HMAC key, and accept only replies signed
             with it (see :func:`kombu_rpc.protocol.check_signature`).
         codec: The wire format (:mod:`kombu_rpc.codecs`); ``None``: the default.
+        direct_reply_to: On RabbitMQ, take replies through the ``amq.rabbitmq.reply-to``
+            pseudo-queue instead of a declared reply queue. The listener thread then
+            also publishes the requests, on the channel it consumes from, as RabbitMQ
+            requires; replies to calls in flight are lost if that connection drops.
     """
 
     def __init__(
@@ -253,7 +274,11 @@ class Client:
         confirm_publish: bool = True,
         secret: bytes | None = None,
         codec: Codec | None = None,
+        direct_reply_to: bool = False,
     ) -> None:
+        if direct_reply_to and connection.transport.driver_type != "amqp":
+            raise ConfigurationError("direct_reply_to is a RabbitMQ feature: it needs an amqp:// broker")
+        self._direct = direct_reply_to
         self._connection = connection
         self._codec = check_codec(codec)
         self._confirm_publish = confirm_publish
@@ -270,13 +295,19 @@ class Client:
         (the parent's threads did not survive the fork, and on AMQP its exclusive reply
         queue belongs to the parent's connection)."""
         self._pid = os.getpid()
-        self.reply_queue = REPLY_QUEUE_TEMPLATE.format(uid=new_id())
+        self.reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
+        self._wake_r: socket.socket | None = None  # direct reply-to: wakes the listener
+        self._wake_w: socket.socket | None = None
+        if self._direct:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_w.setblocking(False)
         self._pending = PendingCalls()
         self._lock = threading.Lock()  # guards starting and closing
         self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
         self._producer: Producer | None = None  # the inline publisher's
+        self._direct_producer: Producer | None = None  # direct reply-to: the listener's
         self._inline_lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listener_error: BaseException | None = None
@@ -403,7 +434,10 @@ class Client:
                 return
             self._closing = True
             listener, publisher = self._listener, self._publisher
-        if listener is not None and listener.is_alive():  # wake it out of drain_events
+        if listener is not None and listener.is_alive() and self._direct:
+            self._outbox.put(None)  # the listener publishes too: it stops at this
+            self._wake_listener()
+        elif listener is not None and listener.is_alive():  # wake it out of drain_events
             self._submit(_Outgoing(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS), {}, None))
         if publisher is not None:
             self._outbox.put(None)
@@ -416,6 +450,9 @@ class Client:
                 self._producer = None
         if listener is not None:
             listener.join()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
         self._pending.fail_all(CallError, "proxy closed before the reply arrived")
         self._pending.close()
 
@@ -470,7 +507,7 @@ class Client:
                 raise ConnectionLostError(
                     f"cannot consume replies from {self._connection.as_uri()}: {self._listener_error}"
                 ) from self._listener_error
-            if self._publisher is None and not self._inline:
+            if self._publisher is None and not self._inline and not self._direct:
                 self._publisher = threading.Thread(
                     target=self._publish_loop, name="kombu_rpc-publisher", daemon=True
                 )
@@ -488,6 +525,15 @@ class Client:
                 self._send(self._producer, job)
         else:
             self._outbox.put(job)
+            if self._direct:
+                self._wake_listener()
+
+    def _wake_listener(self) -> None:
+        assert self._wake_w is not None
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:  # full: the listener has wake-ups pending anyway
+            pass
 
     def _new_producer(self) -> Producer:
         return Producer(publishing_clone(self._connection, self._confirm_publish), auto_declare=False)
@@ -526,7 +572,7 @@ class Client:
         try:
             publish(
                 producer,
-                self._retry_policy,
+                None if self._direct else self._retry_policy,  # the listener reconnects
                 body=job.encoded.payload,
                 exchange=job.exchange or "",
                 declare=[job.exchange] if job.exchange else None,
@@ -549,7 +595,11 @@ class Client:
     # -- the listener thread ---------------------------------------------------------
 
     def _listen(self) -> None:
-        conn = self._connection.clone()
+        conn = (
+            publishing_clone(self._connection, self._confirm_publish)
+            if self._direct
+            else self._connection.clone()
+        )
         try:
             conn.ensure_connection(**self._retry_policy)
             consumer = self._consume_replies(conn)
@@ -563,7 +613,10 @@ class Client:
             while not self._closing:
                 try:
                     conn.heartbeat_check()
-                    conn.drain_events(timeout=IDLE_WAIT)
+                    if self._direct:
+                        self._pump(conn, consumer)
+                    else:
+                        conn.drain_events(timeout=IDLE_WAIT)
                 except TimeoutError:
                     pass
                 except conn.connection_errors as exc:
@@ -575,15 +628,42 @@ class Client:
                 consumer.cancel()
             except conn.connection_errors + conn.channel_errors:
                 pass
-            for queue in consumer.queues:
-                discard_queue(queue)
+            if not self._direct:
+                for queue in consumer.queues:
+                    discard_queue(queue)
             conn.release()
+
+    def _pump(self, conn: Connection, consumer: Consumer) -> None:
+        """Direct reply-to: publish the queued requests on the consuming channel, then
+        wait for a reply or a new request (woken through a socket pair)."""
+        producer = self._direct_producer
+        if producer is None or producer.channel is not consumer.channel:
+            producer = self._direct_producer = Producer(consumer.channel, auto_declare=False)
+        while True:
+            try:
+                job = self._outbox.get_nowait()
+            except Empty:
+                break
+            if job is None:
+                raise _Closed()
+            self._send(producer, job)
+        assert self._wake_r is not None
+        sock = conn.connection.sock
+        readable, _, _ = select.select([sock, self._wake_r], [], [], IDLE_WAIT)
+        if self._wake_r in readable:
+            self._wake_r.recv(4096)
+        if sock in readable:
+            while True:  # every frame already there; raises TimeoutError when done
+                conn.drain_events(timeout=0)
 
     def _consume_replies(self, conn: Connection) -> Consumer:
         """Declare the reply queue on a fresh channel and consume it."""
         channel = conn.channel()
-        queue = private_queue(self.reply_queue)(channel)
-        queue.declare()
+        if self._direct:
+            queue = Queue(DIRECT_REPLY_TO, no_declare=True)(channel)
+        else:
+            queue = private_queue(self.reply_queue)(channel)
+            queue.declare()
         consumer = Consumer(channel, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept)
         consumer.on_decode_error = self._on_reply
         consumer.consume()

@@ -79,9 +79,10 @@ def publishing_clone(conn: Connection, confirm: bool) -> Connection:
     return conn.clone()
 
 
-def publish(producer: Producer, retry_policy: dict[str, Any], **kwargs: Any) -> None:
+def publish(producer: Producer, retry_policy: dict[str, Any] | None, **kwargs: Any) -> None:
     """``producer.publish(**kwargs)``, retried through kombu's ``retry=True`` (with
-    ``retry_policy``) only once a first attempt hit a recoverable connection error.
+    ``retry_policy``; ``None``: never) once a first attempt hit a recoverable connection
+    error.
 
     The first attempt goes without ``retry``, which would wrap every message in a fresh
     ``Connection.ensure`` closure; a failed one is redone by kombu's retry, which
@@ -90,6 +91,8 @@ def publish(producer: Producer, retry_policy: dict[str, Any], **kwargs: Any) -> 
     try:
         producer.publish(**kwargs)
     except producer.connection.recoverable_connection_errors:
+        if retry_policy is None:
+            raise
         producer.publish(retry=True, retry_policy=retry_policy, **kwargs)
 
 

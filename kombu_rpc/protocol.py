@@ -25,6 +25,7 @@ from .errors import (
     SerializationError,
     remote_error_from_wire,
 )
+from .topology import DIRECT_REPLY_TO
 
 #: Header holding the caller's deadline as seconds since the epoch (a float).
 DEADLINE_HEADER = "x-rpc-deadline"
@@ -234,12 +235,15 @@ def check_signature(message: Message, secret: bytes, window: float, kind: str = 
     ):
         raise error("InvalidSignature", f"the {kind} is not signed, but a secret is set")
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    reply_to = props.get("reply_to") or ""
+    if reply_to.startswith(DIRECT_REPLY_TO + "."):  # RabbitMQ rewrote the caller's reply_to
+        reply_to = DIRECT_REPLY_TO
     text = signed_text(
         kind,
         body,
         message.content_type or "",
         props.get("correlation_id") or "",
-        props.get("reply_to") or "",
+        reply_to,
         headers.get(DEADLINE_HEADER),
         signed_at,
     )

@@ -52,6 +52,9 @@ class RPCProxy:
         codec: The wire format, as the server's (:mod:`kombu_rpc.codecs`).
             ``Plain()`` calls the RabbitMQ tutorial's servers: ``proxy.fib(30)``
             sends ``"30"``.
+        direct_reply_to: On RabbitMQ, receive replies through RabbitMQ's direct
+            reply-to (``amq.rabbitmq.reply-to``) instead of a reply queue of the
+            proxy's own; see :doc:`/performance` for when it pays off.
 
     Example:
         >>> with RPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
@@ -74,6 +77,7 @@ class RPCProxy:
         confirm_publish: bool = True,
         secret: str | bytes | None = None,
         codec: Codec | None = None,
+        direct_reply_to: bool = False,
     ) -> None:
         self._queue = check_queue_name(queue)
         self._timeout = _check_timeout(timeout)
@@ -85,6 +89,7 @@ class RPCProxy:
             confirm_publish,
             protocol.secret_bytes(secret),
             codec,
+            direct_reply_to,
         )
         self._owner = True
 

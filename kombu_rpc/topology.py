@@ -13,6 +13,8 @@ from .errors import ConfigurationError
 DEFAULT_QUEUE = "rpc_queue"
 #: Each proxy consumes replies from one queue named after this template.
 REPLY_QUEUE_TEMPLATE = "kombu_rpc.reply.{uid}"
+#: RabbitMQ's pseudo-queue for direct reply-to (no reply queue is declared).
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Each server consumes wake-up (control) messages from one queue named after this.
 CONTROL_QUEUE_TEMPLATE = "kombu_rpc.server.{server_id}"
 #: Broadcasts to the servers of request queue ``queue`` go through this fanout exchange.

@@ -49,6 +49,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             chosen = urls()
             if name == "broker_url" and getattr(metafunc.module, "REAL_BROKERS_ONLY", False):
                 chosen = real_brokers()
+            if name == "broker_url" and getattr(metafunc.module, "AMQP_ONLY", False):
+                chosen = BROKER_FIXTURES["amqp_url"]()
             metafunc.parametrize(name, chosen, ids=[broker_id(u) for u in chosen], indirect=True)
 
 
