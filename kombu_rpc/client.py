@@ -387,24 +387,11 @@ class Client:
             ConnectionLostError: The request could not be published in time.
         """
         correlation_id = new_id()
-        with context.traced_call(method, queue, correlation_id):
-            return self._broadcast(queue, method, args, kwargs, timeout, expect, correlation_id)
-
-    def _broadcast(
-        self,
-        queue: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float,
-        expect: int | None,
-        correlation_id: str,
-    ) -> list[BroadcastReply]:
         deadline = monotonic() + timeout
-        encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
-        self._start()
-        gathering = self._broadcasts[correlation_id] = _Gathering(expect)
-        try:
+        with context.traced_call(method, queue, correlation_id):
+            encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
+            self._start()
+            gathering = self._broadcasts[correlation_id] = _Gathering(expect)
             sent: Future[None] = Future()
             properties = {
                 "reply_to": self.reply_queue,
@@ -412,19 +399,19 @@ class Client:
                 "expiration": timeout,
             }
             exchange = broadcast_exchange(queue)
-            self._submit(
-                _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange)
-            )
             try:
+                self._submit(
+                    _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange)
+                )
                 sent.result(timeout)
+                return gathering.wait(deadline)
             except NoServerError:  # AMQP: no server has bound a queue to the exchange
                 return []
             except TimeoutError:
                 sent.cancel()
-                raise ConnectionLostError(f"broadcast of {method!r} not sent within {timeout}s") from None
-            return gathering.wait(deadline)
-        finally:
-            del self._broadcasts[correlation_id]
+                raise ConnectionLostError(f"broadcast to {queue!r} not sent within {timeout}s") from None
+            finally:
+                del self._broadcasts[correlation_id]
 
     def close(self) -> None:
         """Stop the publisher and the listener, delete the reply queue, fail calls
