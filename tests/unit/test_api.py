@@ -132,3 +132,19 @@ def test_a_blocking_call_cannot_outlive_its_timeout_even_if_the_deadline_thread_
         with pytest.raises(RPCTimeout):
             proxy.fib(1)
     assert "outlived its deadline" in caplog.text
+
+
+def test_finished_calls_do_not_keep_their_deadlines() -> None:
+    from kombu_rpc.client import PendingCalls
+
+    pending = PendingCalls()
+    try:
+        for i in range(10_000):  # each call ends at once; its 30 s deadline is far away
+            pending.add(str(i), "fib", 30.0)
+            entry = pending.pop(str(i))
+            assert entry is not None
+            entry.resolve(i)
+        assert len(pending) == 0
+        assert len(pending._deadlines) <= 1025
+    finally:
+        pending.close()
