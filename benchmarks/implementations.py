@@ -1,0 +1,191 @@
+"""What every benchmarked implementation provides, and kombu_rpc's own.
+
+An :class:`Implementation` serves a :class:`~benchmarks.workload.Workload` on a fresh
+queue for the length of one measurement and hands back a :class:`Session`: a
+:class:`Client` to drive, and a way to get a client for each worker thread.
+Baselines live in :mod:`benchmarks.baselines`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Protocol
+
+import kombu_rpc
+from kombu_rpc import Registry, RPCProxy, RPCServer
+
+from .brokers import Broker, delete_queues, unique_queue
+from .workload import Workload
+
+
+def source_digest() -> str:
+    """A short SHA-256 of kombu_rpc's source files, naming the code a run measured."""
+    digest = hashlib.sha256()
+    package = Path(kombu_rpc.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class Client(Protocol):
+    """The calls a scenario makes, whatever implements them."""
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call ``method`` and wait for its result."""
+
+    def cast(self, method: str, *args: Any) -> None:
+        """Send a call that wants no reply."""
+
+    def pipeline(
+        self, method: str, args: tuple[Any, ...], n: int, k: int, deadline: float, latencies: list[float]
+    ) -> int:
+        """Make up to ``n`` calls keeping ``k`` in flight, appending each call's latency in
+        seconds to ``latencies``. Sends no new call after ``deadline`` (a ``perf_counter``
+        time) once one was sent; returns how many calls were made, all finished."""
+
+    def close(self) -> None:
+        """Release what the client holds (a no-op for a shared client)."""
+
+
+@dataclass
+class Session:
+    """A running server with its clients, for one measurement."""
+
+    #: The client a single-threaded scenario drives.
+    client: Client
+    #: Returns a client for one more worker thread: the shared one for kombu_rpc (its
+    #: proxy is thread-safe), a new one with its own connection for the baselines.
+    open_client: Callable[[], Client]
+
+
+class Implementation(ABC):
+    """Something that can serve the workload and call it over ``broker``.
+
+    Args:
+        broker: The broker to run on.
+        call_timeout: Seconds any single call may wait for its reply.
+    """
+
+    #: The name in tables and JSON lines.
+    name: str = ""
+    #: True for kombu_rpc itself: its results get ratios against the baselines.
+    is_kombu_rpc: bool = False
+    #: A remark printed under the results table.
+    note: str = ""
+    #: Longest measured window for this implementation, if shorter than the run's.
+    window_cap: float | None = None
+
+    def __init__(self, broker: Broker, call_timeout: float) -> None:
+        self.broker = broker
+        self.call_timeout = call_timeout
+
+    @abstractmethod
+    def serving(self, workload: Workload, concurrency: int) -> AbstractContextManager[Session]:
+        """Serve ``workload`` on a fresh queue (deleted afterwards), ``concurrency``
+        calls at a time, and yield a session to call it."""
+
+
+class KombuRPC(Implementation):
+    """kombu_rpc: an :class:`~kombu_rpc.RPCServer` in a thread and one
+    :class:`~kombu_rpc.RPCProxy`, with or without publisher confirms."""
+
+    is_kombu_rpc = True
+
+    def __init__(self, broker: Broker, call_timeout: float, confirm_publish: bool = True) -> None:
+        super().__init__(broker, call_timeout)
+        self.confirm_publish = confirm_publish
+        self.name = "kombu_rpc" if confirm_publish else "kombu_rpc_noconfirm"
+        if broker.name == "memory":
+            self.note = "kombu_rpc uses its own event-driven memory:// transport (no polling)"
+        elif not confirm_publish:
+            self.note = "kombu_rpc_noconfirm: proxy and server with confirm_publish=False"
+
+    def proxy(self, queue: str) -> RPCProxy:
+        """A proxy for ``queue`` with this implementation's settings."""
+        return RPCProxy(
+            self.broker.url, queue=queue, timeout=self.call_timeout, confirm_publish=self.confirm_publish
+        )
+
+    @contextmanager
+    def serving(self, workload: Workload, concurrency: int) -> Iterator[Session]:
+        """Serve ``workload`` with an in-process :class:`~kombu_rpc.RPCServer`."""
+        queue = unique_queue()
+        registry = Registry()
+        for name, func in workload.handlers().items():
+            registry.remote(name=name)(func)
+        server = RPCServer(
+            self.broker.url,
+            registry=registry,
+            queue=queue,
+            concurrency=concurrency,
+            confirm_publish=self.confirm_publish,
+        )
+        try:
+            with server.running(), self.proxy(queue) as proxy:
+                client = KombuRPCClient(proxy, self.call_timeout)
+                yield Session(client, lambda: client)
+        finally:
+            delete_queues(self.broker, [queue])
+
+
+class KombuRPCClient:
+    """:class:`Client` over one :class:`~kombu_rpc.RPCProxy` (closed by its owner)."""
+
+    def __init__(self, proxy: RPCProxy, call_timeout: float) -> None:
+        self.proxy = proxy
+        self.call_timeout = call_timeout
+
+    def call(self, method: str, *args: Any) -> Any:
+        """A blocking call, as ``proxy.fib(0)`` makes it."""
+        return self.proxy[method](*args)
+
+    def cast(self, method: str, *args: Any) -> None:
+        """``proxy.method.cast(...)``."""
+        self.proxy[method].cast(*args)
+
+    def pipeline(
+        self, method: str, args: tuple[Any, ...], n: int, k: int, deadline: float, latencies: list[float]
+    ) -> int:
+        """``call_async`` with a semaphore of ``k`` slots, freed by each future's callback.
+
+        Futures are not kept once done (only the first failure is), so that a long run
+        holds no memory of its own that the RSS scenario would blame on the proxy.
+        """
+        slots = threading.Semaphore(k)
+        remote = self.proxy[method]
+        failures: list[BaseException] = []
+
+        def finished(started: float) -> Callable[[Future[Any]], None]:
+            def done(future: Future[Any]) -> None:
+                latencies.append(perf_counter() - started)
+                error = future.exception()
+                if error is not None and not failures:
+                    failures.append(error)
+                slots.release()
+
+            return done
+
+        sent = 0
+        while sent < n and (sent == 0 or perf_counter() < deadline):
+            if not slots.acquire(timeout=self.call_timeout + 5):
+                raise TimeoutError("no call finished within the call timeout")
+            started = perf_counter()
+            remote.call_async(*args).add_done_callback(finished(started))
+            sent += 1
+        for _ in range(k):  # every slot back: every callback has run
+            if not slots.acquire(timeout=self.call_timeout + 5):
+                raise TimeoutError("calls still in flight after the call timeout")
+        if failures:
+            raise failures[0]
+        return sent
+
+    def close(self) -> None:
+        """Nothing: the proxy is shared, and closed by :meth:`KombuRPC.serving`."""
