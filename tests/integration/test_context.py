@@ -26,21 +26,17 @@ pytestmark = pytest.mark.timeout(60)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-@pytest.fixture(scope="session")
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """An in-memory OpenTelemetry exporter, installed once for the test session."""
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Trace into an in-memory exporter for one test. The provider is not made the
+    global one (that can be set only once, and would trace every later test)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    monkeypatch.setattr(context_module, "_tracer", provider.get_tracer("kombu_rpc"))
+    monkeypatch.setattr(context_module, "tracing", lambda: True)
     yield exporter
     provider.shutdown()
-
-
-@pytest.fixture
-def spans(exporter: InMemorySpanExporter) -> InMemorySpanExporter:
-    exporter.clear()
-    return exporter
 
 
 @pytest.fixture

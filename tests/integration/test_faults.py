@@ -128,8 +128,10 @@ def test_cut_connections_under_load_end_every_call_and_recover(
     assert proxy.echo("before") == "before"
     # When the broker drops every connection while calls are in flight
     outcomes = run_load(proxy, lambda: cut_connections(broker_url))
-    # Then every call ended (result or RPCError, none crossed, none hung) ...
-    assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 4 * 50
+    # Then every call ended (result or RPCError, none crossed, none late, none hung);
+    # calls caught by the cut may fail (on Redis, a request taken by the server before
+    # the cut returns only after the visibility timeout: its call times out) ...
+    assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 4 * 40
     # ... and new calls succeed once both sides reconnected
     assert [proxy.echo(i) for i in range(20)] == list(range(20))
     with capsys.disabled():
