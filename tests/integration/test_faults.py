@@ -159,7 +159,7 @@ def test_rabbitmq_restart_mid_load(
     with server.running(), RPCProxy(amqp_url, queue=queue_name, timeout=5) as proxy:
         assert proxy.echo("before") == "before"
         outcomes = run_load(proxy, restart_rabbitmq, threads=2)
-        assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 2 * 50
+        assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 2 * 40
         assert [proxy.echo(i) for i in range(10)] == list(range(10))
     with capsys.disabled():
         print(f"\n  RabbitMQ restart under load: {dict(outcomes)}")
@@ -198,8 +198,9 @@ def test_tcp_fault_under_load_ends_every_call_by_its_timeout(
                     tcp.resume()
 
             outcomes = run_load(proxy, partition, load=load)
-            # Every call ended on time, none crossed, and calls succeed afterwards
-            assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 4 * 50
+            # Every call ended on time, none crossed, and calls succeed afterwards (calls
+            # caught by the fault may fail: see the cut test)
+            assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 4 * 40
             assert [proxy.echo(i) for i in range(10)] == list(range(10))
             if fault == "sever":  # the side behind the proxy reconnected
                 assert tcp.accepted > accepted
