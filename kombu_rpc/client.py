@@ -4,7 +4,9 @@
 publishes the requests that calling threads queue for it, in order, and the reply
 listener, which consumes the proxy's reply queue and completes futures by correlation
 id. Callers only queue and wait on futures, so no broker I/O ever blocks them past
-their deadline.
+their deadline. Two variations: on memory://, where a publish cannot stall, callers
+publish themselves (no publisher thread); with RabbitMQ direct reply-to, the listener
+publishes too, on the channel it consumes from, as RabbitMQ requires.
 """
 
 from __future__ import annotations
