@@ -363,26 +363,13 @@ class Client:
         """
         correlation_id = new_id()
         with context.traced_call(method, queue, correlation_id):
-            self._cast(queue, method, args, kwargs, correlation_id)
-
-    def _cast(
-        self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], correlation_id: str
-    ) -> None:
-        encoded, headers = self._request(method, args, kwargs, correlation_id, "", None)
-        self._start()
-        sent: Future[None] = Future()
-        properties = {"correlation_id": correlation_id}
-        self._submit(_Outgoing(encoded, queue, headers, properties, None, sent=sent))
-        try:
-            sent.result(PUBLISH_TIMEOUT)
-        except TimeoutError:
-            if sent.cancel():
-                raise ConnectionLostError(
-                    f"cast to {method!r} not sent: the broker took no message for {PUBLISH_TIMEOUT}s"
-                ) from None
-            raise ConnectionLostError(
-                f"cast to {method!r} may not have been sent: publishing it took over {PUBLISH_TIMEOUT}s"
-            ) from None
+            encoded, headers = self._request(method, args, kwargs, correlation_id, "", None)
+            self._start()
+            sent: Future[None] = Future()
+            self._submit(
+                _Outgoing(encoded, queue, headers, {"correlation_id": correlation_id}, None, sent=sent)
+            )
+            _wait_sent(sent, PUBLISH_TIMEOUT, f"cast to {method!r}")
 
     def broadcast(
         self,
@@ -416,13 +403,10 @@ class Client:
                 self._submit(
                     _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange)
                 )
-                sent.result(timeout)
+                _wait_sent(sent, timeout, f"broadcast of {method!r}")
                 return gathering.wait(deadline)
             except NoServerError:  # AMQP: no server has bound a queue to the exchange
                 return []
-            except TimeoutError:
-                sent.cancel()
-                raise ConnectionLostError(f"broadcast to {queue!r} not sent within {timeout}s") from None
             finally:
                 del self._broadcasts[correlation_id]
 
@@ -726,6 +710,23 @@ class Client:
             raise
         except Exception as exc:
             raise RemoteError("MalformedReply", f"reply could not be decoded: {exc}") from exc
+
+
+def _wait_sent(sent: Future[None], timeout: float, what: str) -> None:
+    """Wait until the publisher sent a request; raise what publishing raised.
+
+    Raises:
+        ConnectionLostError: Not sent within ``timeout`` (it is then never sent, unless
+            its publish had already begun).
+    """
+    try:
+        sent.result(timeout)
+    except TimeoutError:
+        if sent.cancel():
+            raise ConnectionLostError(f"{what} not sent: the broker took no message for {timeout}s") from None
+        raise ConnectionLostError(
+            f"{what} may not have been sent: publishing it took over {timeout}s"
+        ) from None
 
 
 class _Closed(Exception):
