@@ -1,12 +1,12 @@
-"""The calling side's machinery: pending calls, the reply listener and the publisher.
+"""The calling side's machinery: pending calls, replies, and how requests are published.
 
-:class:`Client` owns two threads, each with its own connection: the publisher, which
-publishes the requests that calling threads queue for it, in order, and the reply
-listener, which consumes the proxy's reply queue and completes futures by correlation
-id. Callers only queue and wait on futures, so no broker I/O ever blocks them past
-their deadline. Two variations: on memory://, where a publish cannot stall, callers
-publish themselves (no publisher thread); with RabbitMQ direct reply-to, the listener
-publishes too, on the channel it consumes from, as RabbitMQ requires.
+On RabbitMQ, :class:`~kombu_rpc.amqp_link.AmqpLink` publishes requests and reads
+replies and confirms on one connection, from the calling threads themselves (see that
+module). Elsewhere :class:`Client` owns two threads, each with its own connection: the
+publisher, which publishes the requests that calling threads queue for it, in order,
+and the reply listener, which consumes the proxy's reply queue and completes futures
+by correlation id; on memory://, where a publish cannot stall, callers publish
+themselves. Either way no broker I/O ever blocks a caller past its deadline.
 """
 
 from __future__ import annotations
@@ -14,20 +14,19 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import select
-import socket
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 from time import monotonic
 from typing import Any
 
-from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu import Connection, Consumer, Exchange, Producer
 from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
+from .amqp_link import AmqpLink
 from .codecs import Codec, check_codec
 from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, reconnect
 from .errors import (
@@ -50,8 +49,6 @@ from .topology import (
 
 logger = logging.getLogger(__name__)
 
-#: AMQP reply code of a ``basic.return`` for a message no queue is bound to take.
-NO_ROUTE = 312
 #: Longest time the listener blocks in ``drain_events`` (for heartbeats).
 IDLE_WAIT = 1.0
 
@@ -112,13 +109,14 @@ class _Gathering:
             self.replies.append(reply)
             self._cond.notify_all()
 
+    def complete(self) -> bool:
+        """True once ``expect`` replies arrived."""
+        return self._expect is not None and len(self.replies) >= self._expect
+
     def wait(self, deadline: float) -> list[BroadcastReply]:
         """Wait until ``expect`` replies arrived or the (monotonic) deadline passed."""
         with self._cond:
-            expect = self._expect
-            self._cond.wait_for(
-                lambda: expect is not None and len(self.replies) >= expect, max(0.0, deadline - monotonic())
-            )
+            self._cond.wait_for(self.complete, max(0.0, deadline - monotonic()))
             return list(self.replies)
 
 
@@ -145,6 +143,12 @@ class _Outgoing:
             return self.sent.set_running_or_notify_cancel()
         return self.correlation_id is None or self.correlation_id in pending
 
+    def wanted(self, pending: PendingCalls) -> bool:
+        """True if a claimed request whose publish may have been lost should go again."""
+        if self.sent is not None:
+            return not self.sent.done()
+        return self.correlation_id is None or self.correlation_id in pending
+
     def publish_timeout(self) -> float:
         """How long publishing may block: until the deadline, at most PUBLISH_TIMEOUT."""
         if self.deadline is None:
@@ -152,12 +156,13 @@ class _Outgoing:
         return max(0.001, min(PUBLISH_TIMEOUT, self.deadline - monotonic()))
 
     def done(self) -> None:
-        if self.sent is not None:
+        if self.sent is not None and not self.sent.done():  # a returned cast failed already
             self.sent.set_result(None)
 
     def fail(self, pending: PendingCalls, exc: RPCError) -> None:
         if self.sent is not None:
-            self.sent.set_exception(exc)
+            if not self.sent.done():
+                self.sent.set_exception(exc)
         elif self.correlation_id is not None:
             entry = pending.pop(self.correlation_id)
             if entry is not None:
@@ -274,9 +279,8 @@ class Client:
             with it (see :func:`kombu_rpc.protocol.check_signature`).
         codec: The wire format (:mod:`kombu_rpc.codecs`); ``None``: the default.
         direct_reply_to: On RabbitMQ, take replies through the ``amq.rabbitmq.reply-to``
-            pseudo-queue instead of a declared reply queue. The listener thread then
-            also publishes the requests, on the channel it consumes from, as RabbitMQ
-            requires; replies to calls in flight are lost if that connection drops.
+            pseudo-queue instead of a declared reply queue; replies to calls in flight
+            are lost if the connection drops.
     """
 
     def __init__(
@@ -299,6 +303,7 @@ class Client:
         self.serializer = serializer
         self._accept = {serializer, "json"}
         self._retry_policy = retry_policy
+        self._amqp = connection.transport.driver_type == "amqp"
         self._inline = connection.transport.driver_type == "memory"
         self._closing = False
         self._fresh_state()
@@ -309,18 +314,25 @@ class Client:
         queue belongs to the parent's connection)."""
         self._pid = os.getpid()
         self.reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
-        self._wake_r: socket.socket | None = None  # direct reply-to: wakes the listener
-        self._wake_w: socket.socket | None = None
-        if self._direct:
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._wake_w.setblocking(False)
         self._pending = PendingCalls()
         self._lock = threading.Lock()  # guards starting and closing
+        self._link: AmqpLink | None = None  # AMQP
+        self._link_started = False
+        if self._amqp:
+            self._link = AmqpLink(
+                self._connection,
+                self.reply_queue,
+                self._direct,
+                self._confirm_publish,
+                self._retry_policy,
+                self._pending,
+                self._on_reply,
+                self._accept,
+            )
         self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
         self._producer: Producer | None = None  # the inline publisher's
-        self._direct_producer: Producer | None = None  # direct reply-to: the listener's
         self._inline_lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listener_error: BaseException | None = None
@@ -329,13 +341,20 @@ class Client:
     # -- public --------------------------------------------------------------------
 
     def call(
-        self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+        self,
+        queue: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        attended: bool = False,
     ) -> Future[Any]:
-        """Queue a request for publishing and return the future of its result.
+        """Send a request (or queue it for publishing) and return the future of its result.
 
         The future fails with :class:`RPCTimeout` at the deadline even if the request
         could not be published by then (a stalled connection), and with
         :class:`NoServerError` or :class:`ConnectionLostError` if publishing failed.
+        ``attended``: the caller goes on to wait in :meth:`result`.
         """
         correlation_id = new_id()
         with context.client_span(method, queue, correlation_id) as span:
@@ -350,8 +369,16 @@ class Client:
         future = self._pending.add(correlation_id, method, timeout, span)
         properties = {"reply_to": self.reply_queue, "correlation_id": correlation_id, "expiration": timeout}
         deadline = None if timeout is None else monotonic() + timeout
-        self._submit(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id))
+        self._submit(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id), attended)
         return future
+
+    def result(self, future: Future[Any], timeout: float | None) -> Any:
+        """Wait up to ``timeout`` seconds for a call's result (reading replies in this
+        thread on AMQP); raises what the call raised, or :class:`TimeoutError`."""
+        if self._link is not None and not future.done():
+            self._link.wait(future.done, timeout)
+            return future.result(0)
+        return future.result(timeout)
 
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Publish a request that asks for no reply; returns once the broker took it.
@@ -367,9 +394,10 @@ class Client:
             self._start()
             sent: Future[None] = Future()
             self._submit(
-                _Outgoing(encoded, queue, headers, {"correlation_id": correlation_id}, None, sent=sent)
+                _Outgoing(encoded, queue, headers, {"correlation_id": correlation_id}, None, sent=sent),
+                attended=True,
             )
-            _wait_sent(sent, PUBLISH_TIMEOUT, f"cast to {method!r}")
+            self._wait_sent(sent, PUBLISH_TIMEOUT, f"cast to {method!r}")
 
     def broadcast(
         self,
@@ -401,9 +429,12 @@ class Client:
             exchange = broadcast_exchange(queue)
             try:
                 self._submit(
-                    _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange)
+                    _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange),
+                    attended=True,
                 )
-                _wait_sent(sent, timeout, f"broadcast of {method!r}")
+                self._wait_sent(sent, timeout, f"broadcast of {method!r}")
+                if self._link is not None:
+                    self._link.wait(gathering.complete, deadline - monotonic())
                 return gathering.wait(deadline)
             except NoServerError:  # AMQP: no server has bound a queue to the exchange
                 return []
@@ -417,12 +448,12 @@ class Client:
             if self._closing:
                 return
             self._closing = True
-            listener, publisher = self._listener, self._publisher
-        if listener is not None and listener.is_alive() and self._direct:
-            self._outbox.put(None)  # the listener publishes too: it stops at this
-            self._wake_listener()
-        elif listener is not None and listener.is_alive():  # wake it out of drain_events
-            self._submit(_Outgoing(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS), {}, None))
+            listener, publisher, link = self._listener, self._publisher, self._link
+        if link is not None and self._link_started:
+            link.close()
+        if listener is not None and listener.is_alive():  # wake it out of drain_events
+            wake = _Outgoing(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS), {}, None)
+            self._submit(wake, attended=True)
         if publisher is not None:
             self._outbox.put(None)
             publisher.join(PUBLISH_TIMEOUT)
@@ -434,10 +465,9 @@ class Client:
                 self._producer = None
         if listener is not None:
             listener.join()
-        for sock in (self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
         self._pending.fail_all(CallError, "proxy closed before the reply arrived")
+        if link is not None:
+            link.wake_waiters()
         self._pending.close()
 
     @property
@@ -471,7 +501,9 @@ class Client:
         return encoded, headers
 
     def _start(self) -> None:
-        """Start the reply listener and the publisher thread, unless running."""
+        """Start the AMQP link, or the reply listener and the publisher thread, unless running."""
+        if self._link_started and not self._closing and self._pid == os.getpid():
+            return
         listener = self._listener
         if listener is not None and listener.is_alive() and not self._closing:
             return
@@ -480,6 +512,16 @@ class Client:
         with self._lock:
             if self._closing:
                 raise CallError("the proxy is closed")
+            if self._link is not None:
+                if not self._link_started:
+                    try:
+                        self._link.start()
+                    except Exception as exc:
+                        raise ConnectionLostError(
+                            f"cannot connect to {self._connection.as_uri()}: {exc}"
+                        ) from exc
+                    self._link_started = True
+                return
             if self._listener is not None and self._listener.is_alive():
                 return
             self._ready.clear()
@@ -491,33 +533,49 @@ class Client:
                 raise ConnectionLostError(
                     f"cannot consume replies from {self._connection.as_uri()}: {self._listener_error}"
                 ) from self._listener_error
-            if self._publisher is None and not self._inline and not self._direct:
+            if self._publisher is None and not self._inline:
                 self._publisher = threading.Thread(
                     target=self._publish_loop, name="kombu_rpc-publisher", daemon=True
                 )
                 self._publisher.start()
 
-    # -- the publisher thread ----------------------------------------------------------
+    # -- publishing, and the publisher thread ----------------------------------------------
 
-    def _submit(self, job: _Outgoing) -> None:
-        """Have ``job`` published: by the publisher thread, or right here on memory://,
-        where a publish cannot stall (it saves a thread hand-off per call)."""
-        if self._inline:
+    def _submit(self, job: _Outgoing, attended: bool) -> None:
+        """Have ``job`` published: through the AMQP link, by the publisher thread, or
+        right here on memory://, where a publish cannot stall (it saves a thread
+        hand-off per call). ``attended``: the caller waits for the outcome itself."""
+        if self._link is not None:
+            self._link.submit(job, attended)
+        elif self._inline:
             with self._inline_lock:
                 if self._producer is None:
                     self._producer = self._new_producer()
                 self._send(self._producer, job)
         else:
             self._outbox.put(job)
-            if self._direct:
-                self._wake_listener()
 
-    def _wake_listener(self) -> None:
-        assert self._wake_w is not None
+    def _wait_sent(self, sent: Future[None], timeout: float, what: str) -> None:
+        """Wait until a request was sent (confirmed on AMQP); raise what publishing raised.
+
+        Raises:
+            ConnectionLostError: Not sent within ``timeout`` (it is then never sent,
+                unless its publish had already begun).
+        """
         try:
-            self._wake_w.send(b"\0")
-        except BlockingIOError:  # full: the listener has wake-ups pending anyway
-            pass
+            if self._link is not None:
+                self._link.wait(sent.done, timeout)
+                sent.result(0)
+            else:
+                sent.result(timeout)
+        except TimeoutError:
+            if sent.cancel():
+                raise ConnectionLostError(
+                    f"{what} not sent: the broker took no message for {timeout}s"
+                ) from None
+            raise ConnectionLostError(
+                f"{what} may not have been sent: publishing it took over {timeout}s"
+            ) from None
 
     def _new_producer(self) -> Producer:
         return Producer(publishing_clone(self._connection, self._confirm_publish), auto_declare=False)
@@ -556,7 +614,7 @@ class Client:
         try:
             publish(
                 producer,
-                None if self._direct else self._retry_policy,  # the listener reconnects
+                self._retry_policy,
                 body=job.encoded.payload,
                 exchange=job.exchange or "",
                 declare=[job.exchange] if job.exchange else None,
@@ -569,21 +627,18 @@ class Client:
                 confirm_timeout=timeout,
                 **job.properties,
             )
-        except producer.connection.channel_errors as exc:
-            if getattr(exc, "reply_code", None) == NO_ROUTE:
-                raise NoServerError(f"no queue {job.queue!r} on the broker: is a server running?") from None
-            raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
-        except (*producer.connection.connection_errors, OperationalError, OSError) as exc:
+        except (
+            *producer.connection.channel_errors,
+            *producer.connection.connection_errors,
+            OperationalError,
+            OSError,
+        ) as exc:
             raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
 
     # -- the listener thread ---------------------------------------------------------
 
     def _listen(self) -> None:
-        conn = (
-            publishing_clone(self._connection, self._confirm_publish)
-            if self._direct
-            else self._connection.clone()
-        )
+        conn = self._connection.clone()
         try:
             conn.ensure_connection(**self._retry_policy)
             consumer = self._consume_replies(conn)
@@ -597,10 +652,7 @@ class Client:
             while not self._closing:
                 try:
                     conn.heartbeat_check()
-                    if self._direct:
-                        self._pump(conn, consumer)
-                    else:
-                        conn.drain_events(timeout=IDLE_WAIT)
+                    conn.drain_events(timeout=IDLE_WAIT)
                 except TimeoutError:
                     pass
                 except conn.connection_errors as exc:
@@ -612,42 +664,15 @@ class Client:
                 consumer.cancel()
             except conn.connection_errors + conn.channel_errors:
                 pass
-            if not self._direct:
-                for queue in consumer.queues:
-                    discard_queue(queue)
+            for queue in consumer.queues:
+                discard_queue(queue)
             conn.release()
-
-    def _pump(self, conn: Connection, consumer: Consumer) -> None:
-        """Direct reply-to: publish the queued requests on the consuming channel, then
-        wait for a reply or a new request (woken through a socket pair)."""
-        producer = self._direct_producer
-        if producer is None or producer.channel is not consumer.channel:
-            producer = self._direct_producer = Producer(consumer.channel, auto_declare=False)
-        while True:
-            try:
-                job = self._outbox.get_nowait()
-            except Empty:
-                break
-            if job is None:
-                raise _Closed()
-            self._send(producer, job)
-        assert self._wake_r is not None
-        sock = conn.connection.sock
-        readable, _, _ = select.select([sock, self._wake_r], [], [], IDLE_WAIT)
-        if self._wake_r in readable:
-            self._wake_r.recv(4096)
-        if sock in readable:
-            while True:  # every frame already there; raises TimeoutError when done
-                conn.drain_events(timeout=0)
 
     def _consume_replies(self, conn: Connection) -> Consumer:
         """Declare the reply queue on a fresh channel and consume it."""
         channel = conn.channel()
-        if self._direct:
-            queue = Queue(DIRECT_REPLY_TO, no_declare=True)(channel)
-        else:
-            queue = private_queue(self.reply_queue)(channel)
-            queue.declare()
+        queue = private_queue(self.reply_queue)(channel)
+        queue.declare()
         consumer = Consumer(channel, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept)
         consumer.on_decode_error = self._on_reply
         consumer.consume()
@@ -710,23 +735,6 @@ class Client:
             raise
         except Exception as exc:
             raise RemoteError("MalformedReply", f"reply could not be decoded: {exc}") from exc
-
-
-def _wait_sent(sent: Future[None], timeout: float, what: str) -> None:
-    """Wait until the publisher sent a request; raise what publishing raised.
-
-    Raises:
-        ConnectionLostError: Not sent within ``timeout`` (it is then never sent, unless
-            its publish had already begun).
-    """
-    try:
-        sent.result(timeout)
-    except TimeoutError:
-        if sent.cancel():
-            raise ConnectionLostError(f"{what} not sent: the broker took no message for {timeout}s") from None
-        raise ConnectionLostError(
-            f"{what} may not have been sent: publishing it took over {timeout}s"
-        ) from None
 
 
 class _Closed(Exception):

@@ -186,12 +186,14 @@ class MethodProxy:
             ConnectionLostError: The broker could not be reached.
             SerializationError: The arguments cannot be encoded.
         """
-        future = self.call_async(*args, **kwargs)
-        timeout = self._proxy._timeout
+        proxy = self._proxy
+        timeout = proxy._timeout
+        client = proxy._client
+        future = client.call(proxy._queue, self._checked_name(), args, kwargs, timeout, attended=True)
         try:
             # The client fails the future at its deadline; the caller's own bounded
             # wait is a second guard, so that a sync call can never hang past it.
-            return future.result(None if timeout is None else timeout + _GUARD)
+            return client.result(future, None if timeout is None else timeout + _GUARD)
         except TimeoutError:
             if future.done():
                 raise

@@ -183,7 +183,7 @@ def test_tcp_fault_under_load_ends_every_call_by_its_timeout(
         proxy = RPCProxy(via if side == "proxy" else broker_url, queue=queue_name, timeout=2)
         with server.running(), proxy:
             assert proxy.echo("before") == "before"
-            assert tcp.connections >= 2
+            assert tcp.connections >= 1  # the traffic goes through the TCP proxy
             accepted = tcp.accepted
             load = Load()
 
