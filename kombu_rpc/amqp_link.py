@@ -41,6 +41,14 @@ logger = logging.getLogger(__name__)
 
 #: Longest time anyone blocks reading the connection, and the idle check's period.
 IDLE_WAIT = 1.0
+#: Longest wait for the rest of a frame whose start has arrived.
+FRAME_WAIT = 1.0
+
+
+def _tls_pending(sock: Any) -> bool:
+    """True if a TLS socket holds decrypted bytes that select() cannot see."""
+    pending = getattr(sock, "pending", None)
+    return bool(pending is not None and pending())
 
 
 class _Closed(Exception):
@@ -310,25 +318,27 @@ class AmqpLink:
         """Wait up to ``timeout`` for the socket to be readable (or a wake-up), then
         handle every frame already there. Only the leader calls this."""
         sock = self._conn.connection.sock
-        waiting = [self._wake_r] if getattr(sock, "pending", lambda: 0)() else [sock, self._wake_r]
-        try:
-            readable, _, _ = select.select(waiting, [], [], timeout if len(waiting) == 2 else 0)
-        except (OSError, ValueError):  # closed under us: the next round sees why
-            return
-        if self._wake_r in readable:
+        if not _tls_pending(sock):
             try:
-                self._wake_r.recv(4096)
-            except BlockingIOError:
-                pass
-        if sock not in readable and len(waiting) == 2:
-            return
+                readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
+            except (OSError, ValueError):  # closed under us: the next round sees why
+                return
+            if self._wake_r in readable:
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            if sock not in readable:
+                return
         with self._io:
             if self._closed or self._broken is not None:
                 return
             try:
-                while True:  # every complete frame; raises TimeoutError when none is left
-                    self._conn.drain_events(timeout=0)
-            except TimeoutError:
+                while True:  # one frame at a time, while bytes are waiting
+                    self._conn.drain_events(timeout=FRAME_WAIT)
+                    if not (_tls_pending(sock) or select.select([sock], [], [], 0)[0]):
+                        break
+            except TimeoutError:  # the rest of a frame is late: py-amqp keeps the start
                 pass
             except (*self._conn.connection_errors, *self._conn.channel_errors, OSError) as exc:
                 self._lose(exc)
