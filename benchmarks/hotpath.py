@@ -119,10 +119,17 @@ def _always(frames: list[str]) -> bool:
 RULES: dict[str, list[Rule]] = {
     "caller (MainThread)": [
         ("idle: wait for the reply (Future.result)", _any("Future.result")),
+        ("idle: wait for a reply or confirm (select)", _leaf("AmqpLink._read")),
+        ("demux: decode reply, match id, complete future", _any("Client._on_reply")),
+        ("read: confirms", _any("AmqpLink._on_ack")),
+        ("read: AMQP frames, kombu message conversion", _any("Connection.drain_events")),
+        ("publish: socket write", _all(_any("AmqpLink._publish"), _leaf("_AbstractTransport.write"))),
+        ("publish: AMQP frames, kombu Producer.publish", _any("AmqpLink._publish")),
         ("serialize the request (kombu dumps, JSON)", _any("encode", "dumps")),
         ("build the request (uuid4, headers, deadline)", _any("Client._request", "new_id", "uuid4")),
         ("pending-call bookkeeping (future, deadline heap)", _any("PendingCalls.add")),
-        ("queue for the publisher thread", _any("Client.call", "Client._start")),
+        ("leader/follower bookkeeping", _any("AmqpLink.wait")),
+        ("queue for the publisher thread (Redis)", _any("Client.call", "Client._start")),
         ("proxy layer (MethodProxy, name check)", _always),
     ],
     "kombu_rpc-publisher": [
