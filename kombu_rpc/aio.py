@@ -3,8 +3,8 @@
 kombu is synchronous, so the async proxy drives the same machinery as
 :class:`~kombu_rpc.proxy.RPCProxy`: one :class:`~kombu_rpc.client.Client` with one
 reply queue, read by a thread of the client that completes a
-:class:`concurrent.futures.Future` per call by correlation id. Each of these futures is bridged to the event loop with
-``asyncio.wrap_future``.
+:class:`concurrent.futures.Future` per call by correlation id. Each of these
+futures is bridged to the event loop with ``asyncio.wrap_future``.
 
 Every step that can block (connecting on the first call, encoding and publishing a
 request, closing) runs on one worker thread owned by the proxy and shared by its

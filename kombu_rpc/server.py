@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import signal
+import socket
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -55,9 +57,11 @@ logger = logging.getLogger(__name__)
 
 #: Longest time the consume loop blocks (bounds heartbeat checks).
 IDLE_WAIT = 1.0
-#: While some calls run in worker threads, the loop polls for their completion with
-#: a wait that starts here and doubles up to ``_POLL_MAX`` (acks must be sent from
-#: the thread that owns the channel).
+#: Acks must be sent from the thread that owns the channel, so with ``concurrency > 1``
+#: the consume loop must notice when a worker finishes. On AMQP a worker wakes it at
+#: once through a socket pair (:meth:`RPCServer._wait_amqp`); on Redis and memory://,
+#: while calls are in flight, the loop polls with a wait that starts at ``_POLL_MIN``
+#: and doubles up to ``_POLL_MAX``.
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
 
 
@@ -159,14 +163,23 @@ class RPCServer:
         self._started = threading.Event()  # consuming, or failed to start
         self._serving = threading.Lock()  # held while run() or running() serves
         self._cond = threading.Condition()  # guards _done / _in_flight
-        self._done: deque[tuple[Message, int, bool]] = deque()
+        self._done: deque[tuple[Message, int, bool | int]] = deque()
         self._in_flight = 0
+        self._wake_r: socket.socket | None = None  # AMQP, concurrency > 1: a worker
+        self._wake_w: socket.socket | None = None  # finished (one byte per call)
         self._generation = 0
         self._connection_errors: tuple[type[BaseException], ...] = ()
         self._executor: ThreadPoolExecutor | None = None
-        self._producers: list[Producer] = []  # every thread's reply producer
+        self._producers: list[Producer] = []  # every worker thread's reply producer
         self._producers_lock = threading.Lock()
         self._local = threading.local()
+        # The consuming thread replies on the channel it consumes from; on AMQP with
+        # confirms, a request is acked once the broker confirmed its reply.
+        self._consuming_thread: int | None = None
+        self._channel_producer: Producer | None = None
+        self._confirming = False
+        self._reply_tag = 0  # delivery tag of the last reply published on that channel
+        self._unconfirmed: dict[int, Message] = {}  # reply tag -> request to ack
         self._loop: asyncio.AbstractEventLoop | None = None  # runs async def functions
         self._loop_lock = threading.Lock()
         self._builtins = {
@@ -298,6 +311,9 @@ class RPCServer:
             if self.concurrency > 1
             else None
         )
+        if self._executor is not None and conn.transport.driver_type == "amqp":
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_w.setblocking(False)
         try:
             while not self._stopping.is_set():
                 try:
@@ -314,6 +330,11 @@ class RPCServer:
             self._drain_in_flight()
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
+            with self._cond:  # a call still running must not write to a closed socket
+                wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, None, None
+            for sock in (wake_r, wake_w):
+                if sock is not None:
+                    sock.close()
             self._stop_loop()
             with self._producers_lock:
                 producers, self._producers = self._producers, []
@@ -324,6 +345,7 @@ class RPCServer:
 
     def _consume(self, conn: Connection) -> None:
         channel = conn.channel()
+        self._reply_on(channel, conn.transport.driver_type == "amqp" and self.confirm_publish)
         requests = request_queue(self.queue, self.durable, self.queue_arguments)(channel)
         control = private_queue(self._control_queue)(channel)
         broadcasts = broadcast_queue(self.queue, self.server_id)(channel)
@@ -358,6 +380,9 @@ class RPCServer:
                     with self._cond:
                         self._cond.wait_for(lambda: self._done or self._stopping.is_set(), IDLE_WAIT)
                     continue
+                if self._wake_r is not None:
+                    self._wait_amqp(conn, self._wake_r)
+                    continue
                 try:
                     conn.drain_events(timeout=IDLE_WAIT if self._in_flight == 0 else wait)
                     wait = _POLL_MIN
@@ -366,6 +391,7 @@ class RPCServer:
             for consumer in consumers:
                 consumer.cancel()
             self._drain_in_flight()
+            self._await_confirms(conn)
         finally:
             discard_queue(control)
             discard_queue(broadcasts)
@@ -373,6 +399,70 @@ class RPCServer:
                 channel.close()
             except conn.connection_errors + conn.channel_errors:
                 pass
+
+    def _reply_on(self, channel: Any, confirming: bool) -> None:
+        """Have the consuming thread reply on ``channel`` (in confirm mode if ``confirming``)."""
+        self._consuming_thread = threading.get_ident()
+        self._channel_producer = Producer(channel, auto_declare=False)
+        self._confirming = confirming
+        self._reply_tag = 0
+        self._unconfirmed = {}  # a lost channel's requests are redelivered anyway
+        if confirming:
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_reply_confirmed)
+            channel.events["basic_nack"].add(self._on_reply_refused)
+
+    def _on_reply_confirmed(self, delivery_tag: int, multiple: bool) -> None:
+        for message in self._confirmed(delivery_tag, multiple):
+            self._settle_message(message, True)
+
+    def _on_reply_refused(self, delivery_tag: int, multiple: bool) -> None:
+        for message in self._confirmed(delivery_tag, multiple):
+            logger.error("the broker refused a reply; requeueing its request")
+            self._settle_message(message, False)
+
+    def _confirmed(self, delivery_tag: int, multiple: bool) -> list[Message]:
+        if not multiple:
+            message = self._unconfirmed.pop(delivery_tag, None)
+            return [] if message is None else [message]
+        tags = [tag for tag in self._unconfirmed if tag <= delivery_tag]
+        return [self._unconfirmed.pop(tag) for tag in tags]
+
+    def _await_confirms(self, conn: Connection) -> None:
+        """Before a graceful stop, read the confirms of replies already sent, so that
+        their requests are acked rather than redelivered (up to :attr:`shutdown_timeout`)."""
+        deadline = monotonic() + self.shutdown_timeout
+        while self._unconfirmed and (remaining := deadline - monotonic()) > 0:
+            try:
+                conn.drain_events(timeout=min(remaining, IDLE_WAIT))
+            except TimeoutError:
+                pass
+
+    def _wait_amqp(self, conn: Connection, wake_r: socket.socket) -> None:
+        """Wait until the broker sends something, a worker finishes (a byte on
+        ``wake_r``), or :data:`IDLE_WAIT` passes; handle one method if one came.
+
+        ``select`` sees every byte py-amqp has not read yet: py-amqp reads exactly the
+        bytes of the frame it parses, and keeps in its read buffer only a frame cut
+        short by a timeout, whose rest is still to come on the socket. TLS is the
+        exception: decrypted bytes wait in the ``SSLSocket`` (``pending()``).
+
+        Data is there when ``drain_events`` starts, so it returns as soon as a method
+        is complete; its timeout only bounds a frame that stalls halfway, or a
+        heartbeat frame with nothing after it (``timeout=0`` would spin on the first).
+        """
+        sock = conn.connection.sock
+        pending = getattr(sock, "pending", None)
+        if pending is None or not pending():
+            readable, _, _ = select.select([sock, wake_r], [], [], IDLE_WAIT)
+            if wake_r in readable:
+                wake_r.recv(4096)
+            if sock not in readable:
+                return
+        try:
+            conn.drain_events(timeout=_POLL_MAX)
+        except TimeoutError:
+            pass
 
     def _drain_in_flight(self) -> None:
         """Wait (up to :attr:`shutdown_timeout`) for calls in flight and settle them."""
@@ -488,6 +578,11 @@ class RPCServer:
         with self._cond:
             self._done.append((message, generation, ok))
             self._cond.notify_all()
+            if self._wake_w is not None:
+                try:
+                    self._wake_w.send(b"\0")
+                except BlockingIOError:  # full: the loop has wake-ups pending anyway
+                    pass
 
     def _execute(
         self,
@@ -497,9 +592,9 @@ class RPCServer:
         message: Message,
         address: protocol.ReplyAddress | None,
         serializer: str,
-    ) -> bool:
-        """Run the function as the current call and publish its reply; False if the
-        reply could not be sent."""
+    ) -> bool | int:
+        """Run the function as the current call and publish its reply; returns what
+        :meth:`_reply` returns (True for a cast)."""
         started = monotonic()
         with context.server_span(call, self.queue, message.headers) as span:
             try:
@@ -526,8 +621,10 @@ class RPCServer:
             return True
         return self._reply(address, body, serializer)
 
-    def _reply(self, address: protocol.ReplyAddress, body: dict[str, Any], serializer: str) -> bool:
-        """Publish a reply; returns False when the broker did not take it."""
+    def _reply(self, address: protocol.ReplyAddress, body: dict[str, Any], serializer: str) -> bool | int:
+        """Publish a reply; returns False when the broker did not take it, or the
+        delivery tag of a reply whose confirm is still to come (see
+        :meth:`_settle_message`)."""
         try:
             encoded, headers = self.codec.encode_reply(body, serializer)
         except SerializationError as exc:
@@ -538,10 +635,12 @@ class RPCServer:
             headers.update(
                 protocol.signature_headers(self._secret, "reply", encoded, address.correlation_id, "", None)
             )
+        on_channel = threading.get_ident() == self._consuming_thread and self._channel_producer is not None
         try:
             publish(
                 self._producer(),
-                self._retry_policy,
+                # On the consuming channel, a lost connection is the consume loop's to handle
+                None if on_channel else self._retry_policy,
                 body=encoded.payload,
                 exchange="",
                 routing_key=address.reply_to,
@@ -555,11 +654,16 @@ class RPCServer:
         except Exception as exc:
             logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
             return False
+        if on_channel and self._confirming:
+            self._reply_tag += 1
+            return self._reply_tag
         return True
 
     def _producer(self) -> Producer:
-        """This thread's reply producer: each thread that runs calls (the consuming one,
-        or a worker) publishes on a connection of its own, made on its first reply."""
+        """This thread's reply producer: the consuming thread replies on the channel it
+        consumes from, each worker on a connection of its own, made on its first reply."""
+        if threading.get_ident() == self._consuming_thread and self._channel_producer is not None:
+            return self._channel_producer
         producer: Producer | None = getattr(self._local, "producer", None)
         if producer is None:
             conn = publishing_clone(self._connection, self.confirm_publish)
@@ -615,8 +719,12 @@ class RPCServer:
             if generation == self._generation:
                 self._settle_message(message, ok)
 
-    def _settle_message(self, message: Message, ok: bool) -> None:
-        """Ack a handled request, or requeue it when its reply could not be sent."""
+    def _settle_message(self, message: Message, ok: bool | int) -> None:
+        """Ack a handled request, or requeue it when its reply could not be sent; a
+        reply's delivery tag for ``ok`` defers the ack until the broker confirms it."""
+        if ok is not True and ok is not False:
+            self._unconfirmed[ok] = message
+            return
         try:
             if ok:
                 message.ack()
