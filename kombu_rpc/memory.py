@@ -3,8 +3,14 @@
 kombu's virtual transports poll: an idle ``drain_events`` sleeps
 ``polling_interval`` (1 s by default) between empty reads, so memory:// is either
 slow (long interval) or spins a core (short interval). This subclass keeps kombu's
-process-wide memory broker state, and wakes waiting consumers through one condition
-whenever a message is put, so it is both fast and idle at zero CPU.
+process-wide memory broker state, and wakes waiting consumers when a message is put,
+so it is both fast and idle at zero CPU.
+
+The wake-ups are targeted: each connection (transport) has a waker of its own,
+registered under the queues its channels consume. A message put on a queue (directly,
+through an exchange, or redelivered) wakes only the connections consuming that queue;
+for a fanout exchange, those consuming any queue bound to it. Several connections
+consuming one queue are all woken, and one of them gets the message.
 
 Messages put through kombu's plain memory transport land in the same queues but
 do not wake the waiters; they are picked up within ``polling_interval``.
@@ -13,6 +19,8 @@ do not wake the waiters; they are picked up within ``polling_interval``.
 from __future__ import annotations
 
 import threading
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from queue import Empty
 from time import monotonic
@@ -20,38 +28,175 @@ from typing import Any
 
 from kombu.transport import memory
 
+__all__ = ["Channel", "Transport"]
 
-class _PutSignal:
-    """A counter bumped on every put, with a condition to wait for it to change."""
+
+class _Waker:
+    """A wake-up token for one connection's ``drain_events``: set by puts, taken by the waiter.
+
+    The token is a plain lock that is released (token set) by :meth:`wake` and
+    acquired (token taken) by the waiter. Nothing here blocks a putter, so a signal
+    handler may put a message while its own thread waits in :meth:`wait`.
+    """
+
+    __slots__ = ("_lock", "queues")
 
     def __init__(self) -> None:
-        # Re-entrant: a signal handler may put a message while its thread waits here.
-        self._cond = threading.Condition(threading.RLock())
-        self.seq = 0
+        self._lock = threading.Lock()
+        self._lock.acquire()  # no token yet
+        #: How many consumers of this connection consume each queue.
+        self.queues: Counter[str] = Counter()
 
-    def bump(self) -> None:
-        with self._cond:
-            self.seq += 1
-            self._cond.notify_all()
+    def wake(self) -> None:
+        """Set the token (it is set at most once: further wakes are absorbed)."""
+        lock = self._lock
+        if lock.locked():
+            try:
+                lock.release()
+            except RuntimeError:  # another put set it in between
+                pass
 
-    def wait_past(self, seq: int, timeout: float | None) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self.seq != seq, timeout)
+    def clear(self) -> None:
+        """Take the token if set, without waiting."""
+        self._lock.acquire(blocking=False)
+
+    def wait(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds (``None``: no limit) for the token, and take it."""
+        if timeout is None:
+            self._lock.acquire()
+        else:
+            self._lock.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
 
 
-_signal = _PutSignal()
+class _Registry:
+    """Which wakers to wake for a put on each queue.
+
+    Readers (puts) take no lock: each queue maps to a tuple that is replaced, never
+    changed in place. Writers (consume, cancel, close) hold a re-entrant lock, as a
+    signal handler may open and close a connection while its thread is in here.
+    Queues nobody consumes are dropped, so the map does not grow with the number of
+    connections or reply queues ever used.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.wakers: dict[str, tuple[_Waker, ...]] = {}
+        #: Wakers of connections collected unclosed, dropped by the next writer.
+        self._abandoned: list[_Waker] = []
+
+    def add(self, queue: str, waker: _Waker) -> None:
+        with self._lock:
+            self._reap()
+            waker.queues[queue] += 1
+            if waker.queues[queue] == 1:
+                self.wakers[queue] = (*self.wakers.get(queue, ()), waker)
+
+    def discard(self, queue: str, waker: _Waker) -> None:
+        with self._lock:
+            self._reap()
+            count = waker.queues.get(queue, 0)
+            if count > 1:
+                waker.queues[queue] = count - 1
+            elif count == 1:
+                del waker.queues[queue]
+                self._drop(queue, waker)
+
+    def abandon(self, waker: _Waker) -> None:
+        """Forget ``waker`` at the next change (called from a finalizer, which may run
+        in any thread at any point, even one in the middle of a change)."""
+        if waker.queues:
+            self._abandoned.append(waker)
+
+    def _reap(self) -> None:
+        while self._abandoned:
+            waker = self._abandoned.pop()
+            for queue in waker.queues:
+                self._drop(queue, waker)
+            waker.queues.clear()
+
+    def _drop(self, queue: str, waker: _Waker) -> None:
+        rest = tuple(other for other in self.wakers.get(queue, ()) if other is not waker)
+        if rest:
+            self.wakers[queue] = rest
+        else:
+            self.wakers.pop(queue, None)
+
+    def wake(self, queue: str) -> None:
+        """Wake every connection consuming ``queue``."""
+        for waker in self.wakers.get(queue, ()):
+            waker.wake()
+
+
+_registry = _Registry()
 
 
 class Channel(memory.Channel):  # type: ignore[misc]
-    """memory:// channel that signals waiting consumers on every put."""
+    """memory:// channel whose puts wake the connections consuming the queue."""
+
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._waker: _Waker = connection._waker
+        #: consumer tag -> the queue registered for it.
+        self._registered: dict[str, str] = {}
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         super()._put(queue, message, **kwargs)
-        _signal.bump()
+        _registry.wake(queue)
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        q = self.queues.get(queue)
+        if q is None:
+            q = self._queue_for(queue)
+        with q.mutex:  # as Queue.get does, without its condition and method calls
+            if q.queue:
+                return q.queue.popleft()
+        raise Empty()
+
+    def _poll(self, cycle: Any, callback: Callable[[Any, str], Any], timeout: float | None = None) -> Any:
+        """Deliver the first message of the consumed queues, starting where the last
+        poll left off (as kombu's ``FairCycle`` does), without an exception per empty
+        queue."""
+        queues = self._active_queues
+        count = len(queues)
+        pos = cycle.pos
+        all_queues = self.queues
+        for i in range(count):
+            index = (pos + i) % count
+            name = queues[index]
+            q = all_queues.get(name)
+            if q is None or not q.queue:
+                continue
+            with q.mutex:  # as Queue.get does, so plain kombu consumers of the queue stay safe
+                if not q.queue:  # another consumer took it
+                    continue
+                message = q.queue.popleft()
+            cycle.pos = index + 1
+            return callback(message, name)
+        raise Empty()
 
     def _put_fanout(self, exchange: str, message: Any, routing_key: str | None = None, **kwargs: Any) -> None:
-        super()._put_fanout(exchange, message, routing_key, **kwargs)
-        _signal.bump()
+        for queue in self._lookup(exchange, routing_key):
+            self._put(queue, message, **kwargs)
+
+    def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any) -> Any:
+        """Consume ``queue``, and have puts on it wake this channel's connection."""
+        self._unregister(consumer_tag)  # a tag consumed again moves to the new queue
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        _registry.add(queue, self._waker)
+        self._registered[consumer_tag] = queue
+        return result
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        """Cancel the consumer; puts on its queue no longer wake this connection for it."""
+        try:
+            return super().basic_cancel(consumer_tag)
+        finally:
+            self._unregister(consumer_tag)
+
+    def _unregister(self, consumer_tag: str) -> None:
+        queue = self._registered.pop(consumer_tag, None)
+        if queue is not None:
+            _registry.discard(queue, self._waker)
 
     def queue_delete(
         self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
@@ -68,26 +213,57 @@ class Transport(memory.Transport):  # type: ignore[misc]
 
     Channel = Channel
 
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        self._waker = _Waker()
+        super().__init__(client, **kwargs)
+        # Consumers are unregistered when cancelled (closing a channel or the
+        # connection cancels them); this also covers a connection dropped unclosed.
+        weakref.finalize(self, _registry.abandon, self._waker).atexit = False
+
     @property
     def default_connection_params(self) -> dict[str, Any]:
         """No host to default to (kombu warns when it falls back to 'localhost')."""
         return {}
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
-        """Deliver one message, waiting up to ``timeout`` seconds for one to be put."""
-        deadline = None if timeout is None else monotonic() + timeout
-        get: Callable[..., None] = self.cycle.get
+        """Deliver one message, waiting up to ``timeout`` seconds for one to be put.
+
+        Raises:
+            TimeoutError: No message within ``timeout`` (``socket.timeout`` is an alias).
+        """
+        waker = self._waker
+        deadline = None
         while True:
-            seq = _signal.seq
-            try:
-                get(self._deliver, timeout=timeout)
+            waker.clear()  # a put from here on sets the token again
+            if self._deliver_next():
                 return
-            except Empty:
-                pass
             wait = self.polling_interval
-            if deadline is not None:
-                remaining = deadline - monotonic()
+            if timeout is not None:
+                now = monotonic()
+                if deadline is None:
+                    deadline = now + timeout
+                remaining = deadline - now
                 if remaining <= 0:
                     raise TimeoutError()
                 wait = remaining if wait is None else min(wait, remaining)
-            _signal.wait_past(seq, wait)
+            waker.wait(wait)
+
+    def _deliver_next(self) -> bool:
+        """Deliver one message, if there is one, from the channels that may consume
+        now (with consumers, under their prefetch limit), taking the channels in turn
+        as kombu's ``FairCycle`` over them does; False if there was none."""
+        channels = self.channels
+        count = len(channels)
+        cycle = self.cycle
+        pos = cycle.pos
+        for i in range(count):
+            index = (pos + i) % count
+            channel = channels[index]
+            if channel._consumers and channel.qos.can_consume():
+                try:
+                    channel._poll(channel.cycle, self._deliver)
+                except Empty:
+                    continue
+                cycle.pos = index + 1
+                return True
+        return False
