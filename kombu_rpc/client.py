@@ -1,12 +1,13 @@
 """The calling side's machinery: pending calls, replies, and how requests are published.
 
-On RabbitMQ, :class:`~kombu_rpc.amqp_link.AmqpLink` publishes requests and reads
-replies and confirms on one connection, from the calling threads themselves (see that
-module). Elsewhere :class:`Client` owns two threads, each with its own connection: the
-publisher, which publishes the requests that calling threads queue for it, in order,
-and the reply listener, which consumes the proxy's reply queue and completes futures
-by correlation id; on memory://, where a publish cannot stall, callers publish
-themselves. Either way no broker I/O ever blocks a caller past its deadline.
+On RabbitMQ, :class:`~kombu_rpc.link.AmqpLink` publishes requests and reads replies
+and confirms on one connection, from the calling threads themselves (see
+:mod:`kombu_rpc.link`). On memory://, callers publish inline (a put cannot stall) and
+read their replies through a :class:`~kombu_rpc.link.MemoryLink`. Elsewhere (Redis)
+:class:`Client` owns two threads, each with its own connection: the publisher, which
+publishes the requests that calling threads queue for it, in order, and the reply
+listener, which consumes the proxy's reply queue and completes futures by correlation
+id. Either way no broker I/O ever blocks a caller past its deadline.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
-from .amqp_link import AmqpLink
 from .codecs import Codec, check_codec
 from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, reconnect
 from .errors import (
@@ -38,6 +38,7 @@ from .errors import (
     RPCError,
     RPCTimeout,
 )
+from .link import AmqpLink, MemoryLink
 from .topology import (
     DIRECT_REPLY_TO,
     REPLY_QUEUE_TEMPLATE,
@@ -316,9 +317,18 @@ class Client:
         self.reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
         self._pending = PendingCalls()
         self._lock = threading.Lock()  # guards starting and closing
-        self._link: AmqpLink | None = None  # AMQP
+        self._link: AmqpLink | MemoryLink | None = None  # AMQP and memory://
         self._link_started = False
-        if self._amqp:
+        if self._inline:
+            self._link = MemoryLink(
+                self._connection,
+                self.reply_queue,
+                self._retry_policy,
+                self._pending,
+                self._on_reply,
+                self._accept,
+            )
+        elif self._amqp:
             self._link = AmqpLink(
                 self._connection,
                 self.reply_queue,
@@ -374,7 +384,7 @@ class Client:
 
     def result(self, future: Future[Any], timeout: float | None) -> Any:
         """Wait up to ``timeout`` seconds for a call's result (reading replies in this
-        thread on AMQP); raises what the call raised, or :class:`TimeoutError`."""
+        thread, except on Redis); raises what the call raised, or :class:`TimeoutError`."""
         if self._link is not None and not future.done():
             self._link.wait(future.done, timeout)
             return future.result(0)
@@ -545,13 +555,15 @@ class Client:
         """Have ``job`` published: through the AMQP link, by the publisher thread, or
         right here on memory://, where a publish cannot stall (it saves a thread
         hand-off per call). ``attended``: the caller waits for the outcome itself."""
-        if self._link is not None:
+        if isinstance(self._link, AmqpLink):
             self._link.submit(job, attended)
         elif self._inline:
             with self._inline_lock:
                 if self._producer is None:
                     self._producer = self._new_producer()
                 self._send(self._producer, job)
+            if not attended and self._link is not None:
+                self._link.unattended()
         else:
             self._outbox.put(job)
 

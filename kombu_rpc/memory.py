@@ -215,6 +215,7 @@ class Transport(memory.Transport):  # type: ignore[misc]
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         self._waker = _Waker()
+        self._interrupted = False
         super().__init__(client, **kwargs)
         # Consumers are unregistered when cancelled (closing a channel or the
         # connection cancels them); this also covers a connection dropped unclosed.
@@ -224,6 +225,12 @@ class Transport(memory.Transport):  # type: ignore[misc]
     def default_connection_params(self) -> dict[str, Any]:
         """No host to default to (kombu warns when it falls back to 'localhost')."""
         return {}
+
+    def wake(self) -> None:
+        """Make ``drain_events`` on this connection return now (raising ``TimeoutError``
+        unless a message came), or the next one, if none is running."""
+        self._interrupted = True
+        self._waker.wake()
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         """Deliver one message, waiting up to ``timeout`` seconds for one to be put.
@@ -237,6 +244,9 @@ class Transport(memory.Transport):  # type: ignore[misc]
             waker.clear()  # a put from here on sets the token again
             if self._deliver_next():
                 return
+            if self._interrupted:
+                self._interrupted = False
+                raise TimeoutError()
             wait = self.polling_interval
             if timeout is not None:
                 now = monotonic()

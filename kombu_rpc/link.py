@@ -1,20 +1,18 @@
-"""The proxy's RabbitMQ link: one connection and channel for requests, confirms and replies.
+"""How a proxy reads its replies: the waiting callers themselves, in turn.
 
-On AMQP the proxy publishes its requests and consumes its replies on one channel in
-confirm mode, and handles publisher confirms and returns as they arrive instead of
-waiting for each one. No thread stands between a caller and the broker:
+A caller waiting for a result reads the reply connection itself while nobody else does
+(it *leads*); other waiting callers *follow*, and are woken when the leader has read
+something or leaves. A link's own thread reads only when nobody waits but calls are in
+flight (``call_async``, asyncio). So a sequential call costs no thread hand-off.
 
-* a caller publishes its own request, under the link's I/O lock and within its deadline;
-* a caller waiting for a result reads the connection itself while nobody else does
-  (it *leads*); other waiting callers *follow*, and are woken when the leader has read
-  something or leaves;
-* the link's thread leads only when nobody waits but calls are in flight
-  (``call_async``, asyncio), checks the idle connection once a second, and reconnects
-  after a connection error, publishing again every request the broker had not
-  confirmed.
-
-So a sequential call costs one publish and one read, on the calling thread, as in the
-hand-written tutorial client, and confirms add no round trip of their own.
+* :class:`AmqpLink` (RabbitMQ) also publishes the requests, on the channel it reads,
+  in confirm mode: a caller publishes its own request, under the link's I/O lock and
+  within its deadline, and confirms and returns are handled as they arrive instead of
+  waited for one by one. Its thread checks the idle connection once a second and
+  reconnects after a connection error, publishing again every request the broker had
+  not confirmed.
+* :class:`MemoryLink` (memory://) only reads; callers publish on a connection of their
+  own (a put cannot stall).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Longest time anyone blocks reading the connection, and the idle check's period.
+#: Longest time anyone blocks reading a connection, and the idle check's period.
 IDLE_WAIT = 1.0
 #: Longest wait for the rest of a frame whose start has arrived.
 FRAME_WAIT = 1.0
@@ -55,7 +53,127 @@ class _Closed(Exception):
     """Raised inside reconnect retries to abandon them once the link closes."""
 
 
-class AmqpLink:
+class _Link:
+    """Takes turns reading one connection: waiting callers, or the link's thread."""
+
+    def __init__(self, pending: PendingCalls) -> None:
+        self._pending = pending
+        self._turn = threading.Lock()  # who reads: guards the fields below
+        self._followers = threading.Condition(self._turn)
+        self._idle = threading.Condition(self._turn)  # the link's thread waits here
+        self._leader: object | None = None
+        self._waiting = 0  # callers in wait(), leading or following
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def wait(self, done: Callable[[], bool], timeout: float | None) -> None:
+        """Return once ``done()`` or after ``timeout`` seconds, reading the connection
+        whenever nobody else does."""
+        deadline = None if timeout is None else monotonic() + timeout
+        me = object()
+        with self._turn:
+            self._waiting += 1
+        try:
+            while not done():
+                remaining = IDLE_WAIT if deadline is None else min(IDLE_WAIT, deadline - monotonic())
+                if remaining <= 0:
+                    return
+                with self._turn:
+                    if self._leader is not None or self._must_act() or self._closing:
+                        self._followers.wait(remaining)
+                        continue
+                    self._leader = me
+                try:
+                    self._read(remaining)
+                finally:
+                    self._leave()
+        finally:
+            with self._turn:
+                self._waiting -= 1
+                if self._waiting == 0 and self._leader is None and self._needs_thread():
+                    self._idle.notify()
+
+    def unattended(self) -> None:
+        """A call was sent that nobody waits on: have the link's thread read, if idle."""
+        with self._turn:
+            if self._leader is None and self._waiting == 0:
+                self._idle.notify()
+
+    def wake_waiters(self) -> None:
+        """Have waiting callers look at their calls again (after they were failed)."""
+        with self._turn:
+            self._followers.notify_all()
+
+    def _leave(self) -> None:
+        """Give up the lead: wake the followers, or the link's thread if it is needed."""
+        with self._turn:
+            self._leader = None
+            self._followers.notify_all()
+            if self._needs_thread():
+                self._idle.notify()
+
+    def _needs_thread(self) -> bool:
+        """True when the link's thread has to act, or calls are in flight nobody waits on."""
+        return self._closing or self._must_act() or (self._waiting == 0 and self._has_work())
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kombu_rpc-link", daemon=True)
+        self._thread.start()
+
+    def _stop_thread(self) -> None:
+        """Stop the link's thread, and wait (briefly) until no caller reads any more."""
+        with self._turn:
+            self._closing = True
+            self._idle.notify_all()
+            self._followers.notify_all()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join()
+        with self._turn:
+            self._followers.wait_for(lambda: self._leader is None, IDLE_WAIT)
+
+    def _run(self) -> None:
+        me = object()
+        while True:
+            with self._turn:
+                self._idle.wait_for(lambda: self._leader is None and self._needs_thread(), IDLE_WAIT)
+                if self._closing:
+                    return
+                if self._leader is not None or (self._waiting and not self._must_act()):
+                    continue  # a caller reads
+                self._leader = me
+                busy = self._needs_thread()
+            try:
+                self._work(busy)
+            except _Closed:
+                return
+            finally:
+                self._leave()
+
+    # -- what a kind of link does ------------------------------------------------------
+
+    def _read(self, timeout: float) -> None:
+        """Read what arrives within ``timeout`` seconds (the leader only)."""
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        """Make a leader's :meth:`_read` return early."""
+        raise NotImplementedError
+
+    def _work(self, busy: bool) -> None:
+        """The link thread's turn: read for calls nobody waits on if ``busy``, else take
+        what has come anyway (late replies) without waiting."""
+        self._read(IDLE_WAIT if busy else 0)
+
+    def _has_work(self) -> bool:
+        return bool(len(self._pending))
+
+    def _must_act(self) -> bool:
+        """True while only the link's thread may read (a reconnect)."""
+        return False
+
+
+class AmqpLink(_Link):
     """Publishes requests and reads replies, confirms and returns on one AMQP channel.
 
     Args:
@@ -80,23 +198,17 @@ class AmqpLink:
         on_reply: Callable[..., None],
         accept: set[str],
     ) -> None:
+        super().__init__(pending)
         self._conn = connection.clone()
         self._reply_queue = reply_queue
         self._direct = direct
         self._confirm = confirm
         self._retry_policy = retry_policy
-        self._pending = pending
         self._on_reply = on_reply
         self._accept = accept
         # Lock order: _turn before _io, never the other way round.
         self._io = threading.RLock()  # all I/O on the connection (re-entrant: callbacks publish)
-        self._turn = threading.Lock()  # who reads: guards the fields below
-        self._followers = threading.Condition(self._turn)
-        self._idle = threading.Condition(self._turn)  # the link's thread waits here
-        self._leader: object | None = None
-        self._waiting = 0  # callers in wait(), leading or following
         self._broken: BaseException | None = None  # set until the link's thread reconnected
-        self._closing = False
         self._closed = False
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
@@ -105,7 +217,6 @@ class AmqpLink:
         self._unsent: list[_Outgoing] = []  # publishes a lost connection interrupted
         self._wake_r: socket.socket  # made by start()
         self._wake_w: socket.socket
-        self._thread: threading.Thread | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -125,19 +236,12 @@ class AmqpLink:
                 raise
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
-        self._thread = threading.Thread(target=self._run, name="kombu_rpc-link", daemon=True)
-        self._thread.start()
+        self._start_thread()
 
     def close(self) -> None:
         """Stop the link's thread, cancel the consumer and close the connection (once
         :meth:`start` succeeded)."""
-        with self._turn:
-            self._closing = True
-            self._idle.notify_all()
-            self._followers.notify_all()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_thread()
         with self._io:
             self._closed = True
             consumer, self._consumer = self._consumer, None
@@ -153,11 +257,6 @@ class AmqpLink:
         self.wake_waiters()
         self._wake_r.close()
         self._wake_w.close()
-
-    def wake_waiters(self) -> None:
-        """Have waiting callers look at their calls again (after they were failed)."""
-        with self._turn:
-            self._followers.notify_all()
 
     def _open(self) -> None:
         """Open the channel: confirm mode, return handler, reply queue and its consumer."""
@@ -208,9 +307,7 @@ class AmqpLink:
         finally:
             self._io.release()
         if not attended:
-            with self._turn:
-                if self._leader is None and self._waiting == 0:
-                    self._idle.notify()
+            self.unattended()
 
     def _publish(self, job: _Outgoing) -> None:
         """Publish one claimed request (under the I/O lock)."""
@@ -271,48 +368,11 @@ class AmqpLink:
 
     # -- reading -------------------------------------------------------------------------
 
-    def wait(self, done: Callable[[], bool], timeout: float | None) -> None:
-        """Return once ``done()`` or after ``timeout`` seconds, reading the connection
-        whenever nobody else does."""
-        deadline = None if timeout is None else monotonic() + timeout
-        me = object()
-        with self._turn:
-            self._waiting += 1
-        try:
-            while not done():
-                remaining = IDLE_WAIT if deadline is None else min(IDLE_WAIT, deadline - monotonic())
-                if remaining <= 0:
-                    return
-                with self._turn:
-                    if self._leader is not None or self._broken is not None or self._closing:
-                        self._followers.wait(remaining)
-                        continue
-                    self._leader = me
-                try:
-                    self._read(remaining)
-                finally:
-                    self._leave()
-        finally:
-            with self._turn:
-                self._waiting -= 1
-                if self._waiting == 0 and self._leader is None and self._needs_thread():
-                    self._idle.notify()
+    def _has_work(self) -> bool:
+        return bool(len(self._pending) or self._unconfirmed)
 
-    def _leave(self) -> None:
-        """Give up the lead: wake the followers, or the link's thread if it is needed."""
-        with self._turn:
-            self._leader = None
-            self._followers.notify_all()
-            if self._needs_thread():
-                self._idle.notify()
-
-    def _needs_thread(self) -> bool:
-        """True when the link's thread has to act: a reconnect, or calls nobody waits on."""
-        return (
-            self._broken is not None
-            or self._closing
-            or (self._waiting == 0 and bool(len(self._pending) or self._unconfirmed))
-        )
+    def _must_act(self) -> bool:
+        return self._broken is not None
 
     def _read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the socket to be readable (or a wake-up), then
@@ -358,35 +418,20 @@ class AmqpLink:
         except (BlockingIOError, OSError):  # full (a wake-up is pending anyway) or closed
             pass
 
-    # -- the link's thread ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        me = object()
-        while True:
-            with self._turn:
-                self._idle.wait_for(lambda: self._leader is None and self._needs_thread(), IDLE_WAIT)
-                if self._closing:
-                    return
-                if self._leader is not None or (self._waiting and self._broken is None):
-                    continue  # a caller reads
-                self._leader = me
-                reconnecting = self._broken is not None
-                busy = self._needs_thread()
-            try:
-                if reconnecting:
-                    self._recover()
-                else:  # calls nobody waits on, or the idle check (EOF, heartbeats)
-                    self._read(IDLE_WAIT if busy else 0)
-                    with self._io:
-                        if not self._closed and self._broken is None:
-                            self._conn.heartbeat_check()
-            except _Closed:
+    def _work(self, busy: bool) -> None:
+        """Reconnect, read for calls nobody waits on, or check the idle connection (EOF,
+        heartbeats)."""
+        try:
+            if self._broken is not None:
+                self._recover()
                 return
-            except (*self._conn.connection_errors, OSError) as exc:
-                with self._io:
-                    self._lose(exc)
-            finally:
-                self._leave()
+            self._read(IDLE_WAIT if busy else 0)
+            with self._io:
+                if not self._closed and self._broken is None:
+                    self._conn.heartbeat_check()
+        except (*self._conn.connection_errors, OSError) as exc:
+            with self._io:
+                self._lose(exc)
 
     def _recover(self) -> None:
         """Reconnect (until closed), consume the reply queue again, and publish again
@@ -416,3 +461,65 @@ class AmqpLink:
     def _check_closing(self) -> None:
         if self._closing:
             raise _Closed()
+
+
+class MemoryLink(_Link):
+    """Reads the reply queue on memory:// (callers publish on a connection of their own).
+
+    Args:
+        connection: The proxy's connection (cloned), on kombu_rpc's memory transport.
+        reply_queue: The reply queue's name.
+        retry_policy: Keywords for ``ensure_connection``.
+        pending: The client's calls in flight.
+        on_reply: Called with each reply message (and a decode error, if any).
+        accept: Content types accepted for replies.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        reply_queue: str,
+        retry_policy: dict[str, Any],
+        pending: PendingCalls,
+        on_reply: Callable[..., None],
+        accept: set[str],
+    ) -> None:
+        super().__init__(pending)
+        self._conn = connection.clone()
+        self._reply_queue = reply_queue
+        self._retry_policy = retry_policy
+        self._on_reply = on_reply
+        self._accept = accept
+        self._consumer: Consumer | None = None
+
+    def start(self) -> None:
+        """Declare and consume the reply queue, and start the link's thread."""
+        self._conn.ensure_connection(**self._retry_policy)
+        queue = private_queue(self._reply_queue)(self._conn.channel())
+        queue.declare()
+        consumer = Consumer(
+            queue.channel, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept
+        )
+        consumer.on_decode_error = self._on_reply
+        consumer.consume()
+        self._consumer = consumer
+        self._start_thread()
+
+    def close(self) -> None:
+        """Stop the link's thread, delete the reply queue and close the connection."""
+        self._stop_thread()
+        if self._consumer is not None:
+            self._consumer.cancel()
+            for queue in self._consumer.queues:
+                discard_queue(queue)
+        self._conn.release()
+        self.wake_waiters()
+
+    def _read(self, timeout: float) -> None:
+        try:
+            self._conn.drain_events(timeout=timeout)
+        except TimeoutError:
+            pass
+
+    def _wake(self) -> None:
+        self._conn.transport.wake()
