@@ -12,6 +12,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from time import monotonic
 from types import FrameType
 from typing import Any
@@ -63,6 +64,15 @@ IDLE_WAIT = 1.0
 #: while calls are in flight, the loop polls with a wait that starts at ``_POLL_MIN``
 #: and doubles up to ``_POLL_MAX``.
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """A reply encoded for publishing."""
+
+    address: protocol.ReplyAddress
+    encoded: protocol.Encoded
+    headers: dict[str, Any]
 
 
 class RPCServer:
@@ -163,7 +173,7 @@ class RPCServer:
         self._started = threading.Event()  # consuming, or failed to start
         self._serving = threading.Lock()  # held while run() or running() serves
         self._cond = threading.Condition()  # guards _done / _in_flight
-        self._done: deque[tuple[Message, int, bool | int]] = deque()
+        self._done: deque[tuple[Message, int, bool | int | _Reply]] = deque()
         self._in_flight = 0
         self._wake_r: socket.socket | None = None  # AMQP, concurrency > 1: a worker
         self._wake_w: socket.socket | None = None  # finished (one byte per call)
@@ -553,9 +563,8 @@ class RPCServer:
             return
         assert procedure is not None
         if self._executor is None:
-            self._settle_message(
-                message, self._execute(procedure, request, call, message, address, serializer)
-            )
+            reply = self._execute(procedure, request, call, message, address, serializer)
+            self._settle_message(message, self._answer(reply))
             return
         generation = self._generation
         with self._cond:
@@ -574,9 +583,12 @@ class RPCServer:
         address: protocol.ReplyAddress | None,
         serializer: str,
     ) -> None:
-        ok = self._execute(procedure, request, call, message, address, serializer)
+        # With a wake-up pair (AMQP) the consuming thread publishes the reply, on its
+        # channel, confirmed as it reads; otherwise the worker publishes it.
+        reply = self._execute(procedure, request, call, message, address, serializer)
+        outcome = reply if self._wake_w is not None and reply is not None else self._answer(reply)
         with self._cond:
-            self._done.append((message, generation, ok))
+            self._done.append((message, generation, outcome))
             self._cond.notify_all()
             if self._wake_w is not None:
                 try:
@@ -592,9 +604,9 @@ class RPCServer:
         message: Message,
         address: protocol.ReplyAddress | None,
         serializer: str,
-    ) -> bool | int:
-        """Run the function as the current call and publish its reply; returns what
-        :meth:`_reply` returns (True for a cast)."""
+    ) -> _Reply | None:
+        """Run the function as the current call; returns its reply, encoded for
+        publishing (``None`` for a cast)."""
         started = monotonic()
         with context.server_span(call, self.queue, message.headers) as span:
             try:
@@ -618,13 +630,18 @@ class RPCServer:
             (monotonic() - started) * 1000,
         )
         if address is None:
-            return True
-        return self._reply(address, body, serializer)
+            return None
+        return self._encode_reply(address, body, serializer)
+
+    def _answer(self, reply: _Reply | None) -> bool | int:
+        """Publish ``reply``, if any; returns what :meth:`_publish_reply` returns."""
+        return True if reply is None else self._publish_reply(reply)
 
     def _reply(self, address: protocol.ReplyAddress, body: dict[str, Any], serializer: str) -> bool | int:
-        """Publish a reply; returns False when the broker did not take it, or the
-        delivery tag of a reply whose confirm is still to come (see
-        :meth:`_settle_message`)."""
+        """Publish a reply; see :meth:`_publish_reply`."""
+        return self._publish_reply(self._encode_reply(address, body, serializer))
+
+    def _encode_reply(self, address: protocol.ReplyAddress, body: dict[str, Any], serializer: str) -> _Reply:
         try:
             encoded, headers = self.codec.encode_reply(body, serializer)
         except SerializationError as exc:
@@ -635,6 +652,13 @@ class RPCServer:
             headers.update(
                 protocol.signature_headers(self._secret, "reply", encoded, address.correlation_id, "", None)
             )
+        return _Reply(address, encoded, headers)
+
+    def _publish_reply(self, reply: _Reply) -> bool | int:
+        """Publish a reply; returns False when the broker did not take it, or the
+        delivery tag of a reply whose confirm is still to come (see
+        :meth:`_settle_message`)."""
+        address, encoded, headers = reply.address, reply.encoded, reply.headers
         on_channel = threading.get_ident() == self._consuming_thread and self._channel_producer is not None
         try:
             publish(
@@ -714,10 +738,12 @@ class RPCServer:
     def _settle(self) -> None:
         while self._done:
             with self._cond:
-                message, generation, ok = self._done.popleft()
+                message, generation, outcome = self._done.popleft()
                 self._in_flight -= 1
+            if isinstance(outcome, _Reply):  # sent even if the request's channel is gone
+                outcome = self._publish_reply(outcome)
             if generation == self._generation:
-                self._settle_message(message, ok)
+                self._settle_message(message, outcome)
 
     def _settle_message(self, message: Message, ok: bool | int) -> None:
         """Ack a handled request, or requeue it when its reply could not be sent; a
