@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from .errors import ConfigurationError
@@ -26,6 +26,15 @@ class Procedure:
     name: str
     func: Callable[..., Any]
     signature: inspect.Signature | None
+    #: True for ``async def`` functions, which the server runs on an event loop.
+    is_coroutine: bool = field(init=False)
+    #: How many positional arguments fit when there are no keyword arguments, if the
+    #: signature has only positional parameters (a check without ``Signature.bind``).
+    _positional: range | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_coroutine", inspect.iscoroutinefunction(self.func))
+        object.__setattr__(self, "_positional", _positional_counts(self.signature))
 
     @classmethod
     def of(cls, name: str, func: Callable[..., Any]) -> Procedure:
@@ -39,11 +48,6 @@ class Procedure:
             signature = inspect.signature(func)
         return cls(name, func, signature)
 
-    @property
-    def is_coroutine(self) -> bool:
-        """True for ``async def`` functions, which the server runs on an event loop."""
-        return inspect.iscoroutinefunction(self.func)
-
     def describe(self) -> dict[str, str]:
         """Name, signature and first docstring line, as ``kombu_rpc.describe`` reports."""
         doc = inspect.getdoc(self.func) or ""
@@ -55,8 +59,23 @@ class Procedure:
 
     def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Raise ``TypeError`` if ``args``/``kwargs`` do not fit the signature."""
+        if not kwargs and self._positional is not None and len(args) in self._positional:
+            return
         if self.signature is not None:
             self.signature.bind(*args, **kwargs)
+
+
+def _positional_counts(signature: inspect.Signature | None) -> range | None:
+    """The numbers of positional arguments ``signature`` accepts, if all its
+    parameters are positional (no ``*args``, ``**kwargs`` or keyword-only ones)."""
+    if signature is None:
+        return None
+    params = list(signature.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind not in positional for p in params):
+        return None
+    required = sum(1 for p in params if p.default is inspect.Parameter.empty)
+    return range(required, len(params) + 1)
 
 
 class Registry:

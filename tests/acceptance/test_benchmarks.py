@@ -100,3 +100,23 @@ def test_quick_benchmark_reports_every_scenario(broker_url: str, tmp_path: Path)
     assert targets
     for target in targets:
         assert target["verdict"] in ("PASS", "MISS"), target
+
+
+@pytest.mark.timeout(150)
+def test_reply_to_comparison_reports_both_modes(amqp_url: str) -> None:
+    # When the direct reply-to comparison runs briefly on RabbitMQ
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.reply_to", "--calls", "100", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # Then it reports calls/s for both reply modes, sequential and pipelined, with and
+    # without confirms
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    for confirm in ("True", "False"):
+        assert f"confirm_publish={confirm}" in run.stdout
+    for mode in ("declared reply queue", "direct reply-to"):
+        for shape in ("sequential", "64 in flight"):
+            assert run.stdout.count(f"{mode}, {shape}") == 2, run.stdout

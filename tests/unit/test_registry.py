@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from kombu_rpc import ConfigurationError, Registry, default_registry, remote
+from kombu_rpc.registry import Procedure
 
 
 def test_remote_registers_and_returns_the_function_unchanged() -> None:
@@ -87,6 +91,26 @@ def test_signature_checks_use_the_captured_signature() -> None:
     for args, kwargs in [([], {}), ([1, 2, 3], {}), ([1], {"c": 1})]:
         with pytest.raises(TypeError):
             procedure.check_arguments(args, kwargs)
+
+
+@pytest.mark.parametrize(
+    ("func", "fits", "does_not_fit"),
+    [
+        (lambda a, /, b, c=0: a, [[1, 2], [1, 2, 3]], [[1], [1, 2, 3, 4]]),
+        (lambda a, *, k: a, [], [[1], [1, 2]]),  # keyword-only: a positional call never fits
+        (lambda *args: args, [[], [1, 2, 3]], []),
+        (lambda a, **kw: a, [[1]], [[], [1, 2]]),
+    ],
+)
+def test_positional_calls_are_checked_like_signature_bind(
+    func: Callable[..., Any], fits: list[list[Any]], does_not_fit: list[list[Any]]
+) -> None:
+    procedure = Procedure.of("f", func)
+    for args in fits:
+        procedure.check_arguments(args, {})
+    for args in does_not_fit:
+        with pytest.raises(TypeError):
+            procedure.check_arguments(args, {})
 
 
 def test_module_level_remote_uses_the_default_registry() -> None:
