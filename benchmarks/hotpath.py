@@ -132,7 +132,7 @@ RULES: dict[str, list[Rule]] = {
         ("queue for the publisher thread (Redis)", _any("Client.call", "Client._start")),
         ("proxy layer (MethodProxy, name check)", _always),
     ],
-    "kombu_rpc-publisher": [
+    "kombu_rpc-publisher": [  # Redis
         ("idle: wait for the next request", _leaf("Client._publish_loop")),
         (
             "idle: wait for the publisher confirm",
@@ -151,17 +151,13 @@ RULES: dict[str, list[Rule]] = {
         ("listener other", _always),
     ],
     "server": [
-        (
-            "idle: wait for the reply's publisher confirm",
-            _all(_any("Channel.basic_publish_confirm"), _any("AbstractChannel.wait")),
-        ),
         ("idle: wait for a frame (socket read)", _leaf("TCPTransport._read", "SSLTransport._read")),
         (
             "publish the reply: socket write",
-            _all(_any("RPCServer._reply"), _leaf("_AbstractTransport.write")),
+            _all(_any("RPCServer._publish_reply"), _leaf("_AbstractTransport.write")),
         ),
-        ("publish the reply: frames, kombu, producer pool", _any("RPCServer._reply")),
-        ("ack the request", _any("Message.ack", "RPCServer._settle_message")),
+        ("publish the reply: frames, kombu", _any("RPCServer._publish_reply")),
+        ("ack the request (on its reply's confirm)", _any("Message.ack", "RPCServer._settle_message")),
         ("run the function, build the result body", _any("RPCServer._execute")),
         ("decode + validate the request", _any("RPCServer._on_request")),
         ("drain: frame parsing, message conversion", _any("Connection.drain_events")),
