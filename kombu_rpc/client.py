@@ -1,13 +1,13 @@
 """The calling side's machinery: pending calls, replies, and how requests are published.
 
-On RabbitMQ, :class:`~kombu_rpc.link.AmqpLink` publishes requests and reads replies
-and confirms on one connection, from the calling threads themselves (see
-:mod:`kombu_rpc.link`). On memory://, callers publish inline (a put cannot stall) and
-read their replies through a :class:`~kombu_rpc.link.MemoryLink`. Elsewhere (Redis)
-:class:`Client` owns two threads, each with its own connection: the publisher, which
-publishes the requests that calling threads queue for it, in order, and the reply
-listener, which consumes the proxy's reply queue and completes futures by correlation
-id. Either way no broker I/O ever blocks a caller past its deadline.
+On RabbitMQ, ``AmqpLink`` publishes requests and reads replies and confirms on one
+connection, from the calling threads themselves (see :mod:`kombu_rpc.link`). On
+memory://, callers publish inline (a put cannot stall) and read their replies through a
+``MemoryLink``. Elsewhere (Redis) :class:`Client` owns two threads, each with its own
+connection: the publisher, which publishes the requests that calling threads queue for
+it, in order, and the reply listener, which consumes the proxy's reply queue and
+completes futures by correlation id. Either way no broker I/O ever blocks a caller past
+its deadline.
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ A caller waiting for a result reads the reply connection itself while nobody els
 something or leaves. A link's own thread reads only when nobody waits but calls are in
 flight (``call_async``, asyncio). So a sequential call costs no thread hand-off.
 
-* :class:`AmqpLink` (RabbitMQ) also publishes the requests, on the channel it reads,
+* ``AmqpLink`` (RabbitMQ) also publishes the requests, on the channel it reads,
   in confirm mode: a caller publishes its own request, under the link's I/O lock and
   within its deadline, and confirms and returns are handled as they arrive instead of
   waited for one by one. Its thread checks the idle connection once a second and
   reconnects after a connection error, publishing again every request the broker had
   not confirmed.
-* :class:`MemoryLink` (memory://) only reads; callers publish on a connection of their
+* ``MemoryLink`` (memory://) only reads; callers publish on a connection of their
   own (a put cannot stall).
 """
 
