@@ -659,10 +659,11 @@ class RPCServer:
         delivery tag of a reply whose confirm is still to come (see
         :meth:`_settle_message`)."""
         address, encoded, headers = reply.address, reply.encoded, reply.headers
-        on_channel = threading.get_ident() == self._consuming_thread and self._channel_producer is not None
+        channel_producer = self._channel_producer
+        on_channel = channel_producer is not None and threading.get_ident() == self._consuming_thread
         try:
             publish(
-                self._producer(),
+                channel_producer if on_channel else self._worker_producer(),
                 # On the consuming channel, a lost connection is the consume loop's to handle
                 None if on_channel else self._retry_policy,
                 body=encoded.payload,
@@ -683,11 +684,9 @@ class RPCServer:
             return self._reply_tag
         return True
 
-    def _producer(self) -> Producer:
-        """This thread's reply producer: the consuming thread replies on the channel it
-        consumes from, each worker on a connection of its own, made on its first reply."""
-        if threading.get_ident() == self._consuming_thread and self._channel_producer is not None:
-            return self._channel_producer
+    def _worker_producer(self) -> Producer:
+        """This worker thread's reply producer, on a connection of its own made on its
+        first reply (the consuming thread replies on the channel it consumes from)."""
         producer: Producer | None = getattr(self._local, "producer", None)
         if producer is None:
             conn = publishing_clone(self._connection, self.confirm_publish)
