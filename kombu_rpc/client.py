@@ -511,7 +511,8 @@ class Client:
         return encoded, headers
 
     def _start(self) -> None:
-        """Start the AMQP link, or the reply listener and the publisher thread, unless running."""
+        """Start the link (AMQP, memory://), or the reply listener and the publisher thread
+        (Redis), unless running."""
         if self._link_started and not self._closing and self._pid == os.getpid():
             return
         listener = self._listener
