@@ -150,6 +150,22 @@ class _Outgoing:
             return not self.sent.done()
         return self.correlation_id is None or self.correlation_id in pending
 
+    def publish_args(self, mandatory: bool) -> dict[str, Any]:
+        """The keywords of ``Producer.publish`` for this request, its socket writes
+        bounded by :meth:`publish_timeout`."""
+        return {
+            "body": self.encoded.payload,
+            "exchange": self.exchange or "",
+            "declare": [self.exchange] if self.exchange else None,
+            "routing_key": "" if self.exchange else self.queue,
+            "headers": self.headers,
+            "content_type": self.encoded.content_type,
+            "content_encoding": self.encoded.content_encoding,
+            "mandatory": mandatory,
+            "timeout": self.publish_timeout(),
+            **self.properties,
+        }
+
     def publish_timeout(self) -> float:
         """How long publishing may block: until the deadline, at most PUBLISH_TIMEOUT."""
         if self.deadline is None:
@@ -623,23 +639,8 @@ class Client:
             job.done()
 
     def _publish(self, producer: Producer, job: _Outgoing) -> None:
-        timeout = job.publish_timeout()
         try:
-            publish(
-                producer,
-                self._retry_policy,
-                body=job.encoded.payload,
-                exchange=job.exchange or "",
-                declare=[job.exchange] if job.exchange else None,
-                routing_key="" if job.exchange else job.queue,
-                headers=job.headers,
-                content_type=job.encoded.content_type,
-                content_encoding=job.encoded.content_encoding,
-                mandatory=self._confirm_publish,
-                timeout=timeout,
-                confirm_timeout=timeout,
-                **job.properties,
-            )
+            publish(producer, self._retry_policy, **job.publish_args(self._confirm_publish))
         except (
             *producer.connection.channel_errors,
             *producer.connection.connection_errors,

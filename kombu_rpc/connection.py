@@ -96,6 +96,16 @@ def publish(producer: Producer, retry_policy: dict[str, Any] | None, **kwargs: A
         producer.publish(retry=True, retry_policy=retry_policy, **kwargs)
 
 
+def take_confirmed(unconfirmed: dict[int, Any], delivery_tag: int, multiple: bool) -> list[Any]:
+    """Remove and return what a publisher confirm (``basic.ack`` or ``basic.nack``)
+    covers: the entry for ``delivery_tag``, or with ``multiple`` every entry up to it.
+    ``unconfirmed`` maps a channel's delivery tags to what was published under them."""
+    if not multiple:
+        entry = unconfirmed.pop(delivery_tag, None)
+        return [] if entry is None else [entry]
+    return [unconfirmed.pop(tag) for tag in [tag for tag in unconfirmed if tag <= delivery_tag]]
+
+
 def reconnect(conn: Connection, retry_policy: dict[str, Any], callback: Callable[[], None]) -> None:
     """Re-establish ``conn`` after a connection error, retrying with backoff (capped at
     the policy's ``interval_max``) until it succeeds or ``callback`` raises.

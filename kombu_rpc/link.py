@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
-from .connection import reconnect
+from .connection import reconnect, take_confirmed
 from .errors import ConnectionLostError, NoServerError
 from .topology import DIRECT_REPLY_TO, discard_queue, private_queue
 
@@ -313,18 +313,7 @@ class AmqpLink(_Link):
         """Publish one claimed request (under the I/O lock)."""
         assert self._producer is not None
         try:
-            self._producer.publish(
-                body=job.encoded.payload,
-                exchange=job.exchange or "",
-                declare=[job.exchange] if job.exchange else None,
-                routing_key="" if job.exchange else job.queue,
-                headers=job.headers,
-                content_type=job.encoded.content_type,
-                content_encoding=job.encoded.content_encoding,
-                mandatory=self._confirm,
-                timeout=job.publish_timeout(),
-                **job.properties,
-            )
+            self._producer.publish(**job.publish_args(self._confirm))
         except self._conn.channel_errors as exc:  # the broker closed the channel
             job.fail(self._pending, ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}"))
             self._lose(exc)
@@ -348,11 +337,7 @@ class AmqpLink(_Link):
             job.fail(self._pending, ConnectionLostError(f"the broker refused the request to {job.queue!r}"))
 
     def _confirmed(self, delivery_tag: int, multiple: bool) -> list[_Outgoing]:
-        if not multiple:
-            job = self._unconfirmed.pop(delivery_tag, None)
-            return [] if job is None else [job]
-        tags = [tag for tag in self._unconfirmed if tag <= delivery_tag]
-        return [self._unconfirmed.pop(tag) for tag in tags]
+        return take_confirmed(self._unconfirmed, delivery_tag, multiple)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         """A ``mandatory`` request no queue took: fail its call (its ack follows)."""

@@ -32,6 +32,7 @@ from .connection import (
     publishing_clone,
     reconnect,
     safe_uri,
+    take_confirmed,
 )
 from .errors import (
     ConfigurationError,
@@ -432,11 +433,7 @@ class RPCServer:
             self._settle_message(message, False)
 
     def _confirmed(self, delivery_tag: int, multiple: bool) -> list[Message]:
-        if not multiple:
-            message = self._unconfirmed.pop(delivery_tag, None)
-            return [] if message is None else [message]
-        tags = [tag for tag in self._unconfirmed if tag <= delivery_tag]
-        return [self._unconfirmed.pop(tag) for tag in tags]
+        return take_confirmed(self._unconfirmed, delivery_tag, multiple)
 
     def _await_confirms(self, conn: Connection) -> None:
         """Before a graceful stop, read the confirms of replies already sent, so that
