@@ -38,14 +38,13 @@ from .errors import (
     RPCError,
     RPCTimeout,
 )
-from .link import AmqpLink, MemoryLink
+from .link import AmqpLink, MemoryLink, consume_replies
 from .topology import (
     DIRECT_REPLY_TO,
     REPLY_QUEUE_TEMPLATE,
     broadcast_exchange,
     discard_queue,
     new_id,
-    private_queue,
 )
 
 logger = logging.getLogger(__name__)
@@ -335,26 +334,18 @@ class Client:
         self._lock = threading.Lock()  # guards starting and closing
         self._link: AmqpLink | MemoryLink | None = None  # AMQP and memory://
         self._link_started = False
+        link_args = (
+            self._connection,
+            self.reply_queue,
+            self._retry_policy,
+            self._pending,
+            self._on_reply,
+            self._accept,
+        )
         if self._inline:
-            self._link = MemoryLink(
-                self._connection,
-                self.reply_queue,
-                self._retry_policy,
-                self._pending,
-                self._on_reply,
-                self._accept,
-            )
+            self._link = MemoryLink(*link_args)
         elif self._amqp:
-            self._link = AmqpLink(
-                self._connection,
-                self.reply_queue,
-                self._direct,
-                self._confirm_publish,
-                self._retry_policy,
-                self._pending,
-                self._on_reply,
-                self._accept,
-            )
+            self._link = AmqpLink(*link_args, confirm=self._confirm_publish)
         self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
@@ -684,13 +675,7 @@ class Client:
 
     def _consume_replies(self, conn: Connection) -> Consumer:
         """Declare the reply queue on a fresh channel and consume it."""
-        channel = conn.channel()
-        queue = private_queue(self.reply_queue)(channel)
-        queue.declare()
-        consumer = Consumer(channel, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept)
-        consumer.on_decode_error = self._on_reply
-        consumer.consume()
-        return consumer
+        return consume_replies(conn.channel(), self.reply_queue, self._on_reply, self._accept)
 
     def _reconnect(self, conn: Connection, exc: Exception) -> Consumer:
         """Reconnect (until closed) and consume the re-declared reply queue again.

@@ -53,11 +53,52 @@ class _Closed(Exception):
     """Raised inside reconnect retries to abandon them once the link closes."""
 
 
-class _Link:
-    """Takes turns reading one connection: waiting callers, or the link's thread."""
+def consume_replies(
+    channel: Any, reply_queue: str, on_reply: Callable[..., None], accept: set[str]
+) -> Consumer:
+    """Consume the reply queue ``reply_queue`` on ``channel``, declaring it unless it is
+    RabbitMQ's direct reply-to pseudo-queue. ``on_reply`` gets each reply, and each
+    undecodable one with its decode error."""
+    if reply_queue == DIRECT_REPLY_TO:
+        queue = Queue(DIRECT_REPLY_TO, no_declare=True)(channel)
+    else:
+        queue = private_queue(reply_queue)(channel)
+        queue.declare()
+    consumer = Consumer(channel, [queue], on_message=on_reply, no_ack=True, accept=accept)
+    consumer.on_decode_error = on_reply
+    consumer.consume()
+    return consumer
 
-    def __init__(self, pending: PendingCalls) -> None:
+
+class _Link:
+    """Takes turns reading one connection: waiting callers, or the link's thread.
+
+    Args:
+        connection: The proxy's connection (cloned).
+        reply_queue: The reply queue's name, or ``amq.rabbitmq.reply-to`` (RabbitMQ's
+            direct reply-to, not declared).
+        retry_policy: Keywords for ``ensure_connection`` on the first connect.
+        pending: The client's calls in flight.
+        on_reply: Called with each reply message (and a decode error, if any).
+        accept: Content types accepted for replies.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        reply_queue: str,
+        retry_policy: dict[str, Any],
+        pending: PendingCalls,
+        on_reply: Callable[..., None],
+        accept: set[str],
+    ) -> None:
+        self._conn = connection.clone()
+        self._reply_queue = reply_queue
+        self._retry_policy = retry_policy
         self._pending = pending
+        self._on_reply = on_reply
+        self._accept = accept
+        self._consumer: Consumer | None = None
         self._turn = threading.Lock()  # who reads: guards the fields below
         self._followers = threading.Condition(self._turn)
         self._idle = threading.Condition(self._turn)  # the link's thread waits here
@@ -115,6 +156,9 @@ class _Link:
     def _needs_thread(self) -> bool:
         """True when the link's thread has to act, or calls are in flight nobody waits on."""
         return self._closing or self._must_act() or (self._waiting == 0 and self._has_work())
+
+    def _consume(self, channel: Any) -> None:
+        self._consumer = consume_replies(channel, self._reply_queue, self._on_reply, self._accept)
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kombu_rpc-link", daemon=True)
@@ -176,42 +220,21 @@ class _Link:
 class AmqpLink(_Link):
     """Publishes requests and reads replies, confirms and returns on one AMQP channel.
 
+    Takes the arguments of ``_Link`` (its calls in flight are also failed here by
+    returns and nacks), and:
+
     Args:
-        connection: The proxy's connection (cloned).
-        reply_queue: The reply queue's name, or ``amq.rabbitmq.reply-to`` (``direct``).
-        direct: Consume RabbitMQ's direct reply-to pseudo-queue instead of declaring one.
         confirm: Put the channel in confirm mode and publish requests ``mandatory``.
-        retry_policy: Keywords for ``ensure_connection`` on the first connect.
-        pending: The client's calls in flight (failed here by returns and nacks).
-        on_reply: Called with each reply message (and a decode error, if any).
-        accept: Content types accepted for replies.
     """
 
-    def __init__(
-        self,
-        connection: Connection,
-        reply_queue: str,
-        direct: bool,
-        confirm: bool,
-        retry_policy: dict[str, Any],
-        pending: PendingCalls,
-        on_reply: Callable[..., None],
-        accept: set[str],
-    ) -> None:
-        super().__init__(pending)
-        self._conn = connection.clone()
-        self._reply_queue = reply_queue
-        self._direct = direct
+    def __init__(self, *args: Any, confirm: bool) -> None:
+        super().__init__(*args)
         self._confirm = confirm
-        self._retry_policy = retry_policy
-        self._on_reply = on_reply
-        self._accept = accept
         # Lock order: _turn before _io, never the other way round.
         self._io = threading.RLock()  # all I/O on the connection (re-entrant: callbacks publish)
         self._broken: BaseException | None = None  # set until the link's thread reconnected
         self._closed = False
         self._producer: Producer | None = None
-        self._consumer: Consumer | None = None
         self._tag = 0  # delivery tag of the last request published on this channel
         self._unconfirmed: dict[int, _Outgoing] = {}
         self._unsent: list[_Outgoing] = []  # publishes a lost connection interrupted
@@ -248,7 +271,7 @@ class AmqpLink(_Link):
             if consumer is not None and self._broken is None:
                 try:
                     consumer.cancel()
-                    if not self._direct:
+                    if self._reply_queue != DIRECT_REPLY_TO:
                         for queue in consumer.queues:
                             discard_queue(queue)
                 except (*self._conn.connection_errors, *self._conn.channel_errors, OSError):
@@ -266,15 +289,7 @@ class AmqpLink(_Link):
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
         channel.events["basic_return"].add(self._on_return)
-        if self._direct:
-            queue = Queue(DIRECT_REPLY_TO, no_declare=True)(channel)
-        else:
-            queue = private_queue(self._reply_queue)(channel)
-            queue.declare()
-        consumer = Consumer(channel, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept)
-        consumer.on_decode_error = self._on_reply
-        consumer.consume()
-        self._consumer = consumer
+        self._consume(channel)
         self._producer = Producer(channel, auto_declare=False)
         self._tag = 0
 
@@ -451,43 +466,13 @@ class AmqpLink(_Link):
 class MemoryLink(_Link):
     """Reads the reply queue on memory:// (callers publish on a connection of their own).
 
-    Args:
-        connection: The proxy's connection (cloned), on kombu_rpc's memory transport.
-        reply_queue: The reply queue's name.
-        retry_policy: Keywords for ``ensure_connection``.
-        pending: The client's calls in flight.
-        on_reply: Called with each reply message (and a decode error, if any).
-        accept: Content types accepted for replies.
+    Takes the arguments of ``_Link``.
     """
-
-    def __init__(
-        self,
-        connection: Connection,
-        reply_queue: str,
-        retry_policy: dict[str, Any],
-        pending: PendingCalls,
-        on_reply: Callable[..., None],
-        accept: set[str],
-    ) -> None:
-        super().__init__(pending)
-        self._conn = connection.clone()
-        self._reply_queue = reply_queue
-        self._retry_policy = retry_policy
-        self._on_reply = on_reply
-        self._accept = accept
-        self._consumer: Consumer | None = None
 
     def start(self) -> None:
         """Declare and consume the reply queue, and start the link's thread."""
         self._conn.ensure_connection(**self._retry_policy)
-        queue = private_queue(self._reply_queue)(self._conn.channel())
-        queue.declare()
-        consumer = Consumer(
-            queue.channel, [queue], on_message=self._on_reply, no_ack=True, accept=self._accept
-        )
-        consumer.on_decode_error = self._on_reply
-        consumer.consume()
-        self._consumer = consumer
+        self._consume(self._conn.channel())
         self._start_thread()
 
     def close(self) -> None:
