@@ -65,7 +65,7 @@ nitpick_ignore = [
     ("py:class", "kombu_rpc.registry.F"),  # the TypeVar of the @remote overloads
 ]
 nitpick_ignore_regex = [
-    (r"py:.*", r"kombu\..*"),  # kombu.Connection, kombu.message.Message, kombu.Queue, ...
+    (r"py:.*", r"(kombu|amqp)\..*"),  # kombu.Connection, kombu.Queue, amqp.transport.TCPTransport, ...
     (r"py:.*", r"(abc|logging|concurrent\.futures|collections\.abc|inspect|re|types|argparse)\..*"),
 ]
 

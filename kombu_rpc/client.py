@@ -1,13 +1,13 @@
 """The calling side's machinery: pending calls, replies, and how requests are published.
 
-On RabbitMQ, ``AmqpLink`` publishes requests and reads replies and confirms on one
-connection, from the calling threads themselves (see :mod:`kombu_rpc.link`). On
-memory://, callers publish inline (a put cannot stall) and read their replies through a
-``MemoryLink``. Elsewhere (Redis) :class:`Client` owns two threads, each with its own
-connection: the publisher, which publishes the requests that calling threads queue for
-it, in order, and the reply listener, which consumes the proxy's reply queue and
-completes futures by correlation id. Either way no broker I/O ever blocks a caller past
-its deadline.
+Replies are read through a link (see :mod:`kombu_rpc.link`): the waiting callers read
+the reply queue themselves, in turn, and the link's thread reads for calls nobody waits
+on. On RabbitMQ, ``AmqpLink`` also publishes the requests, from the calling threads, on
+the connection it reads. On memory://, callers publish inline (a put cannot stall). On
+Redis, a publisher thread with a connection of its own publishes the requests that
+callers queue for it, in order: a publish there waits for Redis's answer, which a
+stalled connection can hold back until the socket timeout. Either way no broker I/O
+ever blocks a caller past its deadline.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from queue import SimpleQueue
 from time import monotonic
 from typing import Any
 
-from kombu import Connection, Consumer, Exchange, Producer
+from kombu import Connection, Exchange, Producer
 from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
 from .codecs import Codec, check_codec
-from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, reconnect
+from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, safe_uri
 from .errors import (
     CallError,
     ConfigurationError,
@@ -38,19 +38,10 @@ from .errors import (
     RPCError,
     RPCTimeout,
 )
-from .link import AmqpLink, MemoryLink, consume_replies
-from .topology import (
-    DIRECT_REPLY_TO,
-    REPLY_QUEUE_TEMPLATE,
-    broadcast_exchange,
-    discard_queue,
-    new_id,
-)
+from .link import AmqpLink, MemoryLink, RedisLink
+from .topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, broadcast_exchange, new_id
 
 logger = logging.getLogger(__name__)
-
-#: Longest time the listener blocks in ``drain_events`` (for heartbeats).
-IDLE_WAIT = 1.0
 
 
 @dataclass
@@ -332,7 +323,7 @@ class Client:
         self.reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
         self._pending = PendingCalls()
         self._lock = threading.Lock()  # guards starting and closing
-        self._link: AmqpLink | MemoryLink | None = None  # AMQP and memory://
+        self._link: AmqpLink | MemoryLink | RedisLink
         self._link_started = False
         link_args = (
             self._connection,
@@ -346,14 +337,13 @@ class Client:
             self._link = MemoryLink(*link_args)
         elif self._amqp:
             self._link = AmqpLink(*link_args, confirm=self._confirm_publish)
+        else:
+            self._link = RedisLink(*link_args)
         self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
         self._producer: Producer | None = None  # the inline publisher's
         self._inline_lock = threading.Lock()
-        self._listener: threading.Thread | None = None
-        self._listener_error: BaseException | None = None
-        self._ready = threading.Event()
 
     # -- public --------------------------------------------------------------------
 
@@ -391,11 +381,10 @@ class Client:
 
     def result(self, future: Future[Any], timeout: float | None) -> Any:
         """Wait up to ``timeout`` seconds for a call's result (reading replies in this
-        thread, except on Redis); raises what the call raised, or :class:`TimeoutError`."""
-        if self._link is not None and not future.done():
+        thread); raises what the call raised, or :class:`TimeoutError`."""
+        if not future.done():
             self._link.wait(future.done, timeout)
-            return future.result(0)
-        return future.result(timeout)
+        return future.result(0)
 
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Publish a request that asks for no reply; returns once the broker took it.
@@ -450,8 +439,7 @@ class Client:
                     attended=True,
                 )
                 self._wait_sent(sent, timeout, f"broadcast of {method!r}")
-                if self._link is not None:
-                    self._link.wait(gathering.complete, deadline - monotonic())
+                self._link.wait(gathering.complete, deadline - monotonic())
                 return gathering.wait(deadline)
             except NoServerError:  # AMQP: no server has bound a queue to the exchange
                 return []
@@ -459,18 +447,15 @@ class Client:
                 del self._broadcasts[correlation_id]
 
     def close(self) -> None:
-        """Stop the publisher and the listener, delete the reply queue, fail calls
+        """Stop the link and the publisher thread, delete the reply queue, fail calls
         still pending."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-            listener, publisher, link = self._listener, self._publisher, self._link
-        if link is not None and self._link_started:
+            publisher, link = self._publisher, self._link
+        if self._link_started:
             link.close()
-        if listener is not None and listener.is_alive():  # wake it out of drain_events
-            wake = _Outgoing(protocol.WAKE_UP, self.reply_queue, dict(protocol.WAKE_HEADERS), {}, None)
-            self._submit(wake, attended=True)
         if publisher is not None:
             self._outbox.put(None)
             publisher.join(PUBLISH_TIMEOUT)
@@ -480,11 +465,8 @@ class Client:
             if self._producer is not None:
                 self._producer.connection.release()
                 self._producer = None
-        if listener is not None:
-            listener.join()
         self._pending.fail_all(CallError, "proxy closed before the reply arrived")
-        if link is not None:
-            link.wake_waiters()
+        link.wake_waiters()
         self._pending.close()
 
     @property
@@ -518,40 +500,22 @@ class Client:
         return encoded, headers
 
     def _start(self) -> None:
-        """Start the link (AMQP, memory://), or the reply listener and the publisher thread
-        (Redis), unless running."""
+        """Start the link, and on Redis the publisher thread, unless running."""
         if self._link_started and not self._closing and self._pid == os.getpid():
-            return
-        listener = self._listener
-        if listener is not None and listener.is_alive() and not self._closing:
             return
         if self._pid != os.getpid():
             self._fresh_state()
         with self._lock:
             if self._closing:
                 raise CallError("the proxy is closed")
-            if self._link is not None:
-                if not self._link_started:
-                    try:
-                        self._link.start()
-                    except Exception as exc:
-                        raise ConnectionLostError(
-                            f"cannot connect to {self._connection.as_uri()}: {exc}"
-                        ) from exc
-                    self._link_started = True
+            if self._link_started:
                 return
-            if self._listener is not None and self._listener.is_alive():
-                return
-            self._ready.clear()
-            self._listener_error = None
-            self._listener = threading.Thread(target=self._listen, name="kombu_rpc-replies", daemon=True)
-            self._listener.start()
-            self._ready.wait()
-            if self._listener_error is not None:
-                raise ConnectionLostError(
-                    f"cannot consume replies from {self._connection.as_uri()}: {self._listener_error}"
-                ) from self._listener_error
-            if self._publisher is None and not self._inline:
+            try:
+                self._link.start()
+            except Exception as exc:
+                raise ConnectionLostError(f"cannot connect to {safe_uri(self._connection)}: {exc}") from exc
+            self._link_started = True
+            if isinstance(self._link, RedisLink):
                 self._publisher = threading.Thread(
                     target=self._publish_loop, name="kombu_rpc-publisher", daemon=True
                 )
@@ -560,20 +524,21 @@ class Client:
     # -- publishing, and the publisher thread ----------------------------------------------
 
     def _submit(self, job: _Outgoing, attended: bool) -> None:
-        """Have ``job`` published: through the AMQP link, by the publisher thread, or
-        right here on memory://, where a publish cannot stall (it saves a thread
+        """Have ``job`` published: through the AMQP link, by the publisher thread (Redis),
+        or right here on memory://, where a publish cannot stall (it saves a thread
         hand-off per call). ``attended``: the caller waits for the outcome itself."""
         if isinstance(self._link, AmqpLink):
             self._link.submit(job, attended)
-        elif self._inline:
+            return
+        if self._inline:
             with self._inline_lock:
                 if self._producer is None:
                     self._producer = self._new_producer()
                 self._send(self._producer, job)
-            if not attended and self._link is not None:
-                self._link.unattended()
         else:
             self._outbox.put(job)
+        if not attended:
+            self._link.unattended()
 
     def _wait_sent(self, sent: Future[None], timeout: float, what: str) -> None:
         """Wait until a request was sent (confirmed on AMQP); raise what publishing raised.
@@ -583,11 +548,11 @@ class Client:
                 unless its publish had already begun).
         """
         try:
-            if self._link is not None:
+            if isinstance(self._link, RedisLink):  # the publisher thread sends it: no reading
+                sent.result(timeout)
+            else:
                 self._link.wait(sent.done, timeout)
                 sent.result(0)
-            else:
-                sent.result(timeout)
         except TimeoutError:
             if sent.cancel():
                 raise ConnectionLostError(
@@ -640,61 +605,7 @@ class Client:
         ) as exc:
             raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
 
-    # -- the listener thread ---------------------------------------------------------
-
-    def _listen(self) -> None:
-        conn = self._connection.clone()
-        try:
-            conn.ensure_connection(**self._retry_policy)
-            consumer = self._consume_replies(conn)
-        except Exception as exc:  # reported to the caller by _start
-            self._listener_error = exc
-            self._ready.set()
-            conn.release()
-            return
-        self._ready.set()
-        try:
-            while not self._closing:
-                try:
-                    conn.heartbeat_check()
-                    conn.drain_events(timeout=IDLE_WAIT)
-                except TimeoutError:
-                    pass
-                except conn.connection_errors as exc:
-                    consumer = self._reconnect(conn, exc)
-        except _Closed:
-            return
-        finally:
-            try:
-                consumer.cancel()
-            except conn.connection_errors + conn.channel_errors:
-                pass
-            for queue in consumer.queues:
-                discard_queue(queue)
-            conn.release()
-
-    def _consume_replies(self, conn: Connection) -> Consumer:
-        """Declare the reply queue on a fresh channel and consume it."""
-        return consume_replies(conn.channel(), self.reply_queue, self._on_reply, self._accept)
-
-    def _reconnect(self, conn: Connection, exc: Exception) -> Consumer:
-        """Reconnect (until closed) and consume the re-declared reply queue again.
-
-        Pending calls stay pending: their replies still arrive if the reply queue
-        survived (Redis) or was declared again before the server answered; the others
-        end in :class:`RPCTimeout` at their deadline.
-        """
-        logger.warning("reply listener lost its connection (%s); reconnecting", exc)
-        while True:
-            try:
-                reconnect(conn, self._retry_policy, self._check_closing)
-                return self._consume_replies(conn)
-            except conn.connection_errors as again:
-                logger.warning("reply listener lost its connection again (%s)", again)
-
-    def _check_closing(self) -> None:
-        if self._closing:
-            raise _Closed()
+    # -- replies ---------------------------------------------------------------------
 
     def _on_reply(self, message: Message, decode_error: Exception | None = None) -> None:
         correlation_id = (message.properties or {}).get("correlation_id")
@@ -734,7 +645,3 @@ class Client:
             raise
         except Exception as exc:
             raise RemoteError("MalformedReply", f"reply could not be decoded: {exc}") from exc
-
-
-class _Closed(Exception):
-    """Raised inside reconnect retries to abandon them once the proxy closes."""

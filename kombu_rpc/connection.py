@@ -8,8 +8,9 @@ from typing import Any, TypeAlias
 
 from kombu import Connection, Producer
 from kombu.transport import memory as kombu_memory
+from kombu.transport import pyamqp as kombu_pyamqp
 
-from . import memory
+from . import amqp_transport, memory
 from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def connect(broker: Broker) -> Connection:
     """Return a new, not yet connected :class:`kombu.Connection` for ``broker``.
 
     ``memory://`` gets kombu_rpc's event-driven memory transport (see
-    :mod:`kombu_rpc.memory`), which shares kombu's in-process broker state. Options
+    :mod:`kombu_rpc.memory`), which shares kombu's in-process broker state, and
+    ``amqp://`` kombu's py-amqp transport with buffered reads
+    (:mod:`kombu_rpc.amqp_transport`). Options
     of :data:`TRANSPORT_DEFAULTS` are added where the connection does not set them.
 
     Raises:
@@ -58,6 +61,8 @@ def connect(broker: Broker) -> Connection:
         transport_cls = conn.transport_cls
         if transport_cls == "memory" or transport_cls is kombu_memory.Transport:
             conn = Connection(transport=memory.Transport, transport_options=conn.transport_options)
+        elif transport_cls in ("amqp", "pyamqp") or transport_cls is kombu_pyamqp.Transport:
+            conn = conn.clone(transport=amqp_transport.Transport)
         else:
             conn.get_transport_cls()
         for key, value in TRANSPORT_DEFAULTS.get(conn.transport.driver_type, {}).items():
@@ -132,8 +137,16 @@ def _log_retry(exc: Exception, interval: float) -> None:
 
 
 def safe_uri(conn: Connection) -> str:
-    """The connection's URL with the password masked, for logs and banners."""
-    return str(conn.as_uri())
+    """The connection's URL with the password masked, for logs, errors and banners.
+
+    kombu writes a transport given as a class (kombu_rpc's own memory:// and amqp://
+    transports) as the class's repr; the URL shows its driver type instead.
+    """
+    uri = str(conn.as_uri())
+    transport_cls = conn.transport_cls
+    if isinstance(transport_cls, type):
+        uri = uri.replace(str(transport_cls), str(getattr(transport_cls, "driver_type", "")), 1)
+    return uri
 
 
 def merge_retry_policy(overrides: dict[str, Any] | None) -> dict[str, Any]:

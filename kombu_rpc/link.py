@@ -13,6 +13,10 @@ flight (``call_async``, asyncio). So a sequential call costs no thread hand-off.
   not confirmed.
 * ``MemoryLink`` (memory://) only reads; callers publish on a connection of their
   own (a put cannot stall).
+* ``RedisLink`` (Redis) only reads, with kombu's ``drain_events`` (a BRPOP on the
+  reply queue); the client's publisher thread sends the requests. Its connection's
+  socket operations are bounded by ``FRAME_WAIT``, and its thread reconnects
+  after a connection error.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
+from .amqp_transport import unread
 from .connection import reconnect, take_confirmed
 from .errors import ConnectionLostError, NoServerError
+from .protocol import WAKE_HEADERS, WAKE_UP
 from .topology import DIRECT_REPLY_TO, discard_queue, private_queue
 
 if TYPE_CHECKING:
@@ -41,12 +47,6 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 1.0
 #: Longest wait for the rest of a frame whose start has arrived.
 FRAME_WAIT = 1.0
-
-
-def _tls_pending(sock: Any) -> bool:
-    """True if a TLS socket holds decrypted bytes that select() cannot see."""
-    pending = getattr(sock, "pending", None)
-    return bool(pending is not None and pending())
 
 
 class _Closed(Exception):
@@ -377,8 +377,9 @@ class AmqpLink(_Link):
     def _read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the socket to be readable (or a wake-up), then
         handle every frame already there. Only the leader calls this."""
-        sock = self._conn.connection.sock
-        if not _tls_pending(sock):
+        connection = self._conn.connection
+        sock = connection.sock
+        if not unread(connection):
             try:
                 readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
             except (OSError, ValueError):  # closed under us: the next round sees why
@@ -396,7 +397,7 @@ class AmqpLink(_Link):
             try:
                 while True:  # one frame at a time, while bytes are waiting
                     self._conn.drain_events(timeout=FRAME_WAIT)
-                    if not (_tls_pending(sock) or select.select([sock], [], [], 0)[0]):
+                    if not (unread(connection) or select.select([sock], [], [], 0)[0]):
                         break
             except TimeoutError:  # the rest of a frame is late: py-amqp keeps the start
                 pass
@@ -493,3 +494,134 @@ class MemoryLink(_Link):
 
     def _wake(self) -> None:
         self._conn.transport.wake()
+
+
+class RedisLink(_Link):
+    """Reads the reply queue on Redis (the client's publisher thread sends the requests).
+
+    Takes the arguments of ``_Link``. Every socket operation of its connection gives up
+    after ``FRAME_WAIT`` at most (or the connection's own, shorter
+    ``socket_timeout``), so a caller reading a reply that stalls halfway is not held
+    much past its deadline; that counts as a lost connection. After one, the link's
+    thread reconnects and consumes the reply queue again: the queue, a Redis list,
+    outlives the connection, so replies sent meanwhile still arrive.
+    """
+
+    def __init__(self, connection: Connection, *args: Any) -> None:
+        super().__init__(connection, *args)
+        options = dict(self._conn.transport_options)
+        limit = options.get("socket_timeout")
+        options["socket_timeout"] = FRAME_WAIT if limit is None else min(limit, FRAME_WAIT)
+        self._conn = connection.clone(transport_options=options)
+        self._broken: BaseException | None = None  # set until the link's thread reconnected
+
+    def start(self) -> None:
+        """Connect, declare and consume the reply queue, and start the link's thread.
+
+        Raises:
+            Exception: What connecting raised (the connection errors of kombu's
+                transport), after the retry policy's attempts.
+        """
+        try:
+            self._conn.ensure_connection(**self._retry_policy)
+            self._consume(self._conn.channel())
+        except BaseException:
+            self._conn.release()
+            raise
+        self._start_thread()
+
+    def close(self) -> None:
+        """Stop the link's thread, delete the reply queue and close the connection."""
+        self._stop_thread()
+        errors = (*self._conn.connection_errors, *self._conn.channel_errors, OSError)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                if self._broken is None:
+                    # A BRPOP still waiting would hold up closing the channel until
+                    # Redis ends it (a second): have it take the wake-up at once.
+                    self._wake_up(consumer.channel)
+                    self._conn.drain_events(timeout=FRAME_WAIT)
+            except (TimeoutError, *errors):
+                pass
+            try:
+                consumer.cancel()
+                for queue in consumer.queues:
+                    discard_queue(queue)
+            except errors:
+                pass
+        try:
+            self._conn.release()
+        except errors:
+            pass
+        self.wake_waiters()
+
+    def _must_act(self) -> bool:
+        return self._broken is not None
+
+    def _read(self, timeout: float) -> None:
+        if self._broken is not None:
+            return
+        try:
+            self._conn.drain_events(timeout=timeout)
+        except TimeoutError:
+            pass
+        except (*self._conn.connection_errors, *self._conn.channel_errors) as exc:
+            if self._broken is None and not self._closing:
+                logger.warning("the proxy lost its reply connection (%s); reconnecting", exc)
+            self._broken = exc  # the leader leaves next, waking the link's thread
+
+    def _wake(self) -> None:
+        """Push a wake-up message to the reply queue, if someone reads it (best effort)."""
+        consumer = self._consumer
+        if self._leader is not None and consumer is not None and self._broken is None:
+            try:
+                self._wake_up(consumer.channel)
+            except (*self._conn.connection_errors, *self._conn.channel_errors, OSError):
+                pass
+
+    def _wake_up(self, channel: Any) -> None:
+        """Push :data:`~kombu_rpc.protocol.WAKE_UP` to the reply queue on ``channel``
+        (a publish does not use the connection the reads wait on)."""
+        Producer(channel, auto_declare=False).publish(
+            WAKE_UP.payload,
+            routing_key=self._reply_queue,
+            headers=dict(WAKE_HEADERS),
+            content_type=WAKE_UP.content_type,
+            content_encoding=WAKE_UP.content_encoding,
+        )
+
+    def _work(self, busy: bool) -> None:
+        """Reconnect, read for calls nobody waits on, or take late replies."""
+        if self._broken is not None:
+            self._recover()
+        else:
+            self._read(IDLE_WAIT if busy else 0)
+
+    def _recover(self) -> None:
+        """Drop the broken channel, then reconnect and consume the reply queue again,
+        retrying (with backoff) until it works or the link closes."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                consumer.channel.close()  # no broker I/O but a read bounded by FRAME_WAIT
+            except (*self._conn.connection_errors, *self._conn.channel_errors, OSError):
+                pass
+        interval = 0.1
+        while True:
+            try:
+                reconnect(self._conn, self._retry_policy, self._check_closing)
+                self._consume(self._conn.channel())
+                break
+            except (*self._conn.connection_errors, *self._conn.channel_errors) as again:
+                logger.warning("the proxy cannot reconnect (%s); retrying in %.1fs", again, interval)
+            with self._turn:
+                if self._idle.wait_for(lambda: self._closing, interval):
+                    raise _Closed()
+            interval = min(2 * interval, self._retry_policy["interval_max"])
+        self._broken = None
+        logger.info("the proxy reconnected")
+
+    def _check_closing(self) -> None:
+        if self._closing:
+            raise _Closed()

@@ -18,6 +18,7 @@ do not wake the waiters; they are picked up within ``polling_interval``.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections import Counter
@@ -128,10 +129,23 @@ class _Registry:
 
 
 _registry = _Registry()
+#: Delivery tags of the messages put through this transport, unique in the process.
+_delivery_tags = itertools.count(1)
+#: What :meth:`Channel._deliver_first` returns when there was nothing to deliver.
+_NOTHING: Any = object()
 
 
 class Channel(memory.Channel):  # type: ignore[misc]
-    """memory:// channel whose puts wake the connections consuming the queue."""
+    """memory:// channel whose puts wake the connections consuming the queue.
+
+    Bodies are stored as they are: kombu's virtual transports encode them in base64
+    by default, for brokers that keep text, but these messages never leave the
+    process. A message says how its body is encoded (``body_encoding``), so messages
+    put through kombu's plain memory transport (base64) are still read, and theirs
+    are read by it. ``transport_options={"body_encoding": ...}`` still applies.
+    """
+
+    body_encoding = None
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -139,8 +153,21 @@ class Channel(memory.Channel):  # type: ignore[misc]
         #: consumer tag -> the queue registered for it.
         self._registered: dict[str, str] = {}
 
+    def _next_delivery_tag(self) -> str:
+        """A delivery tag unique in the process: a counter, where kombu makes a uuid4
+        per message (a tag only needs to be unique among the messages a channel holds
+        unacknowledged, and kombu's uuid tags cannot collide with these)."""
+        return str(next(_delivery_tags))
+
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        super()._put(queue, message, **kwargs)
+        q = self.queues.get(queue)
+        if q is None:
+            q = self._queue_for(queue)
+        # As Queue.put does on these unbounded queues, without its conditions: nobody
+        # waits in Queue.get (kombu's memory transport reads them with block=False).
+        with q.mutex:
+            q.queue.append(message)
+            q.unfinished_tasks += 1
         _registry.wake(queue)
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
@@ -155,7 +182,15 @@ class Channel(memory.Channel):  # type: ignore[misc]
     def _poll(self, cycle: Any, callback: Callable[[Any, str], Any], timeout: float | None = None) -> Any:
         """Deliver the first message of the consumed queues, starting where the last
         poll left off (as kombu's ``FairCycle`` does), without an exception per empty
-        queue."""
+        queue; raises ``Empty`` if there was none."""
+        result = self._deliver_first(cycle, callback)
+        if result is _NOTHING:
+            raise Empty()
+        return result
+
+    def _deliver_first(self, cycle: Any, callback: Callable[[Any, str], Any]) -> Any:
+        """:meth:`_poll`, returning ``_NOTHING`` instead of raising ``Empty`` (which
+        costs as much as the rest of a poll, and every wait starts with one)."""
         queues = self._active_queues
         count = len(queues)
         pos = cycle.pos
@@ -172,7 +207,7 @@ class Channel(memory.Channel):  # type: ignore[misc]
                 message = q.queue.popleft()
             cycle.pos = index + 1
             return callback(message, name)
-        raise Empty()
+        return _NOTHING
 
     def _put_fanout(self, exchange: str, message: Any, routing_key: str | None = None, **kwargs: Any) -> None:
         for queue in self._lookup(exchange, routing_key):
@@ -269,11 +304,11 @@ class Transport(memory.Transport):  # type: ignore[misc]
         for i in range(count):
             index = (pos + i) % count
             channel = channels[index]
-            if channel._consumers and channel.qos.can_consume():
-                try:
-                    channel._poll(channel.cycle, self._deliver)
-                except Empty:
-                    continue
+            if (
+                channel._consumers
+                and channel.qos.can_consume()
+                and channel._deliver_first(channel.cycle, self._deliver) is not _NOTHING
+            ):
                 cycle.pos = index + 1
                 return True
         return False

@@ -18,10 +18,12 @@ from types import FrameType
 from typing import Any
 
 from kombu import Connection, Consumer, Producer
+from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
+from .amqp_transport import unread
 from .codecs import Codec, check_codec
 from .connection import (
     PUBLISH_TIMEOUT,
@@ -384,9 +386,11 @@ class RPCServer:
                 ", ".join(self.registry.names()),
             )
             wait = _POLL_MIN
+            heartbeats = conn.supports_heartbeats  # only AMQP has them to check
             while not self._stopping.is_set():
                 self._settle()
-                conn.heartbeat_check()
+                if heartbeats:
+                    conn.heartbeat_check()
                 if self._in_flight >= self.concurrency:  # no delivery until an ack
                     with self._cond:
                         self._cond.wait_for(lambda: self._done or self._stopping.is_set(), IDLE_WAIT)
@@ -449,18 +453,15 @@ class RPCServer:
         """Wait until the broker sends something, a worker finishes (a byte on
         ``wake_r``), or :data:`IDLE_WAIT` passes; handle one method if one came.
 
-        ``select`` sees every byte py-amqp has not read yet: py-amqp reads exactly the
-        bytes of the frame it parses, and keeps in its read buffer only a frame cut
-        short by a timeout, whose rest is still to come on the socket. TLS is the
-        exception: decrypted bytes wait in the ``SSLSocket`` (``pending()``).
+        ``select`` does not see a whole frame already read into the transport's buffer
+        (or decrypted bytes waiting in a TLS socket): :func:`unread` does.
 
         Data is there when ``drain_events`` starts, so it returns as soon as a method
         is complete; its timeout only bounds a frame that stalls halfway, or a
         heartbeat frame with nothing after it (``timeout=0`` would spin on the first).
         """
         sock = conn.connection.sock
-        pending = getattr(sock, "pending", None)
-        if pending is None or not pending():
+        if not unread(conn.connection):
             readable, _, _ = select.select([sock, wake_r], [], [], IDLE_WAIT)
             if wake_r in readable:
                 wake_r.recv(4096)
@@ -659,20 +660,23 @@ class RPCServer:
         channel_producer = self._channel_producer
         on_channel = channel_producer is not None and threading.get_ident() == self._consuming_thread
         try:
-            publish(
-                channel_producer if on_channel else self._worker_producer(),
-                # On the consuming channel, a lost connection is the consume loop's to handle
-                None if on_channel else self._retry_policy,
-                body=encoded.payload,
-                exchange="",
-                routing_key=address.reply_to,
-                correlation_id=address.correlation_id,
-                headers=headers,
-                content_type=encoded.content_type,
-                content_encoding=encoded.content_encoding,
-                timeout=PUBLISH_TIMEOUT,
-                confirm_timeout=PUBLISH_TIMEOUT,
-            )
+            if on_channel:  # a lost connection is the consume loop's to handle: no retry
+                assert channel_producer is not None
+                _publish_reply_on(channel_producer.channel, address, encoded, headers)
+            else:
+                publish(
+                    self._worker_producer(),
+                    self._retry_policy,
+                    body=encoded.payload,
+                    exchange="",
+                    routing_key=address.reply_to,
+                    correlation_id=address.correlation_id,
+                    headers=headers,
+                    content_type=encoded.content_type,
+                    content_encoding=encoded.content_encoding,
+                    timeout=PUBLISH_TIMEOUT,
+                    confirm_timeout=PUBLISH_TIMEOUT,
+                )
         except Exception as exc:
             logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
             return False
@@ -759,6 +763,33 @@ class RPCServer:
             raise
         except Exception as exc:  # the channel died; the broker redelivers
             logger.warning("could not settle a request: %s", exc)
+
+
+def _publish_reply_on(
+    channel: Any, address: protocol.ReplyAddress, encoded: protocol.Encoded, headers: dict[str, Any]
+) -> None:
+    """Publish a reply on ``channel``: the message ``Producer(channel).publish(...)``
+    sends with the keywords of the worker threads' replies (``exchange=""``, persistent
+    as kombu's default exchange makes it), without the steps a reply never takes
+    (serializing, compressing, declaring, retrying, batching), which cost as much per
+    reply as building and sending the message."""
+    body, content_encoding = encoded.payload, encoded.content_encoding
+    if isinstance(body, str):  # as Producer._prepare does
+        content_encoding = content_encoding or "utf-8"
+        body = body.encode(content_encoding)
+    elif not content_encoding:
+        content_encoding = "binary"
+    properties = {"correlation_id": address.correlation_id, "delivery_mode": PERSISTENT_DELIVERY_MODE}
+    message = channel.prepare_message(body, 0, encoded.content_type, content_encoding, headers, properties)
+    channel.basic_publish(
+        message,
+        exchange="",
+        routing_key=address.reply_to,
+        mandatory=False,
+        immediate=False,
+        timeout=PUBLISH_TIMEOUT,
+        confirm_timeout=PUBLISH_TIMEOUT,
+    )
 
 
 def _check_positive_int(name: str, value: object, or_none: bool = False) -> None:

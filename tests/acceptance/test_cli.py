@@ -11,6 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kombu import Connection
+
+from kombu_rpc import RPCProxy
+from kombu_rpc.topology import request_queue
 
 MODULE = textwrap.dedent('''
     from kombu_rpc import Registry, remote
@@ -94,6 +98,12 @@ def served(amqp_url: str, project: Path, queue_name: str) -> Iterator[subprocess
         assert banner[0].startswith("kombu-rpc serving services on amqp://guest:**@127.0.0.1"), banner
         assert f"queue: {queue_name}" in banner[1]
         assert [line.strip() for line in banner[2:]] == ["- fail", "- fib", "- math.add"]
+        # The banner comes before the server consumes (and handles signals): wait for
+        # that with a ping, sent to the queue declared here, so that it waits for the server
+        with Connection(amqp_url) as conn:
+            request_queue(queue_name)(conn.default_channel).declare()
+        with RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy:
+            proxy.kombu_rpc.ping()
         try:
             yield process
         finally:

@@ -340,6 +340,59 @@ def test_a_plain_kombu_put_is_picked_up_within_the_polling_interval(
     assert received == ["plain"]
 
 
+def test_bodies_are_stored_as_they_are_and_plain_kombu_reads_them(
+    open_connection: Open, queue_names: Callable[[], str]
+) -> None:
+    name = queue_names()
+    conn = open_connection()
+    Queue(name, channel=conn.channel()).declare()
+    body = b"\x00\xffnot text"
+    Producer(conn.channel()).publish(body, routing_key=name, content_type="application/data")
+    (raw,) = memory.Channel.queues[name].queue
+    assert raw["body"] == body
+    assert raw["properties"]["body_encoding"] is None
+    with Connection("memory://localhost") as plain:
+        assert not isinstance(plain.transport, memory.Transport)
+        message = plain.default_channel.basic_get(name, no_ack=True)
+    assert message is not None and message.body == body
+
+
+def test_the_body_encoding_transport_option_still_applies(
+    open_connection: Open, queue_names: Callable[[], str]
+) -> None:
+    name = queue_names()
+    conn = open_connection()
+    received, _ = consume(conn, name)
+    with Connection(transport=memory.Transport, transport_options={"body_encoding": "base64"}) as base64:
+        publish(base64, "text", routing_key=name)
+    (raw,) = memory.Channel.queues[name].queue
+    assert raw["properties"]["body_encoding"] == "base64"
+    conn.drain_events(timeout=DEADLINE)
+    assert received == ["text"]
+
+
+def test_delivery_tags_are_unique_and_settle_their_own_message(
+    open_connection: Open, queue_names: Callable[[], str]
+) -> None:
+    name = queue_names()
+    conn = open_connection()
+    channel = conn.channel()
+    Queue(name, channel=channel).declare()
+    received: list[Any] = []
+    Consumer(channel, [Queue(name)], on_message=received.append).consume()
+    for n in range(3):
+        publish(open_connection(), n, routing_key=name)
+    for _ in range(3):
+        conn.drain_events(timeout=DEADLINE)
+    assert len({message.delivery_tag for message in received}) == 3
+    received[1].requeue()
+    received[2].ack()
+    received[0].ack()
+    conn.drain_events(timeout=DEADLINE)
+    assert received[3].decode() == 1 and received[3].delivery_tag == received[1].delivery_tag
+    received[3].ack()
+
+
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
 def test_a_signal_handler_may_put_while_its_own_thread_waits(
     open_connection: Open, queue_names: Callable[[], str], waiting: Callable[[Connection], None]
