@@ -9,8 +9,9 @@ from typing import Any, TypeAlias
 from kombu import Connection, Producer
 from kombu.transport import memory as kombu_memory
 from kombu.transport import pyamqp as kombu_pyamqp
+from kombu.transport import redis as kombu_redis
 
-from . import amqp_transport, memory
+from . import amqp_transport, memory, redis_transport
 from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def connect(broker: Broker) -> Connection:
     ``memory://`` gets kombu_rpc's event-driven memory transport (see
     :mod:`kombu_rpc.memory`), which shares kombu's in-process broker state, and
     ``amqp://`` kombu's py-amqp transport with buffered reads
-    (:mod:`kombu_rpc.amqp_transport`). Options
+    (:mod:`kombu_rpc.amqp_transport`), and ``redis://`` kombu's Redis transport with
+    one command client per channel (:mod:`kombu_rpc.redis_transport`). Options
     of :data:`TRANSPORT_DEFAULTS` are added where the connection does not set them.
 
     Raises:
@@ -63,6 +65,8 @@ def connect(broker: Broker) -> Connection:
             conn = Connection(transport=memory.Transport, transport_options=conn.transport_options)
         elif transport_cls in ("amqp", "pyamqp") or transport_cls is kombu_pyamqp.Transport:
             conn = conn.clone(transport=amqp_transport.Transport)
+        elif transport_cls == "redis" or transport_cls is kombu_redis.Transport:
+            conn = conn.clone(transport=redis_transport.Transport)
         else:
             conn.get_transport_cls()
         for key, value in TRANSPORT_DEFAULTS.get(conn.transport.driver_type, {}).items():

@@ -117,7 +117,7 @@ def test_amqp_urls_get_the_buffered_transport(url: str) -> None:
 
 
 def test_other_transports_are_left_alone() -> None:
-    assert connect("redis://127.0.0.1:6379/0").transport_cls == "redis"
+    assert connect("rediss://127.0.0.1:6379/0").transport_cls == "rediss"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,72 @@
+"""kombu's Redis transport, with one command client per channel.
+
+kombu's Redis channel runs every command outside its poller (a publish, the
+unacked-index update of a delivery, an ack, a restore) on a ``redis.Redis`` client it
+builds for that one operation, and building one fills a table of some 170 response
+callbacks and dispatches a pool event: most of the transport's CPU time per message.
+:class:`Channel` builds that client once and lends it to every operation, until the
+channel's connection pool is replaced (closed, or forked away), when it builds the next
+one on the new pool.
+
+Sharing the client changes nothing else. A ``redis.Redis`` on a connection pool holds
+no connection of its own: each command takes one from the pool and gives it back, so
+the client is as safe between threads as the pool, a connection that failed is
+disconnected and reconnects on its next command, and the keys, the ack emulation, the
+BRPOP/LISTEN poller and every transport option are kombu's. Sentinel keeps kombu's
+transport; TLS (``rediss://``) would work the same, and is left to kombu so that
+log lines keep its scheme.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+
+class _Lent:
+    """A context manager that hands out a client and does nothing on exit."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __enter__(self) -> Any:
+        return self.client
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel, lending one client to every command it runs."""
+
+    _lent: _Lent | None = None
+
+    def conn_or_acquire(self, client: Any = None) -> Any:
+        """A context manager yielding ``client``, or else the channel's command client
+        (a ``redis.Redis`` on the channel's connection pool, built on first use and
+        whenever the pool was replaced)."""
+        if client:
+            return _Lent(client)
+        lent = self._lent
+        if lent is None or lent.client.connection_pool is not self._pool:
+            lent = self._lent = _Lent(self._create_client())
+        return lent
+
+    def _disconnect_pools(self) -> None:
+        self._lent = None
+        super()._disconnect_pools()
+
+
+class Transport(kombu_redis.Transport):  # type: ignore[misc]
+    """kombu's Redis transport with :class:`Channel`."""
+
+    Channel = Channel

@@ -1,0 +1,311 @@
+"""kombu_rpc.redis_transport on a real Redis: one command client per channel, and
+kombu's keys, ack emulation, fanout and reconnection unchanged (plain kombu processes
+share the queues)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Queue
+from kombu.transport import redis as kombu_redis
+
+from kombu_rpc import redis_transport
+from kombu_rpc.connection import connect, safe_uri
+from kombu_rpc.topology import new_id
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def redis_url(real_broker_url: str) -> str:
+    if not real_broker_url.startswith("redis"):
+        pytest.skip("the Redis transport")
+    return real_broker_url
+
+
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def keys() -> dict[str, str]:
+    """Ack-emulation keys of this test's own, so no other test's deliveries mix in."""
+    tag = new_id()
+    return {
+        "unacked_key": f"test.unacked.{tag}",
+        "unacked_index_key": f"test.unacked_index.{tag}",
+        "unacked_mutex_key": f"test.unacked_mutex.{tag}",
+    }
+
+
+@pytest.fixture
+def queue(redis_url: str) -> Iterator[Queue]:
+    name = f"test.redis-transport.{new_id()}"
+    yield Queue(name, routing_key=name)
+    with Connection(redis_url) as conn:
+        Queue(name, routing_key=name)(conn.default_channel).delete()
+
+
+@pytest.fixture
+def client_builds(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
+    """How many command clients (not poller clients) each channel built, by channel id."""
+    builds: Counter[int] = Counter()
+    create = kombu_redis.Channel._create_client
+
+    def counting(self: Any, asynchronous: bool = False) -> Any:
+        if not asynchronous:
+            builds[id(self)] += 1
+        return create(self, asynchronous)
+
+    monkeypatch.setattr(kombu_redis.Channel, "_create_client", counting)
+    return builds
+
+
+def ours(url: str, **options: Any) -> Connection:
+    conn = connect(url)
+    conn.transport_options.update(options)
+    return conn
+
+
+def plain(url: str, **options: Any) -> Connection:
+    return Connection(url, transport_options=options)
+
+
+def roundtrip(conn: Connection, queue: Queue, count: int) -> list[Any]:
+    """Publish ``count`` messages to ``queue`` and take them back, acking each."""
+    with conn.SimpleQueue(queue) as simple:
+        for i in range(count):
+            simple.put(i)
+        bodies = []
+        for _ in range(count):
+            message = simple.get(timeout=5)
+            bodies.append(message.payload)
+            message.ack()
+    return bodies
+
+
+def test_connect_applies_it_to_redis_only() -> None:
+    conn = connect("redis://127.0.0.1:6379/3")
+    assert conn.transport_cls is redis_transport.Transport
+    assert conn.transport_options["socket_timeout"] > 0  # the defaults still apply
+    assert safe_uri(conn) == Connection("redis://127.0.0.1:6379/3").as_uri()
+    given = connect(Connection(transport=kombu_redis.Transport, hostname="127.0.0.1"))
+    assert given.transport_cls is redis_transport.Transport
+    # TLS and Sentinel are kombu's own
+    assert connect("rediss://127.0.0.1:6380/0").transport_cls == "rediss"
+    assert connect("sentinel://127.0.0.1:26379").transport_cls == "sentinel"
+
+
+def test_a_channel_builds_one_command_client(
+    redis_url: str, queue: Queue, client_builds: Counter[int]
+) -> None:
+    with ours(redis_url) as conn:
+        assert roundtrip(conn, queue, 50) == list(range(50))
+    # one channel published, consumed and acked 50 messages (150 commands) on one client
+    assert list(client_builds.values()) == [1]
+
+
+def test_plain_kombu_builds_a_client_per_command(
+    redis_url: str, queue: Queue, client_builds: Counter[int]
+) -> None:
+    """The control for the test above: what kombu does, and what the counter sees."""
+    with plain(redis_url) as conn:
+        assert roundtrip(conn, queue, 50) == list(range(50))
+    assert sum(client_builds.values()) >= 150
+
+
+def test_a_replaced_pool_gets_a_client_of_its_own(redis_url: str, queue: Queue) -> None:
+    with ours(redis_url) as conn:
+        channel = conn.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as again:
+            assert first is again and first.connection_pool is channel.pool
+        # the pool is kombu's, with the transport options
+        assert (
+            first.connection_pool.connection_kwargs["socket_timeout"]
+            == conn.transport_options["socket_timeout"]
+        )
+        channel._disconnect_pools()  # as after a fork
+        with channel.conn_or_acquire() as second:
+            assert second is not first and second.connection_pool is channel.pool
+        given = object()
+        with channel.conn_or_acquire(given) as lent:
+            assert lent is given
+        assert roundtrip(conn, queue, 3) == [0, 1, 2]
+
+
+def test_plain_kombu_and_ours_share_a_queue(redis_url: str, queue: Queue) -> None:
+    with ours(redis_url) as mine, plain(redis_url) as theirs:
+        with mine.SimpleQueue(queue) as ours_q, theirs.SimpleQueue(queue) as theirs_q:
+            ours_q.put({"from": "ours"}, priority=3)
+            message = theirs_q.get(timeout=5)
+            assert message.payload == {"from": "ours"}
+            message.ack()
+            theirs_q.put({"from": "theirs"})
+            message = ours_q.get(timeout=5)
+            assert message.payload == {"from": "theirs"}
+            message.ack()
+
+
+def test_a_global_key_prefix_is_kept(redis_url: str, queue: Queue, admin: redis.Redis) -> None:
+    prefix = f"test.prefix.{new_id()}:"
+    try:
+        with ours(redis_url, global_keyprefix=prefix) as conn, conn.SimpleQueue(queue) as simple:
+            simple.put("prefixed")
+            assert admin.llen(prefix + queue.name) == 1
+        with plain(redis_url, global_keyprefix=prefix) as conn, conn.SimpleQueue(queue) as simple:
+            message = simple.get(timeout=5)
+            assert message.payload == "prefixed"
+            message.ack()
+    finally:
+        leftovers = admin.keys(prefix + "*")  # the prefix has no glob characters
+        if leftovers:
+            admin.delete(*leftovers)
+
+
+def test_ack_emulation_keeps_kombus_keys(
+    redis_url: str, queue: Queue, keys: dict[str, str], admin: redis.Redis
+) -> None:
+    with ours(redis_url, **keys) as conn, conn.SimpleQueue(queue) as simple:
+        simple.put("pending")
+        message = simple.get(timeout=5)
+        tag = message.delivery_tag
+        assert admin.hexists(keys["unacked_key"], tag)
+        assert admin.zscore(keys["unacked_index_key"], tag) is not None
+        message.ack()
+        assert not admin.hexists(keys["unacked_key"], tag)
+        assert admin.zscore(keys["unacked_index_key"], tag) is None
+
+
+def test_unacked_messages_are_restored_at_close_for_plain_kombu(
+    redis_url: str, queue: Queue, keys: dict[str, str]
+) -> None:
+    with ours(redis_url, **keys) as conn, conn.SimpleQueue(queue) as simple:
+        simple.put("left unacked")
+        assert simple.get(timeout=5).payload == "left unacked"
+    with plain(redis_url, **keys) as conn, conn.SimpleQueue(queue) as simple:
+        message = simple.get(timeout=5)
+        assert (message.payload, message.delivery_info["redelivered"]) == ("left unacked", True)
+        message.ack()
+
+
+def test_a_plain_kombu_sweep_restores_what_ours_left_past_visibility(
+    redis_url: str, queue: Queue, keys: dict[str, str], admin: redis.Redis
+) -> None:
+    with ours(redis_url, **keys) as conn, conn.SimpleQueue(queue) as simple:
+        simple.put("abandoned")
+        assert simple.get(timeout=5).payload == "abandoned"
+        assert admin.hlen(keys["unacked_key"]) == 1
+        # a process that died with the delivery: its restore-at-close never runs
+        conn.default_channel.qos._delivered.clear()
+    assert admin.hlen(keys["unacked_key"]) == 1
+    with ours(redis_url, visibility_timeout=0, **keys) as conn, conn.SimpleQueue(queue) as simple:
+        conn.default_channel.qos.restore_visible(interval=1)
+        assert admin.hlen(keys["unacked_key"]) == 0
+        message = simple.get(timeout=5)
+        assert (message.payload, message.delivery_info["redelivered"]) == ("abandoned", True)
+        message.ack()
+
+
+def test_fanout_reaches_plain_kombu_and_ours(redis_url: str, admin: redis.Redis) -> None:
+    exchange = Exchange(f"test.fanout.{new_id()}", type="fanout", auto_delete=True)
+    names = {"ours": f"kombu_rpc-test-{new_id()}", "theirs": f"kombu_rpc-test-{new_id()}"}
+    conns = {
+        "ours": ours(redis_url, client_name=names["ours"]),
+        "theirs": plain(redis_url, client_name=names["theirs"]),
+    }
+    received: list[tuple[str, Any]] = []
+    consumers = []
+    for who, conn in conns.items():
+        queue = Queue(f"test.fanout-q.{new_id()}", exchange, auto_delete=True, exclusive=True)
+        callback = lambda body, message, who=who: (received.append((who, body)), message.ack())  # noqa: E731
+        consumers.append(conn.Consumer(queue, callbacks=[callback]))
+        consumers[-1].consume()
+
+    def listening(who: str) -> bool:
+        return any(
+            c.get("name") == names[who] and int(c.get("sub", 0)) + int(c.get("psub", 0)) > 0
+            for c in admin.client_list()
+        )
+
+    try:
+        # kombu subscribes on its first poll: poll until both listen
+        for who, conn in conns.items():
+            while not listening(who):
+                try:
+                    conn.drain_events(timeout=0.1)
+                except TimeoutError:
+                    pass
+        for who, conn in conns.items():
+            conn.Producer().publish(f"from {who}", exchange=exchange, routing_key="")
+        for who, conn in conns.items():
+            while sum(1 for by, _ in received if by == who) < 2:
+                conn.drain_events(timeout=5)
+        assert sorted(received) == [
+            ("ours", "from ours"),
+            ("ours", "from theirs"),
+            ("theirs", "from ours"),
+            ("theirs", "from theirs"),
+        ]
+    finally:
+        for consumer in consumers:
+            consumer.cancel()
+        for conn in conns.values():
+            conn.release()
+
+
+@pytest.fixture
+def named(redis_url: str, admin: redis.Redis) -> tuple[str, Callable[[], int]]:
+    """A client name of this test's own, and a function that drops every connection of
+    that name (none of anybody else's)."""
+    name = f"kombu_rpc-test-{new_id()}"
+
+    def drop() -> int:
+        ids = [c["id"] for c in admin.client_list() if c.get("name") == name]
+        for client_id in ids:
+            admin.client_kill_filter(_id=client_id)
+        return len(ids)
+
+    return name, drop
+
+
+def test_the_shared_client_reconnects_after_its_connection_is_dropped(
+    redis_url: str, queue: Queue, named: tuple[str, Callable[[], int]], client_builds: Counter[int]
+) -> None:
+    name, drop = named
+    with ours(redis_url, client_name=name) as conn:
+        channel = conn.default_channel
+        with channel.conn_or_acquire() as client:
+            pass
+        producer = conn.Producer()
+        producer.publish("before", routing_key=queue.name, declare=[queue])
+        assert drop() >= 1
+        failures = 0
+        for attempt in range(3):
+            try:
+                producer.publish(f"after {attempt}", routing_key=queue.name)
+                break
+            except conn.connection_errors:
+                failures += 1
+        assert failures <= 1  # one command may hit the dropped socket; the next reconnects
+        with channel.conn_or_acquire() as again:
+            assert again is client
+        bodies = roundtrip_get(conn, queue, 2)
+        assert bodies[0] == "before" and bodies[1].startswith("after")
+    assert list(client_builds.values()) == [1]
+
+
+def roundtrip_get(conn: Connection, queue: Queue, count: int) -> list[Any]:
+    with conn.SimpleQueue(queue) as simple:
+        bodies = []
+        for _ in range(count):
+            message = simple.get(timeout=5)
+            bodies.append(message.payload)
+            message.ack()
+        return bodies
