@@ -187,12 +187,19 @@ class _Link:
                     continue  # a caller reads
                 self._leader = me
                 busy = self._needs_thread()
+            failed = False
             try:
                 self._work(busy)
             except _Closed:
                 return
+            except Exception:  # a bug must not end the thread calls nobody waits on need
+                logger.exception("the link's thread failed; it goes on in %gs", IDLE_WAIT)
+                failed = True
             finally:
                 self._leave()
+            if failed:
+                with self._turn:
+                    self._idle.wait_for(lambda: self._closing, IDLE_WAIT)
 
     # -- what a kind of link does ------------------------------------------------------
 
