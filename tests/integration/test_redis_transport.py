@@ -78,17 +78,23 @@ def plain(url: str, **options: Any) -> Connection:
     return Connection(url, transport_options=options)
 
 
-def roundtrip(conn: Connection, queue: Queue, count: int) -> list[Any]:
-    """Publish ``count`` messages to ``queue`` and take them back, acking each."""
+def take(conn: Connection, queue: Queue, count: int) -> list[Any]:
+    """Take ``count`` messages from ``queue``, acking each; their bodies."""
     with conn.SimpleQueue(queue) as simple:
-        for i in range(count):
-            simple.put(i)
         bodies = []
         for _ in range(count):
             message = simple.get(timeout=5)
             bodies.append(message.payload)
             message.ack()
-    return bodies
+        return bodies
+
+
+def roundtrip(conn: Connection, queue: Queue, count: int) -> list[Any]:
+    """Publish ``count`` messages to ``queue`` and take them back, acking each."""
+    with conn.SimpleQueue(queue) as simple:
+        for i in range(count):
+            simple.put(i)
+    return take(conn, queue, count)
 
 
 def test_connect_applies_it_to_redis_only() -> None:
@@ -296,16 +302,6 @@ def test_the_shared_client_reconnects_after_its_connection_is_dropped(
         assert failures <= 1  # one command may hit the dropped socket; the next reconnects
         with channel.conn_or_acquire() as again:
             assert again is client
-        bodies = roundtrip_get(conn, queue, 2)
+        bodies = take(conn, queue, 2)
         assert bodies[0] == "before" and bodies[1].startswith("after")
     assert list(client_builds.values()) == [1]
-
-
-def roundtrip_get(conn: Connection, queue: Queue, count: int) -> list[Any]:
-    with conn.SimpleQueue(queue) as simple:
-        bodies = []
-        for _ in range(count):
-            message = simple.get(timeout=5)
-            bodies.append(message.payload)
-            message.ack()
-        return bodies
