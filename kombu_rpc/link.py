@@ -106,6 +106,7 @@ class _Link:
         self._waiting = 0  # callers in wait(), leading or following
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._broken: BaseException | None = None  # set until the link's thread reconnected
 
     def wait(self, done: Callable[[], bool], timeout: float | None) -> None:
         """Return once ``done()`` or after ``timeout`` seconds, reading the connection
@@ -221,7 +222,12 @@ class _Link:
 
     def _must_act(self) -> bool:
         """True while only the link's thread may read (a reconnect)."""
-        return False
+        return self._broken is not None
+
+    def _check_closing(self) -> None:
+        """Abandon a reconnect (raise ``_Closed``) once the link closes."""
+        if self._closing:
+            raise _Closed()
 
 
 class AmqpLink(_Link):
@@ -239,7 +245,6 @@ class AmqpLink(_Link):
         self._confirm = confirm
         # Lock order: _turn before _io, never the other way round.
         self._io = threading.RLock()  # all I/O on the connection (re-entrant: callbacks publish)
-        self._broken: BaseException | None = None  # set until the link's thread reconnected
         self._closed = False
         self._producer: Producer | None = None
         self._tag = 0  # delivery tag of the last request published on this channel
@@ -378,9 +383,6 @@ class AmqpLink(_Link):
     def _has_work(self) -> bool:
         return bool(len(self._pending) or self._unconfirmed)
 
-    def _must_act(self) -> bool:
-        return self._broken is not None
-
     def _read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the socket to be readable (or a wake-up), then
         handle every frame already there. Only the leader calls this."""
@@ -466,10 +468,6 @@ class AmqpLink(_Link):
                 elif self._broken is not None:
                     self._unsent.append(job)
 
-    def _check_closing(self) -> None:
-        if self._closing:
-            raise _Closed()
-
 
 class MemoryLink(_Link):
     """Reads the reply queue on memory:// (callers publish on a connection of their own).
@@ -520,7 +518,6 @@ class RedisLink(_Link):
         limit = options.get("socket_timeout")
         options["socket_timeout"] = FRAME_WAIT if limit is None else min(limit, FRAME_WAIT)
         self._conn = connection.clone(transport_options=options)
-        self._broken: BaseException | None = None  # set until the link's thread reconnected
 
     def start(self) -> None:
         """Connect, declare and consume the reply queue, and start the link's thread.
@@ -562,9 +559,6 @@ class RedisLink(_Link):
         except errors:
             pass
         self.wake_waiters()
-
-    def _must_act(self) -> bool:
-        return self._broken is not None
 
     def _read(self, timeout: float) -> None:
         if self._broken is not None:
@@ -628,7 +622,3 @@ class RedisLink(_Link):
             interval = min(2 * interval, self._retry_policy["interval_max"])
         self._broken = None
         logger.info("the proxy reconnected")
-
-    def _check_closing(self) -> None:
-        if self._closing:
-            raise _Closed()
