@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 import pytest
 from kombu import Connection, Queue
@@ -62,22 +62,3 @@ def test_a_done_callback_can_call_again(serve: Callable[..., RPCServer], proxy: 
     proxy.echo.call_async("first").add_done_callback(again)
     assert ready.wait(30)
     assert second[0].result(30) == "second"
-
-
-def test_waiting_and_unattended_calls_from_many_threads(
-    serve: Callable[..., RPCServer], proxy: RPCProxy
-) -> None:
-    serve(concurrency=4)
-
-    def sync_caller(thread: int) -> list[object]:
-        return [proxy.echo([thread, i]) for i in range(100)]
-
-    def async_caller(thread: int) -> list[object]:
-        futures = [proxy.echo.call_async([thread, i]) for i in range(100)]
-        assert not wait(futures, timeout=30).not_done
-        return [f.result() for f in futures]
-
-    with ThreadPoolExecutor(6) as pool:
-        results = [pool.submit(sync_caller if t % 2 else async_caller, t) for t in range(6)]
-        for thread, result in enumerate(results):
-            assert result.result(45) == [[thread, i] for i in range(100)]

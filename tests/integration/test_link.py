@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import pytest
@@ -38,3 +39,22 @@ def test_the_links_thread_survives_an_unexpected_error(
     future = proxy.echo.call_async("unattended")
     assert future.result(20) == "unattended"
     assert failures and failed.seen.is_set()
+
+
+def test_waiting_and_unattended_calls_from_many_threads(
+    serve: Callable[..., RPCServer], proxy: RPCProxy
+) -> None:
+    serve(concurrency=4)
+
+    def sync_caller(thread: int) -> list[object]:
+        return [proxy.echo([thread, i]) for i in range(100)]
+
+    def async_caller(thread: int) -> list[object]:
+        futures = [proxy.echo.call_async([thread, i]) for i in range(100)]
+        assert not wait(futures, timeout=30).not_done
+        return [f.result() for f in futures]
+
+    with ThreadPoolExecutor(6) as pool:
+        results = [pool.submit(sync_caller if t % 2 else async_caller, t) for t in range(6)]
+        for thread, result in enumerate(results):
+            assert result.result(45) == [[thread, i] for i in range(100)]

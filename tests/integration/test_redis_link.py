@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from time import monotonic
 from typing import Any
 
@@ -62,25 +62,6 @@ def test_calls_nobody_waits_on_are_read_by_the_link(
     assert not wait(futures, timeout=30).not_done
     assert [f.result() for f in futures] == list(range(200))
     assert {thread.name for thread in reader_threads} == {"kombu_rpc-link"}
-
-
-def test_waiting_and_unattended_calls_from_many_threads(
-    serve: Callable[..., RPCServer], proxy: RPCProxy
-) -> None:
-    serve(concurrency=4)
-
-    def sync_caller(thread: int) -> list[object]:
-        return [proxy.echo([thread, i]) for i in range(100)]
-
-    def async_caller(thread: int) -> list[object]:
-        futures = [proxy.echo.call_async([thread, i]) for i in range(100)]
-        assert not wait(futures, timeout=30).not_done
-        return [f.result() for f in futures]
-
-    with ThreadPoolExecutor(6) as pool:
-        results = [pool.submit(sync_caller if t % 2 else async_caller, t) for t in range(6)]
-        for thread, result in enumerate(results):
-            assert result.result(45) == [[thread, i] for i in range(100)]
 
 
 def test_close_wakes_the_reading_thread_at_once(
