@@ -66,7 +66,7 @@ nitpick_ignore = [
 ]
 nitpick_ignore_regex = [
     (r"py:.*", r"(kombu|amqp)\..*"),  # kombu.Connection, kombu.Queue, amqp.transport.TCPTransport, ...
-    (r"py:.*", r"(abc|logging|concurrent\.futures|collections\.abc|inspect|re|types|argparse)\..*"),
+    (r"py:.*", r"(abc|enum|logging|concurrent\.futures|collections\.abc|inspect|re|types|argparse)\..*"),
 ]
 
 _MISSING = object()

@@ -4,10 +4,10 @@ Replies are read through a link (see :mod:`kombu_rpc.link`): the waiting callers
 the reply queue themselves, in turn, and the link's thread reads for calls nobody waits
 on. On RabbitMQ, ``AmqpLink`` also publishes the requests, from the calling threads, on
 the connection it reads. On memory://, callers publish inline (a put cannot stall). On
-Redis, a publisher thread with a connection of its own publishes the requests that
-callers queue for it, in order: a publish there waits for Redis's answer, which a
-stalled connection can hold back until the socket timeout. Either way no broker I/O
-ever blocks a caller past its deadline.
+Redis and the polling transports, a publisher thread with a connection of its own
+publishes the requests that callers queue for it, in order: a publish there waits for
+the broker's answer, which a stalled connection can hold back until the socket timeout.
+Either way no broker I/O ever blocks a caller past its deadline.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from .errors import (
     RPCError,
     RPCTimeout,
 )
-from .link import AmqpLink, MemoryLink, RedisLink
+from .link import AmqpLink, MemoryLink, PollingLink, RedisLink
 from .topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, broadcast_exchange, new_id
+from .transports import Kind, kind
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,8 @@ class Client:
         codec: Codec | None = None,
         direct_reply_to: bool = False,
     ) -> None:
-        if direct_reply_to and connection.transport.driver_type != "amqp":
+        self._kind = kind(connection)
+        if direct_reply_to and self._kind is not Kind.AMQP:
             raise ConfigurationError("direct_reply_to is a RabbitMQ feature: it needs an amqp:// broker")
         self._direct = direct_reply_to
         self._connection = connection
@@ -310,8 +312,6 @@ class Client:
         self.serializer = serializer
         self._accept = {serializer, "json"}
         self._retry_policy = retry_policy
-        self._amqp = connection.transport.driver_type == "amqp"
-        self._inline = connection.transport.driver_type == "memory"
         self._closing = False
         self._fresh_state()
 
@@ -323,7 +323,7 @@ class Client:
         self.reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
         self._pending = PendingCalls()
         self._lock = threading.Lock()  # guards starting and closing
-        self._link: AmqpLink | MemoryLink | RedisLink
+        self._link: AmqpLink | MemoryLink | PollingLink
         self._link_started = False
         link_args = (
             self._connection,
@@ -333,17 +333,26 @@ class Client:
             self._on_reply,
             self._accept,
         )
-        if self._inline:
-            self._link = MemoryLink(*link_args)
-        elif self._amqp:
+        if self._kind is Kind.AMQP:
             self._link = AmqpLink(*link_args, confirm=self._confirm_publish)
-        else:
+        elif self._kind is Kind.MEMORY:
+            self._link = MemoryLink(*link_args)
+        elif self._kind is Kind.REDIS:
             self._link = RedisLink(*link_args)
+        else:
+            self._link = PollingLink(*link_args)
         self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
         self._producer: Producer | None = None  # the inline publisher's
         self._inline_lock = threading.Lock()
+
+    @property
+    def _threaded(self) -> bool:
+        """True if requests go through the publisher thread (a publish may block past
+        a caller's deadline: Redis and polling transports), not through the AMQP link
+        or inline (memory://, where a put cannot stall)."""
+        return self._kind is Kind.REDIS or self._kind is Kind.POLLING
 
     # -- public --------------------------------------------------------------------
 
@@ -361,7 +370,7 @@ class Client:
         The future fails with :class:`RPCTimeout` at the deadline even if the request
         could not be published by then (a stalled connection), and with
         :class:`NoServerError` or :class:`ConnectionLostError` if publishing failed.
-        ``attended``: the caller goes on to wait in :meth:`result`.
+        ``attended``: the caller goes on to wait in :meth:`wait`.
         """
         correlation_id = new_id()
         with context.client_span(method, queue, correlation_id) as span:
@@ -379,12 +388,11 @@ class Client:
         self._submit(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id), attended)
         return future
 
-    def result(self, future: Future[Any], timeout: float | None) -> Any:
-        """Wait up to ``timeout`` seconds for a call's result (reading replies in this
-        thread); raises what the call raised, or :class:`TimeoutError`."""
+    def wait(self, future: Future[Any], timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds for a call to end (reading replies in this
+        thread); the future holds its outcome, if it ended."""
         if not future.done():
             self._link.wait(future.done, timeout)
-        return future.result(0)
 
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Publish a request that asks for no reply; returns once the broker took it.
@@ -515,7 +523,7 @@ class Client:
             except Exception as exc:
                 raise ConnectionLostError(f"cannot connect to {safe_uri(self._connection)}: {exc}") from exc
             self._link_started = True
-            if isinstance(self._link, RedisLink):
+            if self._threaded:
                 self._publisher = threading.Thread(
                     target=self._publish_loop, name="kombu_rpc-publisher", daemon=True
                 )
@@ -530,7 +538,7 @@ class Client:
         if isinstance(self._link, AmqpLink):
             self._link.submit(job, attended)
             return
-        if self._inline:
+        if not self._threaded:
             with self._inline_lock:
                 if self._producer is None:
                     self._producer = self._new_producer()
@@ -548,7 +556,7 @@ class Client:
                 unless its publish had already begun).
         """
         try:
-            if isinstance(self._link, RedisLink):  # the publisher thread sends it: no reading
+            if self._threaded:  # the publisher thread sends it: no reading
                 sent.result(timeout)
             else:
                 self._link.wait(sent.done, timeout)

@@ -7,12 +7,10 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from kombu import Connection, Producer
-from kombu.transport import memory as kombu_memory
-from kombu.transport import pyamqp as kombu_pyamqp
-from kombu.transport import redis as kombu_redis
+from kombu.utils.url import maybe_sanitize_url
 
-from . import amqp_transport, memory, redis_transport
 from .errors import ConfigurationError
+from .transports import Kind, kind, open_connection
 
 logger = logging.getLogger(__name__)
 
@@ -32,26 +30,15 @@ DEFAULT_RETRY_POLICY: dict[str, Any] = {
 #: before its connection counts as lost. A call with a shorter timeout uses its own.
 PUBLISH_TIMEOUT = 10.0
 
-#: Transport options applied unless the connection sets them: without a socket
-#: timeout, redis-py waits forever on a half-open connection (a stalled broker).
-TRANSPORT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "redis": {"socket_timeout": PUBLISH_TIMEOUT, "socket_connect_timeout": 5.0},
-}
-
 
 def connect(broker: Broker) -> Connection:
-    """Return a new, not yet connected :class:`kombu.Connection` for ``broker``.
-
-    ``memory://`` gets kombu_rpc's event-driven memory transport (see
-    :mod:`kombu_rpc.memory`), which shares kombu's in-process broker state, and
-    ``amqp://`` kombu's py-amqp transport with buffered reads
-    (:mod:`kombu_rpc.amqp_transport`), and ``redis://`` kombu's Redis transport with
-    one command client per channel (:mod:`kombu_rpc.redis_transport`). Options
-    of :data:`TRANSPORT_DEFAULTS` are added where the connection does not set them.
+    """Return a new, not yet connected :class:`kombu.Connection` for ``broker``, on the
+    transport kombu_rpc uses for its URL (see :mod:`kombu_rpc.transports`). ``broker``
+    itself is never changed.
 
     Raises:
         ConfigurationError: ``broker`` is not a URL or a Connection, or names an
-            unknown transport.
+            unknown transport, or one whose client library is not installed.
     """
     if not isinstance(broker, (str, Connection)) or not broker:
         raise ConfigurationError(
@@ -59,21 +46,9 @@ def connect(broker: Broker) -> Connection:
             f"or a kombu.Connection, got {broker!r}"
         )
     try:
-        conn = broker.clone() if isinstance(broker, Connection) else Connection(broker)
-        transport_cls = conn.transport_cls
-        if transport_cls == "memory" or transport_cls is kombu_memory.Transport:
-            conn = Connection(transport=memory.Transport, transport_options=conn.transport_options)
-        elif transport_cls in ("amqp", "pyamqp") or transport_cls is kombu_pyamqp.Transport:
-            conn = conn.clone(transport=amqp_transport.Transport)
-        elif transport_cls == "redis" or transport_cls is kombu_redis.Transport:
-            conn = conn.clone(transport=redis_transport.Transport)
-        else:
-            conn.get_transport_cls()
-        for key, value in TRANSPORT_DEFAULTS.get(conn.transport.driver_type, {}).items():
-            conn.transport_options.setdefault(key, value)
+        return open_connection(broker)
     except (KeyError, ImportError, ValueError) as exc:
         raise ConfigurationError(f"unknown or unavailable transport in {broker!r}: {exc}") from exc
-    return conn
 
 
 def publishing_clone(conn: Connection, confirm: bool) -> Connection:
@@ -83,7 +58,7 @@ def publishing_clone(conn: Connection, confirm: bool) -> Connection:
     unroutable ``mandatory`` message raises instead of vanishing. Other transports
     have no confirms; their clone is plain.
     """
-    if confirm and conn.transport.driver_type == "amqp":
+    if confirm and kind(conn) is Kind.AMQP:
         return conn.clone(transport_options={**conn.transport_options, "confirm_publish": True})
     return conn.clone()
 
@@ -124,7 +99,7 @@ def reconnect(conn: Connection, retry_policy: dict[str, Any], callback: Callable
     (Redis, memory) reconnect in place, and their ``collect()`` closes channels with
     broker I/O, which can block on a dead Redis connection, so they are left alone.
     """
-    if conn.transport.driver_type == "amqp":
+    if kind(conn) is Kind.AMQP:
         conn.collect()
     conn.ensure_connection(
         errback=_log_retry,
@@ -150,7 +125,7 @@ def safe_uri(conn: Connection) -> str:
     transport_cls = conn.transport_cls
     if isinstance(transport_cls, type):
         uri = uri.replace(str(transport_cls), str(getattr(transport_cls, "driver_type", "")), 1)
-    return uri
+    return str(maybe_sanitize_url(uri))  # a URL the transport parses itself (sqla+...) shows as given
 
 
 def merge_retry_policy(overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -13,10 +13,13 @@ flight (``call_async``, asyncio). So a sequential call costs no thread hand-off.
   not confirmed.
 * ``MemoryLink`` (memory://) only reads; callers publish on a connection of their
   own (a put cannot stall).
-* ``RedisLink`` (Redis) only reads, with kombu's ``drain_events`` (a BRPOP on the
-  reply queue); the client's publisher thread sends the requests. Its connection's
-  socket operations are bounded by ``FRAME_WAIT``, and its thread reconnects
-  after a connection error.
+* ``PollingLink`` (every other kombu transport) only reads, with kombu's
+  ``drain_events``, in slices no longer than the transport's polling interval; the
+  client's publisher thread sends the requests. Any error of the transport counts as
+  a lost connection, after which its thread reconnects.
+* ``RedisLink`` (Redis) is a ``PollingLink`` whose reads are a BRPOP on the reply
+  queue: a wake-up message ends one early, and its connection's socket operations are
+  bounded by ``FRAME_WAIT``.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
-from .amqp_transport import unread
 from .connection import reconnect, take_confirmed
 from .errors import ConnectionLostError, NoServerError
 from .protocol import WAKE_HEADERS, WAKE_UP
 from .topology import DIRECT_REPLY_TO, discard_queue, private_queue
+from .transports import unread
 
 if TYPE_CHECKING:
     from .client import PendingCalls, _Outgoing
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 1.0
 #: Longest wait for the rest of a frame whose start has arrived.
 FRAME_WAIT = 1.0
+#: A Redis read this short is made whole (see ``RedisLink._read``).
+SHORT_READ = 0.02
 
 
 class _Closed(Exception):
@@ -501,23 +506,18 @@ class MemoryLink(_Link):
         self._conn.transport.wake()
 
 
-class RedisLink(_Link):
-    """Reads the reply queue on Redis (the client's publisher thread sends the requests).
+class PollingLink(_Link):
+    """Reads the reply queue on any kombu transport that polls (the client's publisher
+    thread sends the requests).
 
-    Takes the arguments of ``_Link``. Every socket operation of its connection gives up
-    after ``FRAME_WAIT`` at most (or the connection's own, shorter
-    ``socket_timeout``), so a caller reading a reply that stalls halfway is not held
-    much past its deadline; that counts as a lost connection. After one, the link's
-    thread reconnects and consumes the reply queue again: the queue, a Redis list,
-    outlives the connection, so replies sent meanwhile still arrive.
+    Takes the arguments of ``_Link``. A leader reads for at most the transport's
+    polling interval at a time, so a caller whose deadline comes is not held past it
+    by more than one poll. Any exception from the transport counts as a lost
+    connection (kombu's virtual transports raise their clients' own errors, such as a
+    database driver's or a JSON decode error of a half-written file): the link's
+    thread then reconnects and consumes the reply queue again; the queue outlives the
+    connection, so replies sent meanwhile still arrive.
     """
-
-    def __init__(self, connection: Connection, *args: Any) -> None:
-        super().__init__(connection, *args)
-        options = dict(self._conn.transport_options)
-        limit = options.get("socket_timeout")
-        options["socket_timeout"] = FRAME_WAIT if limit is None else min(limit, FRAME_WAIT)
-        self._conn = connection.clone(transport_options=options)
 
     def start(self) -> None:
         """Connect, declare and consume the reply queue, and start the link's thread.
@@ -537,34 +537,117 @@ class RedisLink(_Link):
     def close(self) -> None:
         """Stop the link's thread, delete the reply queue and close the connection."""
         self._stop_thread()
-        errors = (*self._conn.connection_errors, *self._conn.channel_errors, OSError)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
-                if self._broken is None:
-                    # A BRPOP still waiting would hold up closing the channel until
-                    # Redis ends it (a second): have it take the wake-up at once.
-                    self._wake_up(consumer.channel)
-                    self._conn.drain_events(timeout=FRAME_WAIT)
-            except (TimeoutError, *errors):
+                self._before_cancel(consumer)
+            except Exception:  # best effort: closing only takes longer
                 pass
             try:
                 consumer.cancel()
                 for queue in consumer.queues:
                     discard_queue(queue)
-            except errors:
-                pass
+            except Exception as exc:  # the connection is gone: nothing left to clean up
+                logger.debug("could not delete the reply queue %s: %s", self._reply_queue, exc)
         try:
             self._conn.release()
-        except errors:
-            pass
+        except Exception as exc:
+            logger.debug("could not close the reply connection: %s", exc)
         self.wake_waiters()
+
+    def _before_cancel(self, consumer: Consumer) -> None:
+        """Hook: what to do before the consumer is cancelled at close."""
 
     def _read(self, timeout: float) -> None:
         if self._broken is not None:
             return
+        interval = getattr(self._conn.transport, "polling_interval", None)
         try:
-            self._conn.drain_events(timeout=timeout)
+            self._conn.drain_events(timeout=timeout if interval is None else min(timeout, interval))
+        except TimeoutError:
+            pass
+        except Exception as exc:
+            if self._broken is None and not self._closing:
+                logger.warning("the proxy lost its reply connection (%s); reconnecting", exc)
+            self._broken = exc  # the leader leaves next, waking the link's thread
+
+    def _wake(self) -> None:
+        """Nothing to do: a read ends within one polling interval."""
+
+    def _work(self, busy: bool) -> None:
+        """Reconnect, read for calls nobody waits on, or take late replies."""
+        if self._broken is not None:
+            self._recover()
+        else:
+            self._read(IDLE_WAIT if busy else 0)
+
+    def _recover(self) -> None:
+        """Drop the broken channel, then reconnect and consume the reply queue again,
+        retrying (with backoff) until it works or the link closes."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                consumer.channel.close()
+            except Exception:  # it is broken; closing is only to free it
+                pass
+        interval = 0.1
+        while True:
+            try:
+                reconnect(self._conn, self._retry_policy, self._check_closing)
+                self._consume(self._conn.channel())
+                break
+            except _Closed:
+                raise
+            except Exception as again:
+                logger.warning("the proxy cannot reconnect (%s); retrying in %.1fs", again, interval)
+            with self._turn:
+                if self._idle.wait_for(lambda: self._closing, interval):
+                    raise _Closed()
+            interval = min(2 * interval, self._retry_policy["interval_max"])
+        self._broken = None
+        logger.info("the proxy reconnected")
+
+
+class RedisLink(PollingLink):
+    """Reads the reply queue on Redis with a BRPOP (the client's publisher thread sends
+    the requests).
+
+    Takes the arguments of ``_Link``. Every socket operation of its connection gives up
+    after ``FRAME_WAIT`` at most (or the connection's own, shorter
+    ``socket_timeout``), so a caller reading a reply that stalls halfway is not held
+    much past its deadline; that counts as a lost connection. A waiting BRPOP is ended
+    early by a wake-up message pushed to the reply queue.
+    """
+
+    def __init__(self, connection: Connection, *args: Any) -> None:
+        super().__init__(connection, *args)
+        options = dict(self._conn.transport_options)
+        limit = options.get("socket_timeout")
+        options["socket_timeout"] = FRAME_WAIT if limit is None else min(limit, FRAME_WAIT)
+        self._conn = connection.clone(transport_options=options)
+
+    def _before_cancel(self, consumer: Consumer) -> None:
+        """A BRPOP still waiting would hold up closing the channel until Redis ends it
+        (a second): have it take a wake-up at once."""
+        if self._broken is None:
+            self._wake_up(consumer.channel)
+            try:
+                self._conn.drain_events(timeout=FRAME_WAIT)
+            except TimeoutError:
+                pass
+
+    def _read(self, timeout: float) -> None:
+        """Read for at most ``timeout`` seconds, as a rule for half of it.
+
+        kombu's Redis ``drain_events(timeout)`` waits again for the whole ``timeout``
+        when a BRPOP ended without a message (every ``brpop_timeout``), so a read can
+        last up to twice its timeout: asking for half keeps it within the caller's
+        deadline, down to a last read of :data:`SHORT_READ`.
+        """
+        if self._broken is not None:
+            return
+        try:
+            self._conn.drain_events(timeout=timeout / 2 if timeout > SHORT_READ else timeout)
         except TimeoutError:
             pass
         except (*self._conn.connection_errors, *self._conn.channel_errors) as exc:
@@ -591,34 +674,3 @@ class RedisLink(_Link):
             content_type=WAKE_UP.content_type,
             content_encoding=WAKE_UP.content_encoding,
         )
-
-    def _work(self, busy: bool) -> None:
-        """Reconnect, read for calls nobody waits on, or take late replies."""
-        if self._broken is not None:
-            self._recover()
-        else:
-            self._read(IDLE_WAIT if busy else 0)
-
-    def _recover(self) -> None:
-        """Drop the broken channel, then reconnect and consume the reply queue again,
-        retrying (with backoff) until it works or the link closes."""
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                consumer.channel.close()  # no broker I/O but a read bounded by FRAME_WAIT
-            except (*self._conn.connection_errors, *self._conn.channel_errors, OSError):
-                pass
-        interval = 0.1
-        while True:
-            try:
-                reconnect(self._conn, self._retry_policy, self._check_closing)
-                self._consume(self._conn.channel())
-                break
-            except (*self._conn.connection_errors, *self._conn.channel_errors) as again:
-                logger.warning("the proxy cannot reconnect (%s); retrying in %.1fs", again, interval)
-            with self._turn:
-                if self._idle.wait_for(lambda: self._closing, interval):
-                    raise _Closed()
-            interval = min(2 * interval, self._retry_policy["interval_max"])
-        self._broken = None
-        logger.info("the proxy reconnected")

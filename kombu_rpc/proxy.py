@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from types import TracebackType
 from typing import Any
 
@@ -190,16 +191,17 @@ class MethodProxy:
         timeout = proxy._timeout
         client = proxy._client
         future = client.call(proxy._queue, self._checked_name(), args, kwargs, timeout, attended=True)
-        try:
-            # The client fails the future at its deadline; the caller's own bounded
-            # wait is a second guard, so that a sync call can never hang past it.
-            return client.result(future, None if timeout is None else timeout + _GUARD)
-        except TimeoutError:
-            if future.done():
-                raise
-            assert timeout is not None
-            logger.error("call to %r outlived its deadline by %ss; failing it", self._name, _GUARD)
-            raise RPCTimeout(self._name, timeout) from None
+        # This thread reads replies until the call's deadline, when the client fails
+        # the call; waiting a little longer for that is a guard against a hang.
+        client.wait(future, timeout)
+        if not future.done():
+            try:
+                future.exception(_GUARD)
+            except FuturesTimeout:
+                assert timeout is not None
+                logger.error("call to %r outlived its deadline by %ss; failing it", self._name, _GUARD)
+                raise RPCTimeout(self._name, timeout) from None
+        return future.result()
 
     def call_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """Send the call and return a :class:`concurrent.futures.Future` of its result.

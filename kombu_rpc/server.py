@@ -23,7 +23,6 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
-from .amqp_transport import unread
 from .codecs import Codec, check_codec
 from .connection import (
     PUBLISH_TIMEOUT,
@@ -56,6 +55,7 @@ from .topology import (
     private_queue,
     request_queue,
 )
+from .transports import Kind, kind, unread
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,10 @@ class RPCServer:
 
     def _serve_once(self) -> None:
         conn = self._connection.clone()
-        self._connection_errors = conn.connection_errors
+        transport_kind = kind(conn)
+        # On a polling transport, any error of the transport's client (a database
+        # driver's, a half-written file's) counts as a lost connection.
+        self._connection_errors = (Exception,) if transport_kind is Kind.POLLING else conn.connection_errors
         try:
             conn.ensure_connection(**self._retry_policy)
         except (*conn.connection_errors, OperationalError, OSError) as exc:
@@ -324,17 +327,33 @@ class RPCServer:
             if self.concurrency > 1
             else None
         )
-        if self._executor is not None and conn.transport.driver_type == "amqp":
+        if self._executor is not None and transport_kind is Kind.AMQP:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_w.setblocking(False)
         try:
+            consumed = False  # consuming worked at least once
+            delay = 0.0  # before reconnecting: grows while attempts keep failing at once
             while not self._stopping.is_set():
+                began = monotonic()
                 try:
                     self._consume(conn)
-                except conn.connection_errors as exc:
+                except self._connection_errors as exc:
+                    consumed = consumed or self._ready.is_set()
                     self._ready.clear()
                     self._generation += 1
+                    if not consumed and not isinstance(exc, conn.connection_errors):
+                        # never consumed: a setting (a missing folder, a bad database
+                        # URL), not an outage
+                        raise ConnectionLostError(
+                            f"cannot consume on {safe_uri(conn)}: {type(exc).__name__}: {exc}"
+                        ) from exc
                     logger.warning("server lost its connection (%s); reconnecting", exc)
+                    if monotonic() - began > IDLE_WAIT:
+                        delay = 0.0
+                    elif self._stopping.wait(delay):
+                        break
+                    else:
+                        delay = min(max(0.1, 2 * delay), self._retry_policy["interval_max"])
                     reconnect(conn, self._retry_policy, self._check_stopping)
         except _Stopped:
             pass
@@ -358,7 +377,7 @@ class RPCServer:
 
     def _consume(self, conn: Connection) -> None:
         channel = conn.channel()
-        self._reply_on(channel, conn.transport.driver_type == "amqp" and self.confirm_publish)
+        self._reply_on(channel, kind(conn) is Kind.AMQP and self.confirm_publish)
         requests = request_queue(self.queue, self.durable, self.queue_arguments)(channel)
         control = private_queue(self._control_queue)(channel)
         broadcasts = broadcast_queue(self.queue, self.server_id)(channel)
@@ -412,7 +431,7 @@ class RPCServer:
             discard_queue(broadcasts)
             try:
                 channel.close()
-            except conn.connection_errors + conn.channel_errors:
+            except (*self._connection_errors, *conn.channel_errors):
                 pass
 
     def _reply_on(self, channel: Any, confirming: bool) -> None:

@@ -23,13 +23,13 @@ from typing import Any, NamedTuple, TypeAlias
 
 from kombu.transport import memory as kombu_memory
 
-from .. import memory
 from ..connection import Broker, connect
 from ..errors import ConfigurationError
 from ..proxy import RPCProxy
 from ..registry import Registry, default_registry
 from ..server import RPCServer
 from ..topology import check_queue_name, discard_queue, new_id, request_queue
+from ..transports import memory
 
 __all__ = [
     "Functions",
@@ -151,7 +151,7 @@ def reset_memory_transport() -> None:
     """Empty the process-wide state of the ``memory://`` broker.
 
     kombu keeps every memory queue, exchange and binding in class attributes shared by
-    all memory connections of the process (kombu_rpc's :mod:`~kombu_rpc.memory`
+    all memory connections of the process (kombu_rpc's :mod:`~kombu_rpc.transports.memory`
     transport shares them too), so they outlive the connections that made them. This
     drops all of them, with the messages they hold.
 

@@ -1,4 +1,4 @@
-"""kombu_rpc.redis_transport on a real Redis: one command client per channel, and
+"""kombu_rpc.transports.redis on a real Redis: one command client per channel, and
 kombu's keys, ack emulation, fanout and reconnection unchanged (plain kombu processes
 share the queues)."""
 
@@ -13,9 +13,9 @@ import redis
 from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from kombu_rpc import redis_transport
 from kombu_rpc.connection import connect, safe_uri
 from kombu_rpc.topology import new_id
+from kombu_rpc.transports import redis as redis_transport
 
 pytestmark = pytest.mark.timeout(30)
 

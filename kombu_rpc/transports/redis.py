@@ -1,4 +1,6 @@
-"""kombu's Redis transport, with one command client per channel.
+"""kombu's Redis transport, with one command client per channel (used for ``redis://``
+and ``redis+socket://`` unless :func:`check` finds that kombu changed; see
+:mod:`kombu_rpc.transports`).
 
 kombu's Redis channel runs every command outside its poller (a publish, the
 unacked-index update of a delivery, an ack, a restore) on a ``redis.Redis`` client it
@@ -19,6 +21,7 @@ log lines keep its scheme.
 
 from __future__ import annotations
 
+import inspect
 from types import TracebackType
 from typing import Any
 
@@ -70,3 +73,36 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+class SocketTransport(Transport):
+    """:class:`Transport` for ``redis+socket://`` URLs, whose socket path kombu's Redis
+    channel reads from the connection's hostname (``socket:///path``)."""
+
+    can_parse_url = True
+
+
+def check() -> str | None:
+    """``None`` if the kombu internals :class:`Channel` overrides are there and
+    ``conn_or_acquire`` still lends a given client as it is; else what is wrong."""
+    base = kombu_redis.Channel
+    missing = [
+        name
+        for name in ("conn_or_acquire", "_create_client", "_disconnect_pools")
+        if not callable(getattr(base, name, None))
+    ]
+    if missing or not hasattr(base, "_pool"):
+        return f"kombu.transport.redis.Channel lacks {', '.join(missing) or '_pool'}"
+    params = list(inspect.signature(base.conn_or_acquire).parameters)
+    if params != ["self", "client"]:
+        return f"kombu.transport.redis.Channel.conn_or_acquire takes {params}"
+    if list(inspect.signature(base._create_client).parameters)[:2] != ["self", "asynchronous"]:
+        return "kombu.transport.redis.Channel._create_client changed"
+    given = object()
+    try:
+        with base.conn_or_acquire(None, given) as lent:
+            if lent is not given:
+                return "kombu.transport.redis.Channel.conn_or_acquire does not lend the client given"
+    except Exception as exc:
+        return f"kombu.transport.redis.Channel.conn_or_acquire failed: {type(exc).__name__}: {exc}"
+    return None

@@ -1,4 +1,5 @@
-"""kombu's py-amqp transport, reading the socket a chunk at a time.
+"""kombu's py-amqp transport, reading the socket a chunk at a time (used for ``amqp://``
+unless :func:`check` finds that py-amqp changed; see :mod:`kombu_rpc.transports`).
 
 py-amqp reads every frame with three exact-size ``recv`` calls (header, payload, end
 octet), each under a socket timeout it sets and restores, so a reply (three frames)
@@ -8,19 +9,23 @@ costs nine reads and six ``settimeout`` calls. :class:`Transport` is kombu's
 handed over without touching the socket. TLS connections are left to py-amqp.
 
 A whole frame waiting in the buffer is invisible to ``select()``: code that waits on
-the socket asks :func:`unread` first.
+the socket asks :func:`kombu_rpc.transports.unread` first.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import select
-from struct import unpack_from
+import socket
+from struct import pack, unpack_from
 from typing import Any
 
 from amqp import transport as amqp_transport
 from amqp.exceptions import UnexpectedFrame
 from kombu.transport import pyamqp
+
+from . import unread
 
 #: Most bytes one ``recv`` asks for.
 READ_SIZE = 65536
@@ -160,12 +165,56 @@ class Transport(pyamqp.Transport):  # type: ignore[misc]
     Connection = Connection
 
 
-def unread(connection: Any) -> bool:
-    """True if the py-amqp ``connection`` holds received bytes that ``select()`` on its
-    socket cannot see: a whole frame in :class:`BufferedTCPTransport`'s buffer, or
-    decrypted bytes in a TLS socket."""
-    transport = connection.transport
-    if isinstance(transport, BufferedTCPTransport):
-        return transport.frame_ready()
-    pending = getattr(transport.sock, "pending", None)
-    return bool(pending is not None and pending())
+#: py-amqp's and kombu's names this module overrides or calls, by owner.
+_RELIED_ON = {
+    amqp_transport.TCPTransport: ("_setup_transport", "_read", "read_frame", "having_timeout"),
+    pyamqp.Connection: ("Transport", "blocking_read", "on_inbound_frame", "drain_events"),
+}
+_TRANSPORT_PARAMS = ["self", "host", "connect_timeout", "ssl", "read_timeout", "write_timeout"]
+
+
+def check() -> str | None:
+    """``None`` if the py-amqp internals this module relies on are there and frames
+    read through :class:`BufferedTCPTransport` come out whole; else what is wrong."""
+    missing = [
+        f"{owner.__module__}.{owner.__qualname__}.{name}"
+        for owner, names in _RELIED_ON.items()
+        for name in names
+        if not hasattr(owner, name)
+    ]
+    if not isinstance(getattr(amqp_transport, "_UNAVAIL", None), (set, frozenset, tuple)):
+        missing.append("amqp.transport._UNAVAIL")
+    if missing:
+        return f"missing {', '.join(missing)}"
+    params = list(inspect.signature(pyamqp.Connection.Transport).parameters)
+    if params[: len(_TRANSPORT_PARAMS)] != _TRANSPORT_PARAMS:
+        return f"amqp.Connection.Transport takes {params}"
+    return _check_reading()
+
+
+def _check_reading() -> str | None:
+    """Read two frames over a socket pair, the second arriving in two pieces."""
+    frames = [(1, 1, b"first"), (3, 2, b"second frame")]
+    wire = b"".join(
+        pack(">BHI", kind, channel, len(body)) + body + bytes([FRAME_END]) for kind, channel, body in frames
+    )
+    ours, theirs = socket.socketpair()
+    try:
+        ours.settimeout(1.0)
+        transport = BufferedTCPTransport.__new__(BufferedTCPTransport)
+        transport.sock = ours
+        transport._setup_transport()
+        cut = len(wire) - 5
+        theirs.sendall(wire[:cut])
+        first = transport.read_frame()
+        pending = transport.take_frame()
+        theirs.sendall(wire[cut:])
+        second = transport.read_frame()
+    except Exception as exc:
+        return f"reading frames failed: {type(exc).__name__}: {exc}"
+    finally:
+        ours.close()
+        theirs.close()
+    if [first, second] != frames or pending is not None:
+        return f"frames read back as {[first, pending, second]}"
+    return None

@@ -1,4 +1,6 @@
-"""An event-driven ``memory://`` transport: consumers sleep until a message is put.
+"""An event-driven ``memory://`` transport: consumers sleep until a message is put
+(used for ``memory://`` unless :func:`check` finds that kombu changed; see
+:mod:`kombu_rpc.transports`).
 
 kombu's virtual transports poll: an idle ``drain_events`` sleeps
 ``polling_interval`` (1 s by default) between empty reads, so memory:// is either
@@ -26,10 +28,12 @@ from collections.abc import Callable
 from queue import Empty
 from time import monotonic
 from typing import Any
+from uuid import uuid4
 
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import memory
 
-__all__ = ["Channel", "Transport"]
+__all__ = ["Channel", "Transport", "check"]
 
 
 class _Waker:
@@ -312,3 +316,58 @@ class Transport(memory.Transport):  # type: ignore[misc]
                 cycle.pos = index + 1
                 return True
         return False
+
+
+#: kombu's names this module overrides or calls, by owner.
+_RELIED_ON = {
+    memory.Channel: (
+        "_put",
+        "_get",
+        "_poll",
+        "_put_fanout",
+        "_lookup",
+        "_next_delivery_tag",
+        "_queue_for",
+        "_delete",
+        "_size",
+        "basic_consume",
+        "basic_cancel",
+        "queue_delete",
+    ),
+    memory.Transport: ("_deliver", "drain_events"),
+}
+
+
+def check() -> str | None:
+    """``None`` if the kombu internals this module relies on are there and a message
+    put through a fanout exchange reaches its consumer; else what is wrong."""
+    missing = [
+        f"kombu.transport.memory.{owner.__name__}.{name}"
+        for owner, names in _RELIED_ON.items()
+        for name in names
+        if not callable(getattr(owner, name, None))
+    ]
+    if not isinstance(getattr(memory.Channel, "queues", None), dict):
+        missing.append("kombu.transport.memory.Channel.queues")
+    if missing:
+        return f"missing {', '.join(missing)}"
+    name = f"kombu_rpc.check.{uuid4().hex}"
+    received: list[Any] = []
+    try:
+        with Connection(transport=Transport) as conn:
+            channel = conn.channel()
+            exchange = Exchange(name, "fanout", durable=False)
+            queue = Queue(name, exchange, durable=False)(channel)
+            queue.declare()
+            consumer = Consumer(channel, [queue], on_message=received.append, no_ack=True, accept=["json"])
+            consumer.consume()
+            Producer(channel).publish({"n": 1}, exchange=exchange, serializer="json")
+            conn.drain_events(timeout=1.0)
+            consumer.cancel()
+            queue.delete()
+            exchange(channel).delete()
+    except Exception as exc:
+        return f"a message through a fanout exchange failed: {type(exc).__name__}: {exc}"
+    if [message.decode() for message in received] != [{"n": 1}]:
+        return f"a message through a fanout exchange came back as {received!r}"
+    return None

@@ -1,0 +1,230 @@
+"""The one place that knows kombu's transports: which one a broker URL gets, and how
+kombu_rpc drives it.
+
+Every broker URL is opened by :func:`open_connection`, and everything else in
+kombu_rpc asks :func:`kind` how to drive the connection, never its URL scheme. The
+kinds:
+
+* ``amqp``: ``amqp://``, ``pyamqp://``, ``amqps://``. Publisher confirms and
+  ``mandatory`` requests; replies are read by select() on the socket.
+* ``redis``: ``redis://``, ``rediss://``, ``redis+socket://``, ``sentinel://``.
+  Replies are read by BRPOP; socket timeouts bound every command.
+* ``memory``: ``memory://``. A put wakes the consumers of its queue at once.
+* ``polling``: every other kombu transport (``filesystem://``, ``sqla+...://``,
+  ``sqs://``, ...), and ``memory://`` on kombu's own transport. kombu polls each
+  queue every ``polling_interval`` seconds (:data:`POLLING_INTERVAL` unless the
+  connection's ``transport_options`` set it), and any error of the transport counts
+  as a lost connection: the server and the proxy reconnect.
+
+kombu_rpc's own transports (:mod:`~kombu_rpc.transports.amqp`,
+:mod:`~kombu_rpc.transports.redis`, :mod:`~kombu_rpc.transports.memory`) are
+subclasses of kombu's that are faster on a call's hot path. They override private
+kombu and py-amqp methods, so each is imported only when its URL is used, checks at
+import that those internals are there and behave as it expects, and if not, kombu's
+own transport is used instead, with one warning. Setting the environment variable
+:data:`FAST_TRANSPORTS_ENV` to ``0`` always uses kombu's own transports.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import importlib.util
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+from kombu import Connection
+from kombu.transport import resolve_transport, virtual
+from kombu.utils.imports import symbol_by_name
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "FAST_TRANSPORTS_ENV",
+    "POLLING_INTERVAL",
+    "Kind",
+    "kind",
+    "open_connection",
+    "fast_module",
+    "TransportFallbackWarning",
+    "unread",
+]
+
+#: Environment variable that turns kombu_rpc's own transports off (``0``, ``false``,
+#: ``no`` or ``off``): every URL then gets kombu's stock transport.
+FAST_TRANSPORTS_ENV = "KOMBU_RPC_FAST_TRANSPORTS"
+#: Seconds between two polls of a queue on a ``polling`` transport, unless the
+#: connection's ``transport_options`` set ``polling_interval`` (kombu's default, 1 s,
+#: would add up to two seconds to every call: one poll for the request, one for the reply).
+POLLING_INTERVAL = 0.05
+#: Longest time a ``redis`` command may block before its connection counts as lost,
+#: unless the connection sets ``socket_timeout``: without one, redis-py waits forever
+#: on a half-open connection (a stalled broker).
+REDIS_SOCKET_TIMEOUT = 10.0
+REDIS_CONNECT_TIMEOUT = 5.0
+
+
+class Kind(str, enum.Enum):
+    """How kombu_rpc drives a transport (see the module's table)."""
+
+    AMQP = "amqp"
+    REDIS = "redis"
+    MEMORY = "memory"
+    POLLING = "polling"
+
+
+class TransportFallbackWarning(RuntimeWarning):
+    """kombu_rpc's own transport for a URL cannot run on the installed kombu or
+    py-amqp, so kombu's stock transport is used (correct, only slower)."""
+
+
+#: kombu's transport aliases that kombu_rpc has a transport of its own for, and the
+#: module of :mod:`kombu_rpc.transports` holding it.
+_FAST_MODULES = {"amqp": "amqp", "pyamqp": "amqp", "redis": "redis", "memory": "memory"}
+#: kombu's transport classes that kombu_rpc has a transport of its own for, by alias.
+_STOCK = {
+    "kombu.transport.pyamqp:Transport": "amqp",
+    "kombu.transport.redis:Transport": "redis",
+    "kombu.transport.memory:Transport": "memory",
+}
+#: Aliases served by kombu's Redis transport, which needs redis-py.
+_REDIS_ALIASES = {"redis", "rediss", "sentinel"}
+#: Module name -> the module, or None if it fell back (checked once).
+_checked: dict[str, ModuleType | None] = {}
+
+
+def fast_module(name: str) -> ModuleType | None:
+    """kombu_rpc's transport module ``name`` (``"amqp"``, ``"redis"`` or ``"memory"``),
+    or ``None`` if :data:`FAST_TRANSPORTS_ENV` turns them off or the module's check of
+    the kombu internals it relies on failed (warned about once per process)."""
+    if os.environ.get(FAST_TRANSPORTS_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return None
+    if name not in _checked:
+        module: ModuleType | None = None
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+            problem = module.check()
+        except Exception as exc:  # an internal renamed or gone: the module cannot even load
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None and module is not None:
+            _checked[name] = module
+        else:
+            _checked[name] = None
+            warnings.warn(
+                f"kombu_rpc's {name} transport does not fit the installed kombu/py-amqp "
+                f"({problem}); using kombu's own transport instead",
+                TransportFallbackWarning,
+                stacklevel=2,
+            )
+    return _checked[name]
+
+
+def open_connection(broker: Connection | str) -> Connection:
+    """A new, unconnected :class:`kombu.Connection` for ``broker`` on the transport
+    kombu_rpc drives it with, and with transport options of its own (the caller's
+    connection and its ``transport_options`` are never changed).
+
+    Raises:
+        ConfigurationError: ``broker`` names an unknown transport, or one whose
+            client library is not installed.
+    """
+    conn = broker.clone() if isinstance(broker, Connection) else Connection(broker)
+    options = dict(conn.transport_options)  # kombu's clone() shares the caller's dict
+    transport = conn.transport_cls
+    alias = (
+        transport
+        if isinstance(transport, str)
+        else _STOCK.get(f"{transport.__module__}:{transport.__name__}")
+    )
+    if alias in _REDIS_ALIASES and importlib.util.find_spec("redis") is None:
+        raise ConfigurationError(
+            f"{alias}:// needs redis-py, which is not installed: pip install 'kombu-rpc[redis]'"
+        )
+    stock = _transport_class(conn)
+    fast = fast_module(_FAST_MODULES[alias]) if alias in _FAST_MODULES else None
+    chosen: Any = stock
+    if fast is not None:
+        chosen = fast.SocketTransport if conn.uri_prefix == "redis" else fast.Transport
+    if chosen.driver_type == "redis":
+        options.setdefault("socket_timeout", REDIS_SOCKET_TIMEOUT)
+        options.setdefault("socket_connect_timeout", REDIS_CONNECT_TIMEOUT)
+    elif issubclass(chosen, virtual.Transport) and not hasattr(chosen, "wake"):
+        chosen = _polling(chosen, options.pop("polling_interval", None))
+    if chosen is stock:
+        return conn.clone(transport_options=options)
+    if alias == "memory":
+        return Connection(transport=chosen, transport_options=options)
+    if conn.uri_prefix:  # "prefix+url://": the transport reads the URL after the "+" itself
+        if not chosen.can_parse_url:
+            raise ConfigurationError(f"cannot open {conn.uri_prefix}+ URLs on {chosen.__name__}")
+        return Connection(
+            hostname=conn.hostname,
+            transport=chosen,
+            transport_options=options,
+            connect_timeout=conn.connect_timeout,
+            ssl=conn.ssl,
+            heartbeat=conn.heartbeat,
+        )
+    return conn.clone(transport=chosen, transport_options=options)
+
+
+def _transport_class(conn: Connection) -> Any:
+    """The transport class ``conn`` uses (importing kombu's module for it)."""
+    transport = conn.transport_cls
+    if isinstance(transport, type):
+        return transport
+    return symbol_by_name(resolve_transport(transport))
+
+
+#: (kombu's transport class, interval) -> its polling subclass, made once.
+_polling_classes: dict[tuple[type, float], type] = {}
+
+
+def _polling(transport_cls: Any, interval: Any) -> Any:
+    """A subclass of kombu's ``transport_cls`` that polls every ``interval`` seconds
+    (``None``: :data:`POLLING_INTERVAL`, or what a subclass made here already polls at).
+
+    A class attribute, because kombu hands ``transport_options`` on to some transports'
+    clients (SQLAlchemy's ``create_engine``), which refuse options they do not know.
+    """
+    base = getattr(transport_cls, "kombu_base", transport_cls)
+    if interval is None:
+        interval = POLLING_INTERVAL if base is transport_cls else transport_cls.polling_interval
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
+        raise ConfigurationError(f"polling_interval must be a number of seconds >= 0, got {interval!r}")
+    key = (base, float(interval))
+    if key not in _polling_classes:
+        namespace = {
+            "polling_interval": float(interval),
+            "kombu_base": base,
+            "__module__": base.__module__,
+        }
+        _polling_classes[key] = type(base.__name__, (base,), namespace)
+    return _polling_classes[key]
+
+
+def kind(conn: Connection) -> Kind:
+    """How kombu_rpc drives ``conn`` (a connection from :func:`open_connection`)."""
+    transport = conn.transport
+    if transport.driver_type == "amqp":
+        return Kind.AMQP
+    if transport.driver_type == "redis":
+        return Kind.REDIS
+    if hasattr(transport, "wake"):  # kombu_rpc's memory transport
+        return Kind.MEMORY
+    return Kind.POLLING
+
+
+def unread(connection: Any) -> bool:
+    """True if the py-amqp ``connection`` holds received bytes that ``select()`` on its
+    socket cannot see: a whole frame in the read-ahead buffer of
+    :class:`kombu_rpc.transports.amqp.BufferedTCPTransport`, or decrypted bytes in a
+    TLS socket."""
+    transport = connection.transport
+    frame_ready = getattr(transport, "frame_ready", None)
+    if frame_ready is not None:
+        return bool(frame_ready())
+    pending = getattr(transport.sock, "pending", None)
+    return bool(pending is not None and pending())
