@@ -47,6 +47,8 @@ def connect(broker: Broker) -> Connection:
         )
     try:
         return open_connection(broker)
+    except ConfigurationError:
+        raise
     except (KeyError, ImportError, ValueError) as exc:
         raise ConfigurationError(f"unknown or unavailable transport in {broker!r}: {exc}") from exc
 

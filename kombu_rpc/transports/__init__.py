@@ -130,6 +130,8 @@ def open_connection(broker: Connection | str) -> Connection:
         ConfigurationError: ``broker`` names an unknown transport, or one whose
             client library is not installed.
     """
+    if isinstance(broker, str):
+        _require_client(broker.partition("://")[0].partition("+")[0])
     conn = broker.clone() if isinstance(broker, Connection) else Connection(broker)
     options = dict(conn.transport_options)  # kombu's clone() shares the caller's dict
     transport = conn.transport_cls
@@ -138,10 +140,6 @@ def open_connection(broker: Connection | str) -> Connection:
         if isinstance(transport, str)
         else _STOCK.get(f"{transport.__module__}:{transport.__name__}")
     )
-    if alias in _REDIS_ALIASES and importlib.util.find_spec("redis") is None:
-        raise ConfigurationError(
-            f"{alias}:// needs redis-py, which is not installed: pip install 'kombu-rpc[redis]'"
-        )
     stock = _transport_class(conn)
     fast = fast_module(_FAST_MODULES[alias]) if alias in _FAST_MODULES else None
     chosen: Any = stock
@@ -168,6 +166,18 @@ def open_connection(broker: Connection | str) -> Connection:
             heartbeat=conn.heartbeat,
         )
     return conn.clone(transport=chosen, transport_options=options)
+
+
+def _require_client(alias: str) -> None:
+    """Raise a clear error if the libraries kombu's transport ``alias`` needs are
+    missing (kombu fails on them as soon as a URL names the transport)."""
+    if alias in _REDIS_ALIASES:
+        missing = [name for name in ("redis", "packaging") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigurationError(
+                f"{alias}:// needs {' and '.join(missing)}, which kombu's Redis transport imports: "
+                "pip install 'kombu-rpc[redis]'"
+            )
 
 
 def _transport_class(conn: Connection) -> Any:
