@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from time import monotonic
@@ -44,6 +45,10 @@ from .transports import Kind, kind
 
 logger = logging.getLogger(__name__)
 
+#: How many of the newest messages of a Redis request queue are searched for an
+#: unanswered request to take back (see ``_Withdrawal``).
+WITHDRAW_SCAN = 1000
+
 
 @dataclass
 class _Pending:
@@ -51,6 +56,7 @@ class _Pending:
     method: str
     timeout: float | None
     span: Any = None  # the call's OpenTelemetry span, ended before the future completes
+    queue: str = ""  # where its request went
 
     def resolve(self, result: Any) -> None:
         context.end_span(self.span)
@@ -181,6 +187,33 @@ class _Outgoing:
             logger.warning("could not publish to %r: %s", self.queue, exc)
 
 
+@dataclass(frozen=True)
+class _Withdrawal:
+    """Take back, on Redis, the request of a call that ended unanswered (at its
+    deadline, or at close) if it still waits in its queue: kombu's Redis transport
+    has no per-message expiry, so it would otherwise stay there until a server comes
+    (which drops it as expired), or forever."""
+
+    queue: str
+    correlation_id: str
+
+    def run(self, channel: Any) -> None:
+        """Remove the request from the first :data:`WITHDRAW_SCAN` messages of its
+        queue (kombu's Redis list, newest first), if it is there (best effort)."""
+        marker = self.correlation_id.encode()
+        try:
+            client = channel.client
+            for item in client.lrange(self.queue, 0, WITHDRAW_SCAN - 1):
+                if marker in item:
+                    client.lrem(self.queue, 1, item)
+                    logger.debug(
+                        "took back the unanswered request %s from %r", self.correlation_id, self.queue
+                    )
+                    return
+        except Exception as exc:  # the request expires at the server anyway
+            logger.debug("could not take back the request %s: %s", self.correlation_id, exc)
+
+
 class PendingCalls:
     """Calls waiting for a reply, by correlation id, each failed at its deadline.
 
@@ -189,19 +222,23 @@ class PendingCalls:
     :class:`RPCTimeout`; it sleeps on a condition until the earliest deadline.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_expired: Callable[[str, str], None] | None = None) -> None:
+        #: Called with (queue, correlation_id) of each call failed at its deadline.
+        self._on_expired = on_expired
         self._calls: dict[str, _Pending] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self._closed = False
         self._watcher: threading.Thread | None = None
 
-    def add(self, correlation_id: str, method: str, timeout: float | None, span: Any = None) -> Future[Any]:
+    def add(
+        self, correlation_id: str, method: str, timeout: float | None, span: Any = None, queue: str = ""
+    ) -> Future[Any]:
         """Register a call before its request is published; returns its future."""
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # a sent request cannot be cancelled
         with self._cond:
-            self._calls[correlation_id] = _Pending(future, method, timeout, span)
+            self._calls[correlation_id] = _Pending(future, method, timeout, span, queue)
             if timeout is not None:
                 deadline = monotonic() + timeout
                 if len(self._deadlines) > 2 * len(self._calls) + 1024:
@@ -230,12 +267,14 @@ class PendingCalls:
         with self._cond:
             return self._calls.pop(correlation_id, None)
 
-    def fail_all(self, exc_factory: type[RPCError], message: str) -> None:
-        """Fail every pending call with ``exc_factory(message)``."""
+    def fail_all(self, exc_factory: type[RPCError], message: str) -> list[tuple[str, str]]:
+        """Fail every pending call with ``exc_factory(message)``; returns their
+        (queue, correlation_id)."""
         with self._cond:
             calls, self._calls = self._calls, {}
         for pending in calls.values():
             pending.reject(exc_factory(f"{message} (call to {pending.method!r})"))
+        return [(pending.queue, cid) for cid, pending in calls.items()]
 
     def close(self) -> None:
         """Stop the deadline thread (pending calls are left to :meth:`fail_all`)."""
@@ -254,7 +293,7 @@ class PendingCalls:
 
     def _watch(self) -> None:
         while True:
-            expired: list[_Pending] = []
+            expired: list[tuple[str, _Pending]] = []
             with self._cond:
                 if self._closed:
                     return
@@ -263,13 +302,15 @@ class PendingCalls:
                     _, cid = heapq.heappop(self._deadlines)
                     pending = self._calls.pop(cid, None)
                     if pending is not None:
-                        expired.append(pending)
+                        expired.append((cid, pending))
                 if not expired:
                     wait = self._deadlines[0][0] - now if self._deadlines else None
                     self._cond.wait(wait)
-            for pending in expired:
+            for cid, pending in expired:
                 assert pending.timeout is not None
                 pending.reject(RPCTimeout(pending.method, pending.timeout))
+                if self._on_expired is not None:
+                    self._on_expired(pending.queue, cid)
 
 
 class Client:
@@ -321,7 +362,7 @@ class Client:
         queue belongs to the parent's connection)."""
         self._pid = os.getpid()
         self.reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
-        self._pending = PendingCalls()
+        self._pending = PendingCalls(self._withdraw if self._kind is Kind.REDIS else None)
         self._lock = threading.Lock()  # guards starting and closing
         self._link: AmqpLink | MemoryLink | PollingLink
         self._link_started = False
@@ -341,7 +382,7 @@ class Client:
             self._link = RedisLink(*link_args)
         else:
             self._link = PollingLink(*link_args)
-        self._outbox: SimpleQueue[_Outgoing | None] = SimpleQueue()
+        self._outbox: SimpleQueue[_Outgoing | _Withdrawal | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
         self._publisher: threading.Thread | None = None
         self._producer: Producer | None = None  # the inline publisher's
@@ -382,7 +423,7 @@ class Client:
             except BaseException as exc:
                 context.end_span(span, exc)
                 raise
-        future = self._pending.add(correlation_id, method, timeout, span)
+        future = self._pending.add(correlation_id, method, timeout, span, queue)
         properties = {"reply_to": self.reply_queue, "correlation_id": correlation_id, "expiration": timeout}
         deadline = None if timeout is None else monotonic() + timeout
         self._submit(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id), attended)
@@ -464,7 +505,10 @@ class Client:
             publisher, link = self._publisher, self._link
         if self._link_started:
             link.close()
+        withdrawn = self._pending.fail_all(CallError, "proxy closed before the reply arrived")
         if publisher is not None:
+            for queue, correlation_id in withdrawn if self._kind is Kind.REDIS else ():
+                self._withdraw(queue, correlation_id)
             self._outbox.put(None)
             publisher.join(PUBLISH_TIMEOUT)
             if publisher.is_alive():
@@ -473,7 +517,6 @@ class Client:
             if self._producer is not None:
                 self._producer.connection.release()
                 self._producer = None
-        self._pending.fail_all(CallError, "proxy closed before the reply arrived")
         link.wake_waiters()
         self._pending.close()
 
@@ -548,6 +591,11 @@ class Client:
         if not attended:
             self._link.unattended()
 
+    def _withdraw(self, queue: str, correlation_id: str) -> None:
+        """Have the publisher thread take back an unanswered request (Redis)."""
+        if queue:
+            self._outbox.put(_Withdrawal(queue, correlation_id))
+
     def _wait_sent(self, sent: Future[None], timeout: float, what: str) -> None:
         """Wait until a request was sent (confirmed on AMQP); raise what publishing raised.
 
@@ -584,7 +632,10 @@ class Client:
         producer = self._new_producer()
         try:
             while (job := self._outbox.get()) is not None:
-                self._send(producer, job)
+                if isinstance(job, _Withdrawal):
+                    job.run(producer.channel)
+                else:
+                    self._send(producer, job)
         finally:
             producer.connection.release()
 

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from time import monotonic
 from typing import Any
 
 import pytest
@@ -132,6 +133,22 @@ def test_a_future_fails_at_its_deadline_even_if_nobody_waits(
     future.add_done_callback(lambda f: done.set())
     assert done.wait(10)
     assert isinstance(future.exception(), RPCTimeout)
+
+
+@pytest.mark.parametrize("timeout", [0.2, 0.5, 1.2])
+def test_a_blocking_call_times_out_within_50ms_of_its_deadline(
+    serve: Callable[..., RPCServer], proxy: RPCProxy, timeout: float
+) -> None:
+    serve()
+    assert proxy.echo("warm") == "warm"
+    lateness = []
+    for _ in range(3):
+        began = monotonic()
+        with pytest.raises(RPCTimeout):
+            proxy.options(timeout=timeout).held()
+        lateness.append(monotonic() - began - timeout)
+    # the best of three, as the machine is shared: each was measured from before the call
+    assert -0.001 < min(lateness) < 0.05, lateness
 
 
 def test_requests_past_their_deadline_are_never_run(

@@ -4,8 +4,10 @@ share the queues)."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from time import monotonic
 from typing import Any
 
 import pytest
@@ -13,7 +15,9 @@ import redis
 from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
+from kombu_rpc import RPCProxy, RPCTimeout
 from kombu_rpc.connection import connect, safe_uri
+from kombu_rpc.testing import unique_queue_name
 from kombu_rpc.topology import new_id
 from kombu_rpc.transports import redis as redis_transport
 
@@ -305,3 +309,36 @@ def test_the_shared_client_reconnects_after_its_connection_is_dropped(
         bodies = take(conn, queue, 2)
         assert bodies[0] == "before" and bodies[1].startswith("after")
     assert list(client_builds.values()) == [1]
+
+
+def test_requests_to_nobody_are_taken_back(redis_url: str, admin: redis.Redis) -> None:
+    """kombu's Redis transport has no message expiry: a request nobody took is taken
+    back from its queue when its call times out, or when the proxy closes."""
+    queue = unique_queue_name("test.nobody")
+    proxy = RPCProxy(redis_url, queue=queue, timeout=0.3)
+    try:
+        with pytest.raises(RPCTimeout):
+            proxy.fib(1)
+        unattended = proxy.fib.call_async(2)
+        with pytest.raises(RPCTimeout):
+            unattended.result(10)
+        assert wait_until(lambda: admin.llen(queue) == 0), admin.lrange(queue, 0, -1)
+        # a call still pending when the proxy closes
+        proxy.options(timeout=60).fib.call_async(3)
+        assert wait_until(lambda: admin.llen(queue) == 1)
+        proxy.close()
+        assert admin.llen(queue) == 0
+    finally:
+        proxy.close()
+        admin.delete(queue)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` (state in a broker, which nothing here can wait on) until it
+    holds or ``timeout`` seconds passed."""
+    deadline = monotonic() + timeout
+    while not predicate():
+        if monotonic() > deadline:
+            return False
+        threading.Event().wait(0.01)
+    return True
