@@ -16,8 +16,8 @@ import heapq
 import logging
 import os
 import threading
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from time import monotonic
