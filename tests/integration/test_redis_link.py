@@ -10,13 +10,11 @@ from time import monotonic
 from typing import Any
 
 import pytest
-import redis
 from kombu import Connection
 
 from kombu_rpc import CallError, RPCProxy, RPCServer, RPCTimeout
 from kombu_rpc import link as link_module
 from kombu_rpc.client import Client
-from kombu_rpc.topology import new_id
 
 from ..conftest import Gate
 from .tcpproxy import TCPProxy
@@ -114,19 +112,17 @@ def test_a_stalled_reply_connection_ends_calls_by_their_timeout(
 
 @pytest.fixture
 def named_broker(broker_url: str) -> Iterator[tuple[Connection, Callable[[], int]]]:
-    """A broker connection whose clients carry a name of their own, and a function that
-    drops every connection of that name (none of anybody else's)."""
-    name = f"kombu_rpc-test-{new_id()}"
-    admin = redis.Redis.from_url(broker_url)
+    """A broker connection whose clients go through a TCP proxy of their own, and a
+    function that resets every connection through it (none of anybody else's), on
+    any kombu (naming clients, ``client_name``, needs kombu 5.6)."""
+    with TCPProxy.for_url(broker_url) as tcp:
 
-    def drop() -> int:
-        ids = [c["id"] for c in admin.client_list() if c.get("name") == name]
-        for client_id in ids:
-            admin.client_kill_filter(_id=client_id)
-        return len(ids)
+        def drop() -> int:
+            count = tcp.connections
+            tcp.sever()
+            return count
 
-    yield Connection(broker_url, transport_options={"client_name": name}), drop
-    admin.close()
+        yield Connection(tcp.url(broker_url)), drop
 
 
 def test_after_a_lost_connection_calls_succeed_again(
