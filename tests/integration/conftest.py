@@ -1,4 +1,5 @@
-"""Fixtures for the broker suites: a raw client that publishes hand-made requests."""
+"""Fixtures for the broker suites: a raw client that publishes hand-made requests, and
+private broker nodes for the tests that cut or restart a broker."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from kombu import Connection, Producer, Queue
 
 from kombu_rpc.connection import connect
 from kombu_rpc.topology import new_id
+
+from ..brokers import PrivateRabbit, PrivateRedis, start_private
 
 
 class RawClient:
@@ -63,3 +66,30 @@ def raw(broker_url: str, queue_name: str) -> Iterator[RawClient]:
         client.replies.queue.purge()
         client.replies.queue.delete()
         client.producer.connection.release()
+
+
+# Private nodes: started at the first test that asks for one, shared by the run's tests,
+# removed when the run ends (stop() also runs at exit, and a reaper process removes them
+# if the run is killed). A run without such tests starts none.
+
+
+@pytest.fixture(scope="session")
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this run's own, on free loopback ports, which tests may cut
+    and restart (never the shared one on 5672)."""
+    node = start_private(PrivateRabbit)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of this run's own, on a free loopback port, whose clients tests
+    may kill (never the shared one on 6379)."""
+    node = start_private(PrivateRedis)
+    try:
+        yield node
+    finally:
+        node.stop()

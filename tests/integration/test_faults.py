@@ -1,11 +1,15 @@
-"""Broker faults on the real brokers: cut connections and a RabbitMQ restart.
+"""Broker faults: cut connections and a RabbitMQ restart, and TCP faults.
+
+The cuts and the restart hit private nodes that the run starts for them
+(``private_rabbit``, ``private_redis``: see ``tests/brokers.py``), never the shared
+brokers, which other programs use. The TCP faults run on the shared brokers: they only
+reset or stall the connections that go through their own loopback forwarder.
 
 Every fault is bounded and restores the broker. Run these alone with ``-m faults``.
 """
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,36 +21,61 @@ import pytest
 
 from kombu_rpc import RPCError, RPCProxy, RPCServer
 
-from ..conftest import broker_id
+from ..brokers import PrivateNode, PrivateRabbit
+from ..conftest import broker_id, delete_queue
 from .tcpproxy import TCPProxy
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
 #: memory:// has no connections to cut: ``broker_url`` covers the real brokers only.
 REAL_BROKERS_ONLY = True
 
+#: The private node fixture for each kind of broker.
+PRIVATE_NODES = {"amqp": "private_rabbit", "redis": "private_redis"}
 
-def cut_connections(broker_url: str) -> None:
-    """Drop every client connection the broker has (ours included)."""
-    if broker_url.startswith("amqp"):
-        subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "fault test"], check=True, timeout=60)
-    else:
-        import redis
 
-        client = redis.Redis.from_url(broker_url)
-        client.client_kill_filter(_type="normal", skipme=True)
-        client.close()
+def private_node_for(request: pytest.FixtureRequest, url: str) -> PrivateNode:
+    """The private node of the same kind as ``url`` (started at first use)."""
+    kind = "amqp" if "amqp" in broker_id(url) else "redis" if "redis" in broker_id(url) else ""
+    if not kind:
+        pytest.skip(f"no private node for {broker_id(url)}:// brokers")
+    node: PrivateNode = request.getfixturevalue(PRIVATE_NODES[kind])
+    return node
 
 
 @pytest.fixture
-def restart_rabbitmq() -> Iterator[Callable[[], None]]:
-    def restart() -> None:
-        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Overrides the shared broker of ``tests/conftest.py`` (parametrized the same way:
+    one test per real broker kind, ids ``[amqp]``, ``[redis]``) with the private node of
+    its kind, so that the ``serve`` and ``proxies`` fixtures use that node."""
+    return private_node_for(request, request.param).url
 
-    yield restart
-    # whatever happened, leave RabbitMQ running
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], timeout=120)
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], timeout=120)
+
+@pytest.fixture
+def amqp_url(request: pytest.FixtureRequest) -> str:
+    """The private RabbitMQ node's URL, for the AMQP-only tests."""
+    return private_node_for(request, request.param).url
+
+
+@pytest.fixture
+def private_node(request: pytest.FixtureRequest, broker_url: str) -> PrivateNode:
+    """The private node behind this test's ``broker_url``."""
+    return private_node_for(request, broker_url)
+
+
+@pytest.fixture
+def shared_broker_url(real_broker_url: str, queue_name: str) -> Iterator[str]:
+    """A shared broker (``real_broker_url``, one test per kind), for tests that only
+    harm connections of their own. The test's request queue is deleted afterwards:
+    servers never delete theirs."""
+    yield real_broker_url
+    delete_queue(real_broker_url, queue_name)
+
+
+@pytest.fixture
+def restart_rabbitmq(private_rabbit: PrivateRabbit) -> Iterator[Callable[[], None]]:
+    yield private_rabbit.restart
+    # whatever happened, leave the node running for the next tests
+    private_rabbit.ensure_running()
 
 
 class Load:
@@ -118,6 +147,7 @@ def run_load(
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_cut_connections_under_load_end_every_call_and_recover(
     broker_url: str,
+    private_node: PrivateNode,
     serve: Callable[..., RPCServer],
     proxies: Callable[..., RPCProxy],
     concurrency: int,
@@ -127,7 +157,7 @@ def test_cut_connections_under_load_end_every_call_and_recover(
     proxy = proxies(timeout=5)
     assert proxy.echo("before") == "before"
     # When the broker drops every connection while calls are in flight
-    outcomes = run_load(proxy, lambda: cut_connections(broker_url))
+    outcomes = run_load(proxy, private_node.close_all_connections)
     # Then every call ended (result or RPCError, none crossed, none late, none hung);
     # calls caught by the cut may fail (on Redis, a request taken by the server before
     # the cut returns only after the visibility timeout: its call times out) ...
@@ -139,12 +169,12 @@ def test_cut_connections_under_load_end_every_call_and_recover(
 
 
 def test_cut_connections_while_idle(
-    broker_url: str, serve: Callable[..., RPCServer], proxies: Callable[..., RPCProxy]
+    private_node: PrivateNode, serve: Callable[..., RPCServer], proxies: Callable[..., RPCProxy]
 ) -> None:
     serve()
     proxy = proxies(timeout=5)
     assert proxy.echo(1) == 1
-    cut_connections(broker_url)
+    private_node.close_all_connections()
     assert [proxy.echo(i) for i in range(5)] == list(range(5))
 
 
@@ -162,13 +192,13 @@ def test_rabbitmq_restart_mid_load(
         assert outcomes["crossed"] == outcomes["late"] == 0 and outcomes["answered"] >= 2 * 40
         assert [proxy.echo(i) for i in range(10)] == list(range(10))
     with capsys.disabled():
-        print(f"\n  RabbitMQ restart under load: {dict(outcomes)}")
+        print(f"\n  RabbitMQ restart under load (private node): {dict(outcomes)}")
 
 
 @pytest.mark.parametrize("side", ["proxy", "server"])
 @pytest.mark.parametrize("fault", ["sever", "stall"])
 def test_tcp_fault_under_load_ends_every_call_by_its_timeout(
-    broker_url: str,
+    shared_broker_url: str,
     registry: Any,
     queue_name: str,
     side: str,
@@ -176,7 +206,12 @@ def test_tcp_fault_under_load_ends_every_call_by_its_timeout(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """One side reaches the broker through a loopback TCP proxy, which resets its
-    connections or stalls them (no byte moves, no error: a silent network partition)."""
+    connections or stalls them (no byte moves, no error: a silent network partition).
+
+    This runs on the shared broker: only the connections through the TCP proxy, all of
+    them this test's own, see the fault.
+    """
+    broker_url = shared_broker_url
     with TCPProxy.for_url(broker_url) as tcp:
         via = tcp.url(broker_url)
         server = RPCServer(via if side == "server" else broker_url, registry=registry, queue=queue_name)
