@@ -693,8 +693,7 @@ class RPCServer:
                     headers=headers,
                     content_type=encoded.content_type,
                     content_encoding=encoded.content_encoding,
-                    timeout=PUBLISH_TIMEOUT,
-                    confirm_timeout=PUBLISH_TIMEOUT,
+                    timeout=PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
                 )
         except Exception as exc:
             logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
@@ -806,8 +805,7 @@ def _publish_reply_on(
         routing_key=address.reply_to,
         mandatory=False,
         immediate=False,
-        timeout=PUBLISH_TIMEOUT,
-        confirm_timeout=PUBLISH_TIMEOUT,
+        timeout=PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
     )
 
 

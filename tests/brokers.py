@@ -471,6 +471,12 @@ class PrivateRedis(PrivateNode):
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_url(self) -> str:
+        """The same server through its Unix socket."""
+        assert self.dir is not None
+        return f"redis+socket://{self.dir}/redis.sock"
+
     def client(self) -> redis.Redis:
         """A client of this server (the caller closes it)."""
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, socket_connect_timeout=10)
@@ -502,6 +508,10 @@ class PrivateRedis(PrivateNode):
                 "no",
                 "--dir",
                 str(self.dir),
+                "--unixsocket",
+                str(self.dir / "redis.sock"),
+                "--unixsocketperm",
+                "700",
                 "--daemonize",
                 "no",
             ]

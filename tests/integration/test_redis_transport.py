@@ -16,11 +16,13 @@ import redis
 from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from kombu_rpc import RPCProxy, RPCTimeout
+from kombu_rpc import RPCProxy, RPCServer, RPCTimeout
 from kombu_rpc.connection import connect, safe_uri
-from kombu_rpc.testing import unique_queue_name
+from kombu_rpc.testing import make_registry, unique_queue_name
 from kombu_rpc.topology import new_id
 from kombu_rpc.transports import redis as redis_transport
+
+from ..brokers import PrivateRedis
 
 pytestmark = pytest.mark.timeout(30)
 #: Tests that find their own Redis connections by name: kombu passes ``client_name`` on
@@ -350,3 +352,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         threading.Event().wait(0.01)
     return True
+
+
+def test_redis_socket_urls_serve_and_call_on_the_fast_transport(private_redis: PrivateRedis) -> None:
+    url = private_redis.socket_url
+    assert connect(url).transport_cls is redis_transport.SocketTransport
+    queue = unique_queue_name()
+    registry = make_registry({"add": lambda a, b: a + b})
+    with (
+        RPCServer(url, registry=registry, queue=queue).running(),
+        RPCProxy(url, queue=queue, timeout=10) as proxy,
+    ):
+        assert [proxy.add(i, 1) for i in range(10)] == list(range(1, 11))
+        client = private_redis.client()  # on TCP
+        try:
+            on_socket = [c for c in client.client_list() if c["laddr"].startswith(url.split("://", 1)[1])]
+        finally:
+            client.close()
+        assert len(on_socket) >= 2, "the server and the proxy talk through the socket"

@@ -50,8 +50,7 @@ def test_a_reply_on_the_channel_is_what_producer_publish_sends(encoded: protocol
         headers=dict(headers),
         content_type=encoded.content_type,
         content_encoding=encoded.content_encoding,
-        timeout=PUBLISH_TIMEOUT,
-        confirm_timeout=PUBLISH_TIMEOUT,
+        timeout=PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
     )
     assert direct.published == producer.published
     assert len(direct.published) == 1
