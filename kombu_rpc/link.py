@@ -88,6 +88,10 @@ class _Link:
         accept: Content types accepted for replies.
     """
 
+    #: Whether waiting callers read the connection themselves; if not, the link's
+    #: thread reads whenever calls are in flight and callers only wait.
+    callers_read = True
+
     def __init__(
         self,
         connection: Connection,
@@ -126,7 +130,9 @@ class _Link:
                 if remaining <= 0:
                     return
                 with self._turn:
-                    if self._leader is not None or self._must_act() or self._closing:
+                    if not self.callers_read:
+                        self._idle.notify()  # the link's thread reads for this call
+                    if self._leader is not None or self._must_act() or self._closing or not self.callers_read:
                         self._followers.wait(remaining)
                         continue
                     self._leader = me
@@ -160,8 +166,9 @@ class _Link:
                 self._idle.notify()
 
     def _needs_thread(self) -> bool:
-        """True when the link's thread has to act, or calls are in flight nobody waits on."""
-        return self._closing or self._must_act() or (self._waiting == 0 and self._has_work())
+        """True when the link's thread has to act, or calls are in flight nobody reads for."""
+        unread = self._waiting == 0 or not self.callers_read
+        return self._closing or self._must_act() or (unread and self._has_work())
 
     def _consume(self, channel: Any) -> None:
         self._consumer = consume_replies(channel, self._reply_queue, self._on_reply, self._accept)
@@ -189,7 +196,7 @@ class _Link:
                 self._idle.wait_for(lambda: self._leader is None and self._needs_thread(), IDLE_WAIT)
                 if self._closing:
                     return
-                if self._leader is not None or (self._waiting and not self._must_act()):
+                if self._leader is not None or (self._waiting and self.callers_read and not self._must_act()):
                     continue  # a caller reads
                 self._leader = me
                 busy = self._needs_thread()
@@ -510,14 +517,19 @@ class PollingLink(_Link):
     """Reads the reply queue on any kombu transport that polls (the client's publisher
     thread sends the requests).
 
-    Takes the arguments of ``_Link``. A leader reads for at most the transport's
-    polling interval at a time, so a caller whose deadline comes is not held past it
-    by more than one poll. Any exception from the transport counts as a lost
-    connection (kombu's virtual transports raise their clients' own errors, such as a
-    database driver's or a JSON decode error of a half-written file): the link's
-    thread then reconnects and consumes the reply queue again; the queue outlives the
-    connection, so replies sent meanwhile still arrive.
+    Takes the arguments of ``_Link``. Only the link's thread reads, for at most the
+    transport's polling interval at a time, while calls are in flight; callers wait
+    for their results. A poll is a query to the transport's store (a database, a
+    folder) that nothing bounds in time, so a caller who polled could be held past its
+    deadline (by a locked SQLite file, a stalled database connection).
+
+    Any exception from the transport counts as a lost connection (kombu's virtual
+    transports raise their clients' own errors, such as a database driver's): the
+    link's thread then reconnects and consumes the reply queue again; the queue
+    outlives the connection, so replies sent meanwhile still arrive.
     """
+
+    callers_read = False
 
     def start(self) -> None:
         """Connect, declare and consume the reply queue, and start the link's thread.
@@ -610,7 +622,7 @@ class PollingLink(_Link):
 
 class RedisLink(PollingLink):
     """Reads the reply queue on Redis with a BRPOP (the client's publisher thread sends
-    the requests).
+    the requests); waiting callers read it themselves, in turn.
 
     Takes the arguments of ``_Link``. Every socket operation of its connection gives up
     after ``FRAME_WAIT`` at most (or the connection's own, shorter
@@ -618,6 +630,8 @@ class RedisLink(PollingLink):
     much past its deadline; that counts as a lost connection. A waiting BRPOP is ended
     early by a wake-up message pushed to the reply queue.
     """
+
+    callers_read = True
 
     def __init__(self, connection: Connection, *args: Any) -> None:
         super().__init__(connection, *args)

@@ -18,7 +18,8 @@ kinds:
 
 kombu_rpc's own transports (:mod:`~kombu_rpc.transports.amqp`,
 :mod:`~kombu_rpc.transports.redis`, :mod:`~kombu_rpc.transports.memory`) are
-subclasses of kombu's that are faster on a call's hot path. They override private
+subclasses of kombu's that are faster on a call's hot path;
+:mod:`~kombu_rpc.transports.filesystem` is one that does not lose messages. They override private
 kombu and py-amqp methods, so each is imported only when its URL is used, checks at
 import that those internals are there and behave as it expects, and if not, kombu's
 own transport is used instead, with one warning. Setting the environment variable
@@ -49,6 +50,7 @@ __all__ = [
     "open_connection",
     "fast_module",
     "TransportFallbackWarning",
+    "PollingConnection",
     "unread",
 ]
 
@@ -82,12 +84,19 @@ class TransportFallbackWarning(RuntimeWarning):
 
 #: kombu's transport aliases that kombu_rpc has a transport of its own for, and the
 #: module of :mod:`kombu_rpc.transports` holding it.
-_FAST_MODULES = {"amqp": "amqp", "pyamqp": "amqp", "redis": "redis", "memory": "memory"}
+_FAST_MODULES = {
+    "amqp": "amqp",
+    "pyamqp": "amqp",
+    "redis": "redis",
+    "memory": "memory",
+    "filesystem": "filesystem",
+}
 #: kombu's transport classes that kombu_rpc has a transport of its own for, by alias.
 _STOCK = {
     "kombu.transport.pyamqp:Transport": "amqp",
     "kombu.transport.redis:Transport": "redis",
     "kombu.transport.memory:Transport": "memory",
+    "kombu.transport.filesystem:Transport": "filesystem",
 }
 #: Aliases served by kombu's Redis transport, which needs redis-py.
 _REDIS_ALIASES = {"redis", "rediss", "sentinel"}
@@ -96,7 +105,8 @@ _checked: dict[str, ModuleType | None] = {}
 
 
 def fast_module(name: str) -> ModuleType | None:
-    """kombu_rpc's transport module ``name`` (``"amqp"``, ``"redis"`` or ``"memory"``),
+    """kombu_rpc's transport module ``name`` (``"amqp"``, ``"redis"``, ``"memory"`` or
+    ``"filesystem"``),
     or ``None`` if :data:`FAST_TRANSPORTS_ENV` turns them off or the module's check of
     the kombu internals it relies on failed (warned about once per process)."""
     if os.environ.get(FAST_TRANSPORTS_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
@@ -145,27 +155,29 @@ def open_connection(broker: Connection | str) -> Connection:
     chosen: Any = stock
     if fast is not None:
         chosen = fast.SocketTransport if conn.uri_prefix == "redis" else fast.Transport
+    polls = (
+        chosen.driver_type != "redis"
+        and issubclass(chosen, virtual.Transport)
+        and not hasattr(chosen, "wake")
+    )
+    interval = options.pop("polling_interval", None) if polls else None
     if chosen.driver_type == "redis":
         options.setdefault("socket_timeout", REDIS_SOCKET_TIMEOUT)
         options.setdefault("socket_connect_timeout", REDIS_CONNECT_TIMEOUT)
-    elif issubclass(chosen, virtual.Transport) and not hasattr(chosen, "wake"):
-        chosen = _polling(chosen, options.pop("polling_interval", None))
     if chosen is stock:
-        return conn.clone(transport_options=options)
-    if alias == "memory":
-        return Connection(transport=chosen, transport_options=options)
-    if conn.uri_prefix:  # "prefix+url://": the transport reads the URL after the "+" itself
-        if not chosen.can_parse_url:
-            raise ConfigurationError(f"cannot open {conn.uri_prefix}+ URLs on {chosen.__name__}")
-        return Connection(
+        conn = conn.clone(transport_options=options)
+    elif alias == "memory":
+        conn = Connection(transport=chosen, transport_options=options)
+    elif conn.uri_prefix == "redis":  # redis+socket://: kombu reads the socket path from the hostname
+        conn = Connection(
             hostname=conn.hostname,
             transport=chosen,
             transport_options=options,
             connect_timeout=conn.connect_timeout,
-            ssl=conn.ssl,
-            heartbeat=conn.heartbeat,
         )
-    return conn.clone(transport=chosen, transport_options=options)
+    else:
+        conn = conn.clone(transport=chosen, transport_options=options)
+    return _polling(conn, interval) if polls else conn
 
 
 def _require_client(alias: str) -> None:
@@ -188,31 +200,45 @@ def _transport_class(conn: Connection) -> Any:
     return symbol_by_name(resolve_transport(transport))
 
 
-#: (kombu's transport class, interval) -> its polling subclass, made once.
-_polling_classes: dict[tuple[type, float], type] = {}
+class PollingConnection(Connection):  # type: ignore[misc]
+    """A :class:`kombu.Connection` whose transports poll every ``polling_interval``
+    seconds; its clones keep the interval (they are of its class).
 
-
-def _polling(transport_cls: Any, interval: Any) -> Any:
-    """A subclass of kombu's ``transport_cls`` that polls every ``interval`` seconds
-    (``None``: :data:`POLLING_INTERVAL`, or what a subclass made here already polls at).
-
-    A class attribute, because kombu hands ``transport_options`` on to some transports'
-    clients (SQLAlchemy's ``create_engine``), which refuse options they do not know.
+    The interval is not a transport option: kombu hands ``transport_options`` on to
+    some transports' clients (SQLAlchemy's ``create_engine``), which refuse options
+    they do not know.
     """
-    base = getattr(transport_cls, "kombu_base", transport_cls)
+
+    #: Seconds between two polls of a queue.
+    polling_interval: float = POLLING_INTERVAL
+
+    def create_transport(self) -> Any:
+        transport = super().create_transport()
+        transport.polling_interval = self.polling_interval
+        return transport
+
+
+#: Polling interval -> the PollingConnection class for it, made once.
+_polling_classes: dict[float, type[PollingConnection]] = {}
+
+
+def _polling(conn: Connection, interval: Any) -> Connection:
+    """``conn`` (a connection of kombu_rpc's own) made a :class:`PollingConnection`
+    polling every ``interval`` seconds (``None``: as it did, or :data:`POLLING_INTERVAL`)."""
     if interval is None:
-        interval = POLLING_INTERVAL if base is transport_cls else transport_cls.polling_interval
+        interval = getattr(conn, "polling_interval", POLLING_INTERVAL)
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
         raise ConfigurationError(f"polling_interval must be a number of seconds >= 0, got {interval!r}")
-    key = (base, float(interval))
-    if key not in _polling_classes:
+    interval = float(interval)
+    if interval not in _polling_classes:
         namespace = {
-            "polling_interval": float(interval),
-            "kombu_base": base,
-            "__module__": base.__module__,
+            "polling_interval": interval,
+            "__module__": __name__,
+            "__doc__": PollingConnection.__doc__,
         }
-        _polling_classes[key] = type(base.__name__, (base,), namespace)
-    return _polling_classes[key]
+        _polling_classes[interval] = type("PollingConnection", (PollingConnection,), namespace)
+    conn.__class__ = _polling_classes[interval]
+    return conn
 
 
 def kind(conn: Connection) -> Kind:

@@ -25,6 +25,8 @@ class RecordingChannel:
         return (args, kwargs)
 
     def basic_publish(self, message: Any, **kwargs: Any) -> None:
+        if kwargs.get("confirm_timeout", 0) is None:  # kombu >= 5.5 passes it on unset
+            del kwargs["confirm_timeout"]
         self.published.append((message, kwargs))
 
 
