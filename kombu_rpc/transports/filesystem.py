@@ -59,10 +59,13 @@ def check() -> str | None:
     if params[:3] != ["self", "queue", "payload"]:
         return f"kombu.transport.filesystem.Channel._put takes {params}"
     with tempfile.TemporaryDirectory(prefix="kombu_rpc-check-") as folder:
-        options = {"data_folder_in": folder, "data_folder_out": folder}
+        control = os.path.join(folder, "control")  # kombu's default is in the working directory
+        os.mkdir(control)
+        options = {"data_folder_in": folder, "data_folder_out": folder, "control_folder": control}
         try:
             with Connection(transport=Transport, transport_options=options) as conn:
-                queue = conn.SimpleQueue("kombu_rpc.check", no_ack=True)
+                # a name of its own: kombu remembers exchanges declared in the process
+                queue = conn.SimpleQueue(f"kombu_rpc.check.{uuid.uuid4().hex}", no_ack=True)
                 queue.put({"n": 1}, serializer="json")
                 got = queue.get(timeout=1).payload
                 queue.close()
