@@ -71,7 +71,8 @@ class AsyncRPCProxy:
     one, and used from several event loops.
 
     Args:
-        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly).
+        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly);
+            ``None``: the URL in the ``KOMBU_RPC_BROKER_URL`` environment variable.
         queue: The request queue the server consumes.
         timeout: Seconds to wait for each reply (``None``: wait forever), counted from
             the moment the request is published.
@@ -101,7 +102,7 @@ class AsyncRPCProxy:
 
     def __init__(
         self,
-        broker: Broker,
+        broker: Broker | None = None,
         queue: str = DEFAULT_QUEUE,
         timeout: float | None = 30.0,
         serializer: str = "json",

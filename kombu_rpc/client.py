@@ -687,7 +687,7 @@ class Client:
         try:
             result = self._read_reply(message, decode_error)
         except RemoteError as exc:
-            pending.reject(exc)
+            pending.reject(exc.with_traceback(None))  # where its reply was read is no news
         else:
             pending.resolve(result)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -13,6 +14,10 @@ from .errors import ConfigurationError
 from .transports import Kind, kind, open_connection
 
 logger = logging.getLogger(__name__)
+
+#: The environment variable holding the broker URL of servers, proxies and the
+#: ``kombu-rpc`` command when they are given none.
+BROKER_URL_ENV = "KOMBU_RPC_BROKER_URL"
 
 #: The type of a broker argument, a URL such as ``"amqp://guest:guest@127.0.0.1//"``
 #: or a :class:`kombu.Connection` (cloned, never used directly).
@@ -31,19 +36,31 @@ DEFAULT_RETRY_POLICY: dict[str, Any] = {
 PUBLISH_TIMEOUT = 10.0
 
 
-def connect(broker: Broker) -> Connection:
+def connect(broker: Broker | None) -> Connection:
     """Return a new, not yet connected :class:`kombu.Connection` for ``broker``, on the
     transport kombu_rpc uses for its URL (see :mod:`kombu_rpc.transports`). ``broker``
-    itself is never changed.
+    itself is never changed; ``None`` takes the URL in the environment variable
+    :data:`BROKER_URL_ENV`.
 
     Raises:
-        ConfigurationError: ``broker`` is not a URL or a Connection, or names an
-            unknown transport, or one whose client library is not installed.
+        ConfigurationError: ``broker`` is not a URL or a Connection (or ``None`` with
+            :data:`BROKER_URL_ENV` unset), or names an unknown transport, or one whose
+            client library is not installed.
     """
+    if broker is None:
+        broker = os.environ.get(BROKER_URL_ENV, "").strip()
+        if not broker:
+            raise ConfigurationError(
+                f"no broker: pass one, such as 'amqp://guest:guest@127.0.0.1//', or set {BROKER_URL_ENV}"
+            )
     if not isinstance(broker, (str, Connection)) or not broker:
         raise ConfigurationError(
             f"broker must be a URL such as 'amqp://guest:guest@127.0.0.1//' "
             f"or a kombu.Connection, got {broker!r}"
+        )
+    if isinstance(broker, str) and "://" not in broker:
+        raise ConfigurationError(
+            f"broker URL {broker!r} has no scheme: write it as 'amqp://{broker}//', 'redis://{broker}/0', ..."
         )
     try:
         return open_connection(broker)
@@ -118,15 +135,21 @@ def _log_retry(exc: Exception, interval: float) -> None:
 
 
 def safe_uri(conn: Connection) -> str:
-    """The connection's URL with the password masked, for logs, errors and banners.
+    """The connection's URL with the password masked, for logs, errors and banners
+    (``redis://127.0.0.1:6379/0`` when it has none, ``memory://`` for memory).
 
     kombu writes a transport given as a class (kombu_rpc's own memory:// and amqp://
     transports) as the class's repr; the URL shows its driver type instead.
     """
+    if kind(conn) is Kind.MEMORY:
+        return "memory://"
     uri = str(conn.as_uri())
     transport_cls = conn.transport_cls
     if isinstance(transport_cls, type):
         uri = uri.replace(str(transport_cls), str(getattr(transport_cls, "driver_type", "")), 1)
+    scheme, _, rest = uri.partition("://")
+    if rest.startswith(":**@") and not conn.password:  # no user, no password: nothing to mask
+        uri = f"{scheme}://{rest[4:]}"
     return str(maybe_sanitize_url(uri))  # a URL the transport parses itself (sqla+...) shows as given
 
 

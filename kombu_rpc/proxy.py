@@ -12,7 +12,7 @@ from . import protocol
 from .client import BroadcastReply, Client
 from .codecs import Codec
 from .connection import Broker, connect, merge_retry_policy
-from .errors import ConfigurationError, RPCTimeout
+from .errors import ConfigurationError, RemoteError, RPCTimeout
 from .registry import NAME_PATTERN
 from .topology import DEFAULT_QUEUE, check_queue_name
 
@@ -38,7 +38,8 @@ class RPCProxy:
     safe to share between threads.
 
     Args:
-        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly).
+        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly);
+            ``None``: the URL in the ``KOMBU_RPC_BROKER_URL`` environment variable.
         queue: The request queue the server consumes.
         timeout: Seconds to wait for each reply (``None``: wait forever).
         serializer: Serializer for requests; replies come back in the same one.
@@ -70,7 +71,7 @@ class RPCProxy:
 
     def __init__(
         self,
-        broker: Broker,
+        broker: Broker | None = None,
         queue: str = DEFAULT_QUEUE,
         timeout: float | None = 30.0,
         serializer: str = "json",
@@ -187,6 +188,7 @@ class MethodProxy:
             ConnectionLostError: The broker could not be reached.
             SerializationError: The arguments cannot be encoded.
         """
+        __tracebackhide__ = True  # pytest: a remote error's frames here are no news
         proxy = self._proxy
         timeout = proxy._timeout
         client = proxy._client
@@ -201,7 +203,10 @@ class MethodProxy:
                 assert timeout is not None
                 logger.error("call to %r outlived its deadline by %ss; failing it", self._name, _GUARD)
                 raise RPCTimeout(self._name, timeout) from None
-        return future.result()
+        try:
+            return future.result()
+        except RemoteError as exc:  # the frames that read its reply are no news to the caller
+            raise exc.with_traceback(None) from None
 
     def call_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """Send the call and return a :class:`concurrent.futures.Future` of its result.

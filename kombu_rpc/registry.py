@@ -11,6 +11,8 @@ from typing import Any, TypeVar, overload
 from .errors import ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: The ``expected`` argument of :func:`remote`: an exception class or a tuple of them.
+Expected = type[BaseException] | tuple[type[BaseException], ...]
 
 #: Valid remote names are dotted identifiers whose parts start with a letter.
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
@@ -26,6 +28,9 @@ class Procedure:
     name: str
     func: Callable[..., Any]
     signature: inspect.Signature | None
+    #: Exceptions the function raises as part of its contract: the server logs them
+    #: at INFO, without a traceback, instead of at ERROR (they still reach the caller).
+    expected: tuple[type[BaseException], ...] = ()
     #: True for ``async def`` functions, which the server runs on an event loop.
     is_coroutine: bool = field(init=False)
     #: How many positional arguments fit when there are no keyword arguments, if the
@@ -37,7 +42,9 @@ class Procedure:
         object.__setattr__(self, "_positional", _positional_counts(self.signature))
 
     @classmethod
-    def of(cls, name: str, func: Callable[..., Any]) -> Procedure:
+    def of(
+        cls, name: str, func: Callable[..., Any], expected: tuple[type[BaseException], ...] = ()
+    ) -> Procedure:
         """Wrap ``func``, capturing its signature when it has one."""
         signature: inspect.Signature | None = None
         try:
@@ -46,7 +53,7 @@ class Procedure:
             pass
         except Exception:  # string annotations that do not evaluate yet: keep them as text
             signature = inspect.signature(func)
-        return cls(name, func, signature)
+        return cls(name, func, signature, expected)
 
     def describe(self) -> dict[str, str]:
         """Name, signature and first docstring line, as ``kombu_rpc.describe`` reports."""
@@ -97,26 +104,45 @@ class Registry:
     def remote(self, func: F, /) -> F: ...
 
     @overload
-    def remote(self, func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+    def remote(
+        self, func: None = None, /, *, name: str | None = None, expected: Expected = ()
+    ) -> Callable[[F], F]: ...
 
-    def remote(self, func: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+    def remote(
+        self, func: Callable[..., Any] | None = None, /, *, name: str | None = None, expected: Expected = ()
+    ) -> Any:
         """Register ``func`` under ``name`` (default: its ``__name__``).
 
         Usable bare (``@reg.remote``) or with arguments (``@reg.remote(name="a.b")``).
-        Returns the function unchanged, so it stays callable locally.
+        Returns the function unchanged, so it stays callable locally. Registering the
+        same function again (same module and qualified name: a module reloaded, a
+        notebook cell run twice) replaces the earlier registration.
+
+        Args:
+            func: The function.
+            name: The remote name: dotted identifiers, such as ``"math.add"``.
+            expected: Exception classes the function raises as part of its contract
+                (``KeyError`` for a missing record, say). The server logs a failure
+                with its traceback at ERROR, but one of these at INFO without it, as
+                nameko's ``expected_exceptions`` does. Callers get them all the same.
 
         Raises:
-            ConfigurationError: The name is invalid or already registered, or the
-                object is not a plain callable.
+            ConfigurationError: The name is invalid or taken by another function, the
+                object is not a plain callable, or ``expected`` holds something other
+                than exception classes.
         """
         if func is None:
-            return lambda f: self.register(f, name=name)
-        return self.register(func, name=name)
+            return lambda f: self.register(f, name=name, expected=expected)
+        return self.register(func, name=name, expected=expected)
 
-    def register(self, func: F, name: str | None = None) -> F:
+    def register(self, func: F, name: str | None = None, expected: Expected = ()) -> F:
         """Register ``func``; the non-decorator form of :meth:`remote`."""
         if not callable(func):
             raise ConfigurationError(f"@remote needs a callable, got {func!r}")
+        if isinstance(expected, type):
+            expected = (expected,)
+        if not all(isinstance(cls, type) and issubclass(cls, BaseException) for cls in expected):
+            raise ConfigurationError(f"expected must be exception classes, got {expected!r}")
         if name is None:
             name = getattr(func, "__name__", None)
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -126,12 +152,17 @@ class Registry:
             )
         if name.startswith(RESERVED_PREFIX):
             raise ConfigurationError(f"invalid remote name {name!r}: {RESERVED_PREFIX!r} is reserved")
-        if name in self._procedures:
+        taken = self._procedures.get(name)
+        identity = _identity(func)
+        if (
+            taken is not None
+            and taken.func is not func
+            and (identity is None or identity != _identity(taken.func))
+        ):
             raise ConfigurationError(
-                f"a function is already registered as {name!r}: "
-                f"{self._procedures[name].func!r}; choose another name=..."
+                f"a function is already registered as {name!r}: {taken.func!r}; choose another name=..."
             )
-        self._procedures[name] = Procedure.of(name, func)
+        self._procedures[name] = Procedure.of(name, func, tuple(expected))
         return func
 
     def unregister(self, name: str) -> None:
@@ -168,10 +199,12 @@ def remote(func: F, /) -> F: ...
 
 
 @overload
-def remote(func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+def remote(func: None = None, /, *, name: str | None = None, expected: Expected = ()) -> Callable[[F], F]: ...
 
 
-def remote(func: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+def remote(
+    func: Callable[..., Any] | None = None, /, *, name: str | None = None, expected: Expected = ()
+) -> Any:
     """Register a function in :data:`default_registry`; see :meth:`Registry.remote`.
 
     Example:
@@ -182,5 +215,12 @@ def remote(func: Callable[..., Any] | None = None, /, *, name: str | None = None
         55
     """
     if func is None:
-        return default_registry.remote(name=name)
-    return default_registry.register(func, name=name)
+        return default_registry.remote(name=name, expected=expected)
+    return default_registry.register(func, name=name, expected=expected)
+
+
+def _identity(func: Callable[..., Any]) -> tuple[Any, Any] | None:
+    """Where a function was defined (module, qualified name): the same for a function
+    defined again by a reloaded module or a notebook cell run twice."""
+    module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    return None if module is None or qualname is None or "<lambda>" in qualname else (module, qualname)

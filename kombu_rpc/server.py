@@ -90,7 +90,8 @@ class RPCServer:
     :attr:`server_id`.
 
     Args:
-        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly).
+        broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly);
+            ``None``: the URL in the ``KOMBU_RPC_BROKER_URL`` environment variable.
         registry: The functions to serve; ``None`` serves :data:`default_registry`.
         queue: The request queue to consume.
         concurrency: How many calls run at once; also the prefetch count. With 1,
@@ -131,7 +132,7 @@ class RPCServer:
 
     def __init__(
         self,
-        broker: Broker,
+        broker: Broker | None = None,
         registry: Registry | None = None,
         queue: str = DEFAULT_QUEUE,
         concurrency: int = 1,
@@ -636,8 +637,13 @@ class RPCServer:
                 context.record_error(span, exc)
                 body = protocol.error_body(exc, self.send_tracebacks)
                 outcome = type(exc).__name__
-                if address is None:
-                    logger.error("call %s: cast %s failed", call.call_id, request.method, exc_info=exc)
+                what = "cast" if address is None else "call"
+                if isinstance(exc, procedure.expected):
+                    logger.info(
+                        "call %s: %s %s raised %s: %s", call.call_id, what, request.method, outcome, exc
+                    )
+                else:
+                    logger.error("call %s: %s %s failed", call.call_id, what, request.method, exc_info=exc)
         logger.debug(
             "call %s %s%s -> %s in %.1f ms",
             call.call_id,

@@ -239,9 +239,11 @@ class LogWaiter(logging.Handler):
         super().__init__(logging.DEBUG)
         self.text = text
         self.seen = threading.Event()
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.text in record.getMessage():
+            self.records.append(record)
             self.seen.set()
 
 

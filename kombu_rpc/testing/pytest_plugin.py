@@ -90,6 +90,27 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return f"kombu_rpc broker: {maybe_sanitize_url(_configured_broker_url(config))}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Show the server's traceback of a :class:`~kombu_rpc.errors.RemoteError` that
+    failed a test (directly, or as the cause of what failed it) in a report section of
+    its own, as the server formatted it."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not report.failed or call.excinfo is None:
+        return
+    from kombu_rpc.errors import RemoteError
+
+    error: BaseException | None = call.excinfo.value
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RemoteError) and error.remote_traceback:
+            report.sections.append(("kombu_rpc: the server's traceback", error.remote_traceback.rstrip()))
+            return
+        error = error.__cause__ or error.__context__
+
+
 def _configured_broker_url(config: pytest.Config) -> str:
     """Return the broker URL chosen for a session.
 

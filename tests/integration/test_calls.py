@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from kombu_rpc import (
     ConfigurationError,
     InvalidArguments,
     MethodNotFound,
+    Registry,
     RemoteError,
     RPCError,
     RPCProxy,
@@ -58,6 +60,34 @@ def test_a_remote_exception_reaches_the_caller(serve: Callable[..., RPCServer], 
     assert (error.exc_type, error.exc_message) == ("ValueError", "bad n")
     assert str(error) == "ValueError: bad n"
     assert "Traceback" in error.remote_traceback and "in boom" in error.remote_traceback
+
+
+def test_a_remote_failure_is_logged_at_error_with_its_traceback_unless_expected(
+    serve: Callable[..., RPCServer], proxy: RPCProxy, log_waiter: Callable[[str], Any]
+) -> None:
+    reg = Registry()
+
+    @reg.remote
+    def crash(n: int) -> None:
+        raise ValueError(f"crash {n}")
+
+    @reg.remote(expected=KeyError)
+    def find(key: str) -> None:
+        raise KeyError(key)
+
+    serve(registry=reg)
+    crashed, missing = log_waiter("crash failed"), log_waiter("find raised KeyError")
+    with pytest.raises(RemoteError, match="crash 1"):
+        proxy.crash(1)
+    with pytest.raises(RemoteError, match="KeyError"):
+        proxy.find("nope")
+    assert crashed.seen.wait(10) and missing.seen.wait(10)
+    [error] = crashed.records
+    assert error.levelno == logging.ERROR and error.exc_info is not None
+    assert isinstance(error.exc_info[1], ValueError)
+    [expected] = missing.records
+    assert expected.levelno == logging.INFO and expected.exc_info is None
+    assert "'nope'" in expected.getMessage()
 
 
 def test_tracebacks_can_be_withheld(serve: Callable[..., RPCServer], proxy: RPCProxy) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import pickle
 
 import pytest
@@ -148,3 +149,43 @@ def test_finished_calls_do_not_keep_their_deadlines() -> None:
         assert len(pending._deadlines) <= 1025
     finally:
         pending.close()
+
+
+def test_servers_and_proxies_given_no_broker_use_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kombu_rpc.connection import BROKER_URL_ENV
+    from kombu_rpc.testing import make_registry, unique_queue_name
+
+    monkeypatch.delenv(BROKER_URL_ENV, raising=False)
+    with pytest.raises(ConfigurationError, match=f"no broker: .* or set {BROKER_URL_ENV}"):
+        RPCProxy()
+    with pytest.raises(ConfigurationError, match=BROKER_URL_ENV):
+        RPCServer()
+    monkeypatch.setenv(BROKER_URL_ENV, "memory://")
+    queue = unique_queue_name()
+    with RPCServer(registry=make_registry({"double": lambda x: 2 * x}), queue=queue).running():
+        with RPCProxy(queue=queue, timeout=10) as proxy:
+            assert proxy.double(21) == 42
+
+
+@pytest.mark.parametrize("url", ["localhost:5672", "127.0.0.1", "guest:guest@localhost"])
+def test_a_url_without_a_scheme_is_refused_with_how_to_write_it(url: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"has no scheme: write it as 'amqp://{url}//'"):
+        RPCProxy(url)
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:secret@127.0.0.1:6379/0", "redis://:**@127.0.0.1:6379/0"),
+        ("amqp://user:secret@localhost:5672/vhost", "amqp://user:**@localhost:5672/vhost"),
+        ("memory://", "memory://"),
+        ("sqla+postgresql://user:secret@db/app", "sqla+postgresql://user:**@db/app"),
+    ],
+)
+def test_urls_are_shown_as_written_with_the_password_masked(url: str, shown: str) -> None:
+    from kombu_rpc.connection import connect, safe_uri
+
+    if url.startswith("sqla") and importlib.util.find_spec("sqlalchemy") is None:
+        pytest.skip("SQLAlchemy is not installed")
+    assert safe_uri(connect(url)) == shown

@@ -67,6 +67,35 @@ def test_a_user_test_calls_its_remote_functions_through_rpc_proxy(pytester: pyte
     run(pytester).assert_outcomes(passed=1)
 
 
+def test_a_failing_remote_call_shows_the_servers_traceback_not_the_librarys_frames(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_user="""
+        import pytest
+
+        def ratio(a, b):
+            return a / b
+
+        @pytest.mark.rpc(functions=[ratio])
+        def test_ratio(rpc_proxy):
+            assert rpc_proxy.ratio(1, 0) == 0
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E       kombu_rpc.errors.RemoteError: ZeroDivisionError: division by zero",
+            "*kombu_rpc: the server's traceback*",
+            "*in ratio",
+            "    return a / b",
+        ]
+    )
+    failure = result.stdout.str().split("kombu_rpc: the server's traceback")[0]
+    assert "kombu_rpc/client.py" not in failure and "parse_reply" not in failure
+
+
 def test_remote_exceptions_surface_as_remote_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_errors="""

@@ -50,6 +50,43 @@ def test_a_duplicate_name_is_refused() -> None:
     assert reg.get("one") is not None and reg.get("one").func() == 1  # type: ignore[union-attr]
 
 
+def test_the_same_function_defined_again_replaces_its_registration() -> None:
+    """A module reloaded, or a notebook cell run twice, defines the function anew."""
+    reg = Registry()
+    source = "def lookup(key):\n    return {'version': VERSION}\n"
+    first: dict[str, Any] = {"__name__": "notebook", "VERSION": 1}
+    exec(source, first)
+    reg.remote(first["lookup"])
+    again: dict[str, Any] = {"__name__": "notebook", "VERSION": 2}
+    exec(source, again)
+    reg.remote(again["lookup"])  # same module and qualified name: replaced
+    assert reg.get("lookup").func("k") == {"version": 2}  # type: ignore[union-attr]
+    reg.remote(again["lookup"])  # and registering the very same function is a no-op
+    # a different function under the taken name is still refused
+    elsewhere: dict[str, Any] = {"__name__": "other_module", "VERSION": 3}
+    exec(source, elsewhere)
+    with pytest.raises(ConfigurationError, match="already registered"):
+        reg.remote(elsewhere["lookup"])
+    assert reg.get("lookup").func("k") == {"version": 2}  # type: ignore[union-attr]
+
+
+def test_expected_exceptions_are_recorded_and_checked() -> None:
+    reg = Registry()
+
+    @reg.remote(expected=(KeyError, LookupError))
+    def find(key: str) -> str:
+        raise KeyError(key)
+
+    @reg.remote(expected=ValueError)
+    def parse(text: str) -> int:
+        return int(text)
+
+    assert reg.get("find").expected == (KeyError, LookupError)  # type: ignore[union-attr]
+    assert reg.get("parse").expected == (ValueError,)  # type: ignore[union-attr]
+    with pytest.raises(ConfigurationError, match="exception classes"):
+        reg.register(lambda: None, name="bad", expected=("KeyError",))  # type: ignore[arg-type]
+
+
 def test_non_callables_and_reserved_names_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="callable"):
         Registry().register(42, name="x")  # type: ignore[type-var]
