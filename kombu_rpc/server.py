@@ -173,6 +173,9 @@ class RPCServer:
         self._retry_policy = merge_retry_policy(retry_policy)
         self._control_queue = CONTROL_QUEUE_TEMPLATE.format(server_id=self.server_id)
         self._stopping = threading.Event()
+        # Held by stop() while it wakes the loop (re-entrant: a signal handler may stop
+        # the server while its own thread holds it).
+        self._waking = threading.RLock()
         self._ready = threading.Event()  # consuming now
         self._started = threading.Event()  # consuming, or failed to start
         self._serving = threading.Lock()  # held while run() or running() serves
@@ -265,11 +268,12 @@ class RPCServer:
         """Ask the server to stop: it stops consuming, finishes calls in flight (up to
         :attr:`shutdown_timeout`), then returns from :meth:`run`. Safe from any thread
         and from signal handlers; returns without waiting."""
-        self._stopping.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._ready.is_set():  # otherwise no loop waits in drain_events
-            self._wake()
+        with self._waking:  # the loop deletes its control queue after this, never during it
+            self._stopping.set()
+            with self._cond:
+                self._cond.notify_all()
+            if self._ready.is_set():  # otherwise no loop waits in drain_events
+                self._wake()
 
     @property
     def ready(self) -> bool:
@@ -428,12 +432,29 @@ class RPCServer:
             self._drain_in_flight()
             self._await_confirms(conn)
         finally:
-            discard_queue(control)
-            discard_queue(broadcasts)
             try:
-                channel.close()
+                channel.close()  # on Redis, a BRPOP in flight gives back what it took
             except (*self._connection_errors, *conn.channel_errors):
                 pass
+            self._discard_own_queues(conn)
+
+    def _discard_own_queues(self, conn: Connection) -> None:
+        """Delete this server's control and broadcast queues (on a channel of their
+        own), once no wake-up from :meth:`stop` can be on its way any more: one that
+        came later would create the control queue again (a Redis list, forever)."""
+        with self._waking:
+            try:
+                channel = conn.channel()
+            except (*self._connection_errors, *conn.channel_errors):
+                return  # the connection is gone: AMQP dropped the exclusive queues with it
+            try:
+                discard_queue(private_queue(self._control_queue)(channel))
+                discard_queue(broadcast_queue(self.queue, self.server_id)(channel))
+            finally:
+                try:
+                    channel.close()
+                except (*self._connection_errors, *conn.channel_errors):
+                    pass
 
     def _reply_on(self, channel: Any, confirming: bool) -> None:
         """Have the consuming thread reply on ``channel`` (in confirm mode if ``confirming``)."""

@@ -33,6 +33,8 @@ from uuid import uuid4
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import memory
 
+from ..topology import REPLY_QUEUE_TEMPLATE
+
 __all__ = ["Channel", "Transport", "check"]
 
 
@@ -133,6 +135,8 @@ class _Registry:
 
 
 _registry = _Registry()
+#: Names of proxies' reply queues start with this.
+_REPLY_PREFIX = REPLY_QUEUE_TEMPLATE.partition("{")[0]
 #: Delivery tags of the messages put through this transport, unique in the process.
 _delivery_tags = itertools.count(1)
 #: What :meth:`Channel._deliver_first` returns when there was nothing to deliver.
@@ -166,6 +170,8 @@ class Channel(memory.Channel):  # type: ignore[misc]
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         q = self.queues.get(queue)
         if q is None:
+            if queue.startswith(_REPLY_PREFIX):  # its proxy closed: drop it, as RabbitMQ does
+                return
             q = self._queue_for(queue)
         # As Queue.put does on these unbounded queues, without its conditions: nobody
         # waits in Queue.get (kombu's memory transport reads them with block=False).
