@@ -24,6 +24,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "myst_parser",
+    "sphinx_copybutton",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
@@ -41,12 +42,20 @@ napoleon_use_rtype = False
 
 # -- HTML ----------------------------------------------------------------------------
 
-html_theme = "alabaster"
+# Furo: a wide content column (long code lines scroll instead of being cut off),
+# previous/next links under every page, a search box and a light/dark switch.
+html_theme = "furo"
 html_title = f"kombu_rpc {release}"
 html_theme_options = {
-    "description": "RPC over any kombu transport: RabbitMQ, Redis, memory",
-    "fixed_sidebar": True,
+    "navigation_with_keys": True,  # left/right arrow keys go to the previous/next page
 }
+
+# -- sphinx-copybutton -----------------------------------------------------------------
+# The copy button copies the commands only: not the ``$`` and ``>>>`` prompts, nor the
+# output lines shown after them (Pygments marks both in ``console`` and ``pycon`` blocks,
+# and in Python doctest blocks).
+
+copybutton_exclude = ".linenos, .gp, .go"
 
 # -- MyST ----------------------------------------------------------------------------
 

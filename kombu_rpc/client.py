@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from time import monotonic
@@ -48,6 +49,16 @@ logger = logging.getLogger(__name__)
 #: How many of the newest messages of a Redis request queue are searched for an
 #: unanswered request to take back (see ``_Withdrawal``).
 WITHDRAW_SCAN = 1000
+#: Remove the first of the ARGV[2] newest messages of list KEYS[1] that holds the text
+#: ARGV[1] (a correlation id), inside Redis: no message crosses the network.
+_WITHDRAW_SCRIPT = """
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
+    if string.find(item, ARGV[1], 1, true) then
+        return redis.call('LREM', KEYS[1], 1, item)
+    end
+end
+return 0
+"""
 
 
 @dataclass
@@ -200,16 +211,9 @@ class _Withdrawal:
     def run(self, channel: Any) -> None:
         """Remove the request from the first :data:`WITHDRAW_SCAN` messages of its
         queue (kombu's Redis list, newest first), if it is there (best effort)."""
-        marker = self.correlation_id.encode()
         try:
-            client = channel.client
-            for item in client.lrange(self.queue, 0, WITHDRAW_SCAN - 1):
-                if marker in item:
-                    client.lrem(self.queue, 1, item)
-                    logger.debug(
-                        "took back the unanswered request %s from %r", self.correlation_id, self.queue
-                    )
-                    return
+            if channel.client.eval(_WITHDRAW_SCRIPT, 1, self.queue, self.correlation_id, WITHDRAW_SCAN):
+                logger.debug("took back the unanswered request %s from %r", self.correlation_id, self.queue)
         except Exception as exc:  # the request expires at the server anyway
             logger.debug("could not take back the request %s: %s", self.correlation_id, exc)
 
@@ -609,7 +613,7 @@ class Client:
             else:
                 self._link.wait(sent.done, timeout)
                 sent.result(0)
-        except TimeoutError:
+        except FuturesTimeout:  # not the builtin TimeoutError before Python 3.11
             if sent.cancel():
                 raise ConnectionLostError(
                     f"{what} not sent: the broker took no message for {timeout}s"

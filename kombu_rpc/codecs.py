@@ -84,7 +84,13 @@ def check_codec(codec: object) -> Codec:
 
 
 class Envelope(Codec):
-    """kombu_rpc's own format, encoded with the caller's serializer (the default)."""
+    """kombu_rpc's own format, encoded with the caller's serializer (the default).
+
+    With JSON, arguments and results are JSON values plus the types kombu's JSON
+    serializer writes as typed values (``datetime``, ``date``, ``time``, ``Decimal``,
+    ``UUID``, ``bytes``); mappings that would read as a typed value are escaped, so every
+    value comes back as it was sent (``docs/protocol.md``, "JSON values").
+    """
 
     def encode_request(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str
@@ -98,7 +104,7 @@ class Envelope(Codec):
         return protocol.encode(body, serializer), {}
 
     def decode_reply(self, message: Message) -> Any:
-        return protocol.parse_reply(message.decode())
+        return protocol.parse_reply(protocol.decode(message))
 
 
 #: Header of a :class:`Plain` reply reporting a failure: the ``error`` mapping of

@@ -4,11 +4,12 @@ Every request carries its call id and the ids of its parent calls (the calls bei
 served, in the process that made it, when it was made), plus a W3C ``traceparent``
 when one is set. A server exposes the context of the call it runs through
 :func:`current_call`; a proxy used inside a remote function sends the chain on, one
-level deeper. With ``opentelemetry-api`` installed (``pip install 'kombu-rpc[otel]'``),
-calls are also traced once a tracer provider is configured: a client span per call on
-the caller's side and a server span around the function, linked through
-``traceparent``. Otherwise nothing is traced, and a received ``traceparent`` is passed
-on unchanged.
+level deeper. With ``opentelemetry-api`` installed
+(``pip install 'opentelemetry-api>=1.20'``, or ``pip install -e '.[otel]'`` in a
+kombu_rpc checkout), calls are also traced once a tracer provider is configured: a
+client span per call on the caller's side and a server span around the function, linked
+through ``traceparent``. Otherwise nothing is traced, and a received ``traceparent``
+is passed on unchanged.
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 1.0
 #: Longest wait for the rest of a frame whose start has arrived.
 FRAME_WAIT = 1.0
+#: Longest wait for the link's thread to end at close.
+STOP_WAIT = 10.0
 #: A Redis read this short is made whole (see ``RedisLink._read``).
 SHORT_READ = 0.02
 
@@ -133,7 +135,8 @@ class _Link:
                     if not self.callers_read:
                         self._idle.notify()  # the link's thread reads for this call
                     if self._leader is not None or self._must_act() or self._closing or not self.callers_read:
-                        self._followers.wait(remaining)
+                        if not done():  # checked under the lock: a wake-up cannot slip by
+                            self._followers.wait(remaining)
                         continue
                     self._leader = me
                 try:
@@ -166,9 +169,13 @@ class _Link:
                 self._idle.notify()
 
     def _needs_thread(self) -> bool:
-        """True when the link's thread has to act, or calls are in flight nobody reads for."""
-        unread = self._waiting == 0 or not self.callers_read
-        return self._closing or self._must_act() or (unread and self._has_work())
+        """True when the link's thread has to act: a reconnect, calls in flight nobody
+        reads for, or (where callers do not read) anyone waiting, for a broadcast too."""
+        if self._closing or self._must_act():
+            return True
+        if self.callers_read:
+            return self._waiting == 0 and self._has_work()
+        return self._waiting > 0 or self._has_work()
 
     def _consume(self, channel: Any) -> None:
         self._consumer = consume_replies(channel, self._reply_queue, self._on_reply, self._accept)
@@ -177,17 +184,22 @@ class _Link:
         self._thread = threading.Thread(target=self._run, name="kombu_rpc-link", daemon=True)
         self._thread.start()
 
-    def _stop_thread(self) -> None:
-        """Stop the link's thread, and wait (briefly) until no caller reads any more."""
+    def _stop_thread(self) -> bool:
+        """Stop the link's thread, and wait (briefly) until no caller reads any more;
+        False if the thread did not end within :data:`STOP_WAIT`."""
         with self._turn:
             self._closing = True
             self._idle.notify_all()
             self._followers.notify_all()
         self._wake()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(STOP_WAIT)
+            if self._thread.is_alive():  # in a poll nothing bounds (a locked database)
+                logger.warning("the link's thread is stuck reading; leaving it and its connection behind")
+                return False
         with self._turn:
             self._followers.wait_for(lambda: self._leader is None, IDLE_WAIT)
+        return True
 
     def _run(self) -> None:
         me = object()
@@ -463,15 +475,27 @@ class AmqpLink(_Link):
         outlived the connection; the others end in RPCTimeout at their deadline.
         """
         with self._io:
-            resend = [*self._unconfirmed.values(), *self._unsent]
-            self._unconfirmed, self._unsent = {}, []
+            # Kept in _unsent until the channel is open again: a failed attempt (or
+            # _Closed) loses none of them.
+            self._unsent = [*self._unconfirmed.values(), *self._unsent]
+            self._unconfirmed = {}
+            delay = 0.0
             while True:
                 try:
                     reconnect(self._conn, self._retry_policy, self._check_closing)
                     self._open()
                     break
-                except self._conn.connection_errors as again:
-                    logger.warning("the proxy lost its connection again (%s)", again)
+                except (*self._conn.connection_errors, *self._conn.channel_errors) as again:
+                    # a channel error: the reply queue still locked or gone on a cluster
+                    # whose node just died (405, 404); it settles within moments
+                    delay = min(max(0.1, 2 * delay), self._retry_policy["interval_max"])
+                    logger.warning(
+                        "the proxy cannot open its channel again (%s); retrying in %.1fs", again, delay
+                    )
+                    with self._turn:
+                        if self._idle.wait_for(lambda: self._closing, delay):
+                            raise _Closed() from None
+            resend, self._unsent = self._unsent, []
             self._broken = None
             logger.info("the proxy reconnected; publishing %d request(s) again", len(resend))
             for job in resend:
@@ -548,7 +572,9 @@ class PollingLink(_Link):
 
     def close(self) -> None:
         """Stop the link's thread, delete the reply queue and close the connection."""
-        self._stop_thread()
+        if not self._stop_thread():  # it still uses the connection
+            self.wake_waiters()
+            return
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -76,13 +77,124 @@ WAKE_HEADERS = {CONTROL_HEADER: "wake"}
 WAKE_UP = Encoded(b"", "application/data", "binary")
 
 
+# -- JSON values ------------------------------------------------------------------
+#
+# kombu's JSON serializer (kombu.utils.json) writes datetime, date, time, Decimal, UUID
+# and bytes as {"__type__": name, "__value__": text} and turns every object of exactly
+# those two keys back into a value when decoding. kombu_rpc escapes the mappings that
+# decoding would misread, so that every JSON value comes back as it was sent.
+
+#: The content type of kombu's JSON serializer: the bodies that kombu_rpc escapes.
+JSON_CONTENT_TYPE = "application/json"
+#: The key of an escaped mapping: ``{ESCAPE_KEY: [[key, value], ...]}`` stands for the
+#: mapping of those members (``docs/protocol.md``, "JSON values").
+ESCAPE_KEY = "__kombu_rpc_dict__"
+#: The keys of a typed value written by kombu's JSON serializer.
+TYPED_VALUE_KEYS = frozenset({"__type__", "__value__"})
+_ESCAPED_SHAPES = ("__type__", ESCAPE_KEY)
+# A JSON text may spell any character of a key as an escape; ASCII ones are \u0020-\u007f.
+_ESCAPED_ASCII = re.compile(r"\\u00[2-7]")
+_ESCAPED_ASCII_BYTES = re.compile(rb"\\u00[2-7]")
+
+
+def _may_spell(payload: object, keys: tuple[str, ...]) -> bool:
+    """False when the JSON text ``payload`` surely holds none of ``keys``: a fast test
+    that spares walking the bodies that need no escaping (nearly all). kombu reads a
+    JSON body in bytes as UTF-8 whatever its ``content_encoding``."""
+    if isinstance(payload, str):
+        return any(key in payload for key in keys) or _ESCAPED_ASCII.search(payload) is not None
+    if isinstance(payload, bytes):
+        return (
+            any(key.encode() in payload for key in keys) or _ESCAPED_ASCII_BYTES.search(payload) is not None
+        )
+    return True
+
+
+def _needs_escape(mapping: dict[Any, Any]) -> bool:
+    """True for a mapping that kombu's JSON decoding would turn into something else
+    (a typed value), or that kombu_rpc's would take for an escape."""
+    keys = mapping.keys()
+    return keys == TYPED_VALUE_KEYS or keys == {ESCAPE_KEY}
+
+
+def escape_json(value: Any) -> Any:
+    """``value`` with every mapping shaped like a typed value (keys exactly
+    ``__type__`` and ``__value__``) or like an escape (key exactly
+    :data:`ESCAPE_KEY`) written as ``{ESCAPE_KEY: [[key, value], ...]}``, at any depth.
+
+    Returns ``value`` itself when nothing needs escaping; never changes ``value``.
+    """
+    if isinstance(value, dict):
+        items = [(key, escape_json(item)) for key, item in value.items()]
+        if _needs_escape(value):
+            return {ESCAPE_KEY: [[key, item] for key, item in items]}
+        if all(new is old for (_, new), old in zip(items, value.values(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, (list, tuple)):
+        escaped = [escape_json(item) for item in value]
+        return value if all(new is old for new, old in zip(escaped, value, strict=True)) else escaped
+    return value
+
+
+def unescape_json(value: Any) -> Any:
+    """The inverse of :func:`escape_json`, on a decoded JSON body: every mapping whose
+    only key is :data:`ESCAPE_KEY` becomes the mapping its pairs list.
+
+    Returns ``value`` itself when nothing was escaped; never changes ``value``.
+
+    Raises:
+        ValueError: An escape does not hold a list of ``[string, value]`` pairs.
+    """
+    if isinstance(value, dict):
+        if value.keys() == {ESCAPE_KEY}:
+            pairs = value[ESCAPE_KEY]
+            if not isinstance(pairs, list) or not all(
+                isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs
+            ):
+                raise ValueError(f"{ESCAPE_KEY} must hold a list of [string, value] pairs")
+            return {key: unescape_json(item) for key, item in pairs}
+        items = [(key, unescape_json(item)) for key, item in value.items()]
+        if all(new is old for (_, new), old in zip(items, value.values(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, list):
+        restored = [unescape_json(item) for item in value]
+        return value if all(new is old for new, old in zip(restored, value, strict=True)) else restored
+    return value
+
+
 def encode(body: Any, serializer: str) -> Encoded:
-    """Serialize ``body``; raises :class:`SerializationError` when it cannot be."""
+    """Serialize ``body``; a JSON body has its look-alike mappings escaped
+    (:func:`escape_json`).
+
+    Raises:
+        SerializationError: ``body`` cannot be encoded with ``serializer``.
+    """
     try:
         content_type, content_encoding, payload = dumps(body, serializer=serializer)
+        if content_type == JSON_CONTENT_TYPE and _may_spell(payload, _ESCAPED_SHAPES):
+            escaped = escape_json(body)
+            if escaped is not body:
+                content_type, content_encoding, payload = dumps(escaped, serializer=serializer)
     except (EncodeError, TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"cannot encode with {serializer}: {exc}") from exc
     return Encoded(payload, content_type, content_encoding)
+
+
+def decode(message: Message) -> Any:
+    """The decoded body of ``message``; a JSON body has its escaped mappings restored
+    (:func:`unescape_json`).
+
+    Raises:
+        kombu.exceptions.ContentDisallowed: The content type is not accepted.
+        kombu.exceptions.DecodeError: The body cannot be decoded.
+        ValueError: The body holds a malformed escape.
+    """
+    body = message.decode()
+    if message.content_type == JSON_CONTENT_TYPE and _may_spell(message.body, (ESCAPE_KEY,)):
+        body = unescape_json(body)
+    return body
 
 
 # -- requests ---------------------------------------------------------------------
@@ -129,6 +241,14 @@ def reply_address(message: Message) -> ReplyAddress | None:
     return None
 
 
+_NOT_AN_ENVELOPE = (
+    "body must be a mapping, got {}: this server speaks kombu_rpc's envelope, "
+    '{{"method": "fib", "args": [30], "kwargs": {{}}}} (docs/protocol.md); a client that '
+    "sends the bare argument as text, as the RabbitMQ tutorial's does, needs a server "
+    'created with codec=Plain("<function name>")'
+)
+
+
 def parse_request(message: Message) -> Request:
     """Decode and validate a request message.
 
@@ -136,13 +256,13 @@ def parse_request(message: Message) -> Request:
         MalformedRequest: The message cannot be decoded or is not a valid request.
     """
     try:
-        body = message.decode()
+        body = decode(message)
     except ContentDisallowed as exc:
         raise MalformedRequest("ContentDisallowed", f"content type refused: {exc}") from None
     except (DecodeError, ValueError, TypeError, RecursionError) as exc:
         raise MalformedRequest("DecodeError", f"body could not be decoded: {exc}") from None
     if not isinstance(body, dict):
-        raise MalformedRequest("MalformedRequest", f"body must be a mapping, got {type(body).__name__}")
+        raise MalformedRequest("MalformedRequest", _NOT_AN_ENVELOPE.format(type(body).__name__))
     method = body.get("method")
     args = body.get("args", [])
     kwargs = body.get("kwargs", {})

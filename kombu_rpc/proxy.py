@@ -99,7 +99,8 @@ class RPCProxy:
     def from_celery(cls, app: Any, **kwargs: Any) -> RPCProxy:
         """A proxy over a Celery app's broker settings (URL, transport options, SSL);
         see :func:`kombu_rpc.contrib.celery.proxy_from_celery`, which takes the same
-        arguments. Needs Celery (``pip install 'kombu-rpc[celery]'``)."""
+        arguments. Needs Celery (``pip install 'celery>=5.3'``, or ``pip install -e '.[celery]'``
+        in a kombu_rpc checkout)."""
         from .contrib.celery import proxy_from_celery
 
         return proxy_from_celery(app, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import select
 import signal
 import socket
@@ -19,7 +20,6 @@ from typing import Any
 
 from kombu import Connection, Consumer, Producer
 from kombu.entity import PERSISTENT_DELIVERY_MODE
-from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
@@ -319,13 +319,21 @@ class RPCServer:
         conn = self._connection.clone()
         transport_kind = kind(conn)
         # On a polling transport, any error of the transport's client (a database
-        # driver's, a half-written file's) counts as a lost connection.
-        self._connection_errors = (Exception,) if transport_kind is Kind.POLLING else conn.connection_errors
+        # driver's, a half-written file's) counts as a lost connection; elsewhere, so
+        # does a channel error once the server consumed (a queue re-declared right
+        # after a cluster node died: 404 NOT_FOUND, 405 RESOURCE_LOCKED).
+        self._connection_errors = (
+            (Exception,)
+            if transport_kind is Kind.POLLING
+            else (*conn.connection_errors, *conn.channel_errors)
+        )
         try:
             conn.ensure_connection(**self._retry_policy)
-        except (*conn.connection_errors, OperationalError, OSError) as exc:
+        except Exception as exc:  # refused logins too (AccessRefused is no connection error)
             conn.release()
-            raise ConnectionLostError(f"cannot connect to {safe_uri(conn)}: {exc}") from exc
+            raise ConnectionLostError(
+                f"cannot connect to {safe_uri(conn)}: {type(exc).__name__}: {exc}"
+            ) from exc
         self._local = threading.local()  # new reply producers for this run
         self._executor = (
             ThreadPoolExecutor(self.concurrency, thread_name_prefix="kombu_rpc-worker")
@@ -348,7 +356,7 @@ class RPCServer:
                     self._generation += 1
                     if not consumed and not isinstance(exc, conn.connection_errors):
                         # never consumed: a setting (a missing folder, a bad database
-                        # URL), not an outage
+                        # URL, a queue declared with other arguments), not an outage
                         raise ConnectionLostError(
                             f"cannot consume on {safe_uri(conn)}: {type(exc).__name__}: {exc}"
                         ) from exc
@@ -754,9 +762,14 @@ class RPCServer:
 
     # -- built-in methods and the event loop for async def functions -------------------
 
-    def _ping(self) -> dict[str, str]:
+    def _ping(self) -> dict[str, Any]:
         """Identify this server."""
-        return {"server_id": self.server_id, "queue": self.queue}
+        return {
+            "server_id": self.server_id,
+            "queue": self.queue,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+        }
 
     def _describe(self) -> list[dict[str, str]]:
         """List the methods this server exposes."""

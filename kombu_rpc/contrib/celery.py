@@ -11,8 +11,9 @@ Both read their settings from the app's configuration, under the keys listed in
 :data:`SERVER_OPTIONS` with the ``kombu_rpc_`` prefix (``kombu_rpc_queue``,
 ``kombu_rpc_concurrency``, ...).
 
-Celery is an optional dependency (``pip install kombu-rpc[celery]``): importing this
-module without it raises :exc:`ImportError`; the rest of kombu_rpc does not need it.
+Celery is an optional dependency (``pip install 'celery>=5.3'``, or
+``pip install -e '.[celery]'`` in a kombu_rpc checkout): importing this module without
+it raises :exc:`ImportError`; the rest of kombu_rpc does not need it.
 
 Example:
     In the module that creates the Celery app (``proj.py``)::
@@ -52,7 +53,7 @@ try:
 except ImportError as exc:  # pragma: no cover - tested in a subprocess that hides celery
     raise ImportError(
         "kombu_rpc.contrib.celery needs Celery, an optional dependency of kombu_rpc: "
-        "pip install 'kombu-rpc[celery]'",
+        "pip install 'celery>=5.3' (or pip install -e '.[celery]' in a kombu_rpc checkout)",
         name=exc.name,
     ) from exc
 

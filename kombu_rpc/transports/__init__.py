@@ -188,7 +188,7 @@ def _require_client(alias: str) -> None:
         if missing:
             raise ConfigurationError(
                 f"{alias}:// needs {' and '.join(missing)}, which kombu's Redis transport imports: "
-                "pip install 'kombu-rpc[redis]'"
+                "pip install 'redis>=5.2,<9' (pip install -e '.[redis]' in a kombu_rpc checkout)"
             )
 
 

@@ -10,22 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from kombu_rpc.testing import pytest_plugin_args
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
 NEEDS_BROKER = {"serve.py", "call.py"}
 
 
-def run_example(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+def run_example(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        **kwargs,
-    )  # type: ignore[call-overload]
+        [sys.executable, *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in NEEDS_BROKER))
@@ -33,6 +29,19 @@ def test_example_runs(name: str) -> None:
     with run_example(str(EXAMPLES / name)) as process:
         out, err = process.communicate(timeout=60)
     assert process.returncode == 0, f"{name} failed:\n{out}\n{err}"
+
+
+def test_the_plugin_example_needs_only_pytest() -> None:
+    # Given pytest without the project's test extra (no pytest-timeout, whose `timeout`
+    # setting the project's setup.cfg holds)
+    command = ["-m", "pytest", "-p", "no:timeout", "-p", "no:cacheprovider", *pytest_plugin_args()]
+    # When the plugin example runs as docs/testing.md says
+    with run_example(*command, str(EXAMPLES / "test_with_plugin.py")) as process:
+        out, err = process.communicate(timeout=60)
+    # Then it passes, under the examples' own configuration
+    assert process.returncode == 0, f"{out}\n{err}"
+    assert "4 passed" in out, out
+    assert "Unknown config option" not in out + err
 
 
 def test_serve_and_call_examples_on_a_real_broker(real_broker_url: str) -> None:

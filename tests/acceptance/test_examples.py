@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import SimpleQueue
+from urllib.parse import quote
 
 import pytest
 from kombu import Connection, Queue
@@ -154,6 +155,106 @@ def test_rpc_client_gets_fib_30_from_rpc_server(start: Callable[..., Example], l
     code, out = server.finish(signal.SIGINT)
     assert code == 0, out
     assert out.count(" [.] fib(") == 1, out
+
+
+# The calls of the tutorial 6 client, made with pika as the tutorial makes them: the
+# argument as text to the request queue, with reply_to (an exclusive, server-named queue)
+# and a correlation_id; the reply's body read with int().
+TUTORIAL_PIKA_CLIENT = """
+import sys
+import uuid
+
+import pika
+
+url, queue, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+connection = pika.BlockingConnection(pika.URLParameters(url))
+channel = connection.channel()
+reply_queue = channel.queue_declare(queue="", exclusive=True).method.queue
+call_id = str(uuid.uuid4())
+bodies = []
+
+
+def on_reply(channel, method, properties, body):
+    if properties.correlation_id == call_id:
+        bodies.append(body)
+
+
+channel.basic_consume(queue=reply_queue, on_message_callback=on_reply, auto_ack=True)
+print(f" [x] Requesting fib({n})")
+properties = pika.BasicProperties(reply_to=reply_queue, correlation_id=call_id)
+channel.basic_publish(exchange="", routing_key=queue, properties=properties, body=str(n))
+while not bodies:
+    connection.process_data_events(time_limit=1)
+print(f" [.] Got {int(bodies[0])}")
+connection.close()
+"""
+
+
+def pika_url(url: str) -> str:
+    """``url`` as pika reads it: kombu's ``amqp://host//`` means the vhost ``/``, which
+    pika spells ``%2F``."""
+    with Connection(url) as conn:
+        user, password = quote(conn.userid, safe=""), quote(conn.password, safe="")
+        return f"amqp://{user}:{password}@{conn.hostname}:{conn.port}/{quote(conn.virtual_host, safe='')}"
+
+
+@pytest.mark.timeout(60)
+def test_the_tutorials_pika_client_gets_fib_from_rpc_server_plain(
+    real_broker_url: str, example_queue: str, start: Callable[..., Example], lines: Lines
+) -> None:
+    if not real_broker_url.startswith("amqp"):
+        pytest.skip("the tutorial's client is a pika (AMQP) program")
+    # Given the example server, speaking the tutorial's wire format
+    server = start("rpc_server.py", "--plain")
+    wait_for(lines, READY)
+    # When the tutorial's pika client asks for fib(30), then fib(10)
+    for n, answer in ((30, 832040), (10, 55)):
+        client = subprocess.run(
+            [sys.executable, "-c", TUTORIAL_PIKA_CLIENT, pika_url(real_broker_url), example_queue, str(n)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        # Then it gets the answer, as text it can read with int()
+        assert client.returncode == 0, client.stderr
+        assert client.stdout.splitlines() == [f" [x] Requesting fib({n})", f" [.] Got {answer}"]
+        wait_for(lines, f" [.] fib({n})")
+    code, out = server.finish(signal.SIGINT)
+    assert code == 0, out
+
+
+@pytest.mark.timeout(60)
+def test_rpc_client_plain_gets_fib_30_from_rpc_server_plain(
+    start: Callable[..., Example], lines: Lines
+) -> None:
+    # Given the example server with --plain
+    server = start("rpc_server.py", "--plain")
+    wait_for(lines, READY)
+    # When the example client calls it with --plain too
+    code, out = start("rpc_client.py", "--plain", watch=False).finish()
+    # Then it prints the tutorial's lines
+    assert code == 0, out
+    assert out.splitlines() == [" [x] Requesting fib(30)", " [.] Got 832040"]
+    assert server.finish(signal.SIGTERM)[0] == 0
+
+
+@pytest.mark.timeout(60)
+def test_rpc_client_without_a_server_prints_one_error_line(
+    real_broker_url: str, start: Callable[..., Example]
+) -> None:
+    # Given no server ever consumed the queue
+    # When the client calls (on Redis a request waits for a server until the timeout)
+    code, out = start("rpc_client.py", "--timeout", "2", watch=False).finish()
+    # Then it says so in one line, with no traceback, and exits 1
+    assert code == 1, out
+    assert "Traceback" not in out, out
+    requesting, error = out.splitlines()
+    assert requesting == " [x] Requesting fib(30)"
+    assert error.startswith("Error: ") and "examples/rpc_server.py" in error, error
+    if real_broker_url.startswith("amqp"):
+        assert "no queue" in error, error  # NoServerError, at once
+    else:
+        assert "no reply" in error, error  # RPCTimeout
 
 
 def worker_tasks(output: str) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -362,7 +364,12 @@ def test_async_def_functions_run_on_the_servers_event_loop(
 
 def test_every_server_answers_ping_and_describe(serve: Callable[..., RPCServer], proxy: RPCProxy) -> None:
     server = serve()
-    assert proxy.kombu_rpc.ping() == {"server_id": server.server_id, "queue": server.queue}
+    assert proxy.kombu_rpc.ping() == {
+        "server_id": server.server_id,
+        "queue": server.queue,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     methods = {m["name"]: m for m in proxy["kombu_rpc.describe"]()}
     assert {"fib", "math.add", "kombu_rpc.ping", "kombu_rpc.describe"} <= set(methods)
     assert methods["fib"]["signature"] == "(n: int) -> int"

@@ -137,7 +137,10 @@ def test_redis_without_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     for url in (REDIS, "redis+socket:///tmp/r.sock", "rediss://h", "sentinel://h"):
-        with pytest.raises(ConfigurationError, match=r"needs redis, .*pip install 'kombu-rpc\[redis\]'"):
+        with pytest.raises(
+            ConfigurationError,
+            match=r"needs redis, .*pip install 'redis>=5.2,<9' \(pip install -e '\.\[redis\]'",
+        ):
             connect(url)
     assert kind(connect("memory://")) is Kind.MEMORY  # the others are unaffected
 
