@@ -360,7 +360,12 @@ class RPCServer:
                         raise ConnectionLostError(
                             f"cannot consume on {safe_uri(conn)}: {type(exc).__name__}: {exc}"
                         ) from exc
-                    logger.warning("server lost its connection (%s); reconnecting", exc)
+                    # an error that is not the transport's own may be a bug: show where
+                    logger.warning(
+                        "server lost its connection (%s); reconnecting",
+                        exc,
+                        exc_info=not isinstance(exc, (*conn.connection_errors, *conn.channel_errors)),
+                    )
                     if monotonic() - began > IDLE_WAIT:
                         delay = 0.0
                     elif self._stopping.wait(delay):

@@ -29,7 +29,6 @@ from ..proxy import RPCProxy
 from ..registry import Registry, default_registry
 from ..server import RPCServer
 from ..topology import check_queue_name, discard_queue, new_id, request_queue
-from ..transports import memory
 
 __all__ = [
     "Functions",
@@ -158,6 +157,8 @@ def reset_memory_transport() -> None:
     Call it only while no ``memory://`` server or proxy is running: their queues would
     vanish under them.
     """
+    from ..transports import memory  # here: importing kombu_rpc.testing loads no transport
+
     for channel in (kombu_memory.Channel, memory.Channel):
         channel.queues.clear()
         channel.events.clear()

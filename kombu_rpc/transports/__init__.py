@@ -171,6 +171,10 @@ def open_connection(broker: Connection | str) -> Connection:
     elif conn.uri_prefix == "redis":  # redis+socket://: kombu reads the socket path from the hostname
         conn = Connection(
             hostname=conn.hostname,
+            userid=conn.userid,
+            password=conn.password,
+            virtual_host=conn.virtual_host,
+            ssl=conn.ssl,
             transport=chosen,
             transport_options=options,
             connect_timeout=conn.connect_timeout,
@@ -201,8 +205,8 @@ def _transport_class(conn: Connection) -> Any:
 
 
 class PollingConnection(Connection):  # type: ignore[misc]
-    """A :class:`kombu.Connection` whose transports poll every ``polling_interval``
-    seconds; its clones keep the interval (they are of its class).
+    """A :class:`kombu.Connection` whose transports poll every :attr:`polling_interval`
+    seconds; its clones poll as often.
 
     The interval is not a transport option: kombu hands ``transport_options`` on to
     some transports' clients (SQLAlchemy's ``create_engine``), which refuse options
@@ -217,9 +221,10 @@ class PollingConnection(Connection):  # type: ignore[misc]
         transport.polling_interval = self.polling_interval
         return transport
 
-
-#: Polling interval -> the PollingConnection class for it, made once.
-_polling_classes: dict[float, type[PollingConnection]] = {}
+    def clone(self, **kwargs: Any) -> Connection:
+        conn = super().clone(**kwargs)
+        conn.polling_interval = self.polling_interval
+        return conn
 
 
 def _polling(conn: Connection, interval: Any) -> Connection:
@@ -229,15 +234,8 @@ def _polling(conn: Connection, interval: Any) -> Connection:
         interval = getattr(conn, "polling_interval", POLLING_INTERVAL)
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
         raise ConfigurationError(f"polling_interval must be a number of seconds >= 0, got {interval!r}")
-    interval = float(interval)
-    if interval not in _polling_classes:
-        namespace = {
-            "polling_interval": interval,
-            "__module__": __name__,
-            "__doc__": PollingConnection.__doc__,
-        }
-        _polling_classes[interval] = type("PollingConnection", (PollingConnection,), namespace)
-    conn.__class__ = _polling_classes[interval]
+    conn.__class__ = PollingConnection  # kombu's Connection has no other way to carry it
+    conn.polling_interval = float(interval)
     return conn
 
 

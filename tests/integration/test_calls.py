@@ -179,8 +179,8 @@ def test_a_blocking_call_times_out_within_50ms_of_its_deadline(
         with pytest.raises(RPCTimeout):
             proxy.options(timeout=timeout).held()
         lateness.append(monotonic() - began - timeout)
-    # the best of three, as the machine is shared: each was measured from before the call
-    assert -0.001 < min(lateness) < 0.05, lateness
+    # each measured from before the call, so a little more than the call's own lateness
+    assert all(0 <= late < 0.05 for late in lateness), lateness
 
 
 def test_requests_past_their_deadline_are_never_run(

@@ -325,14 +325,14 @@ def test_requests_to_nobody_are_taken_back(redis_url: str, admin: redis.Redis) -
     """kombu's Redis transport has no message expiry: a request nobody took is taken
     back from its queue when its call times out, or when the proxy closes."""
     queue = unique_queue_name("test.nobody")
-    proxy = RPCProxy(redis_url, queue=queue, timeout=0.3)
+    proxy = RPCProxy(redis_url, queue=queue, timeout=1.0)
     try:
-        with pytest.raises(RPCTimeout):
-            proxy.fib(1)
-        unattended = proxy.fib.call_async(2)
-        with pytest.raises(RPCTimeout):
-            unattended.result(10)
-        assert wait_until(lambda: admin.llen(queue) == 0), admin.lrange(queue, 0, -1)
+        for n in range(2):
+            unattended = proxy.fib.call_async(n)
+            assert wait_until(lambda: admin.llen(queue) == 1)  # the request is in its queue
+            with pytest.raises(RPCTimeout):
+                unattended.result(10)
+            assert wait_until(lambda: admin.llen(queue) == 0), admin.lrange(queue, 0, -1)
         # a call still pending when the proxy closes
         proxy.options(timeout=60).fib.call_async(3)
         assert wait_until(lambda: admin.llen(queue) == 1)

@@ -325,6 +325,19 @@ def test_threads_sharing_a_proxy_each_get_their_own_results(proxy: RPCProxy) -> 
     assert results == {n: [[n, i] for i in range(calls)] for n in range(threads)}
 
 
+def test_a_broadcast_gets_the_servers_answer_where_exchanges_are_shared(
+    served: Served, proxy: RPCProxy
+) -> None:
+    """The proxy's thread reads while a broadcast waits (its callers do not poll).
+    kombu's SQLAlchemy transport keeps fanout bindings in the memory of the process
+    that made them, so a broadcast reaches no server in another process there."""
+    if served.transport == "filesystem":  # bindings in the control folder, shared
+        [reply] = proxy["kombu_rpc.ping"].broadcast(timeout=5, expect=1)
+        assert reply.server_id == served.server_id and reply.get()["queue"] == served.queue
+    else:
+        assert proxy["kombu_rpc.ping"].broadcast(timeout=0.5) == []
+
+
 def test_with_no_server_a_call_times_out_at_its_deadline(
     served: Served, proxies: Callable[..., RPCProxy]
 ) -> None:
