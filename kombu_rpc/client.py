@@ -29,7 +29,7 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
-from .codecs import Codec, check_codec
+from .codecs import Codec, Plain, check_codec
 from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, safe_uri
 from .errors import (
     CallError,
@@ -707,4 +707,7 @@ class Client:
         except RemoteError:
             raise
         except Exception as exc:
-            raise RemoteError("MalformedReply", f"reply could not be decoded: {exc}") from exc
+            hint = ""
+            if message.content_type == "text/plain" and not isinstance(self._codec, Plain):
+                hint = "; the server answers in the plain format: call it with RPCProxy(..., codec=Plain())"
+            raise RemoteError("MalformedReply", f"reply could not be decoded: {exc}{hint}") from exc

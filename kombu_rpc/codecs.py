@@ -197,6 +197,9 @@ class Plain(Codec):
         error = (message.headers or {}).get(PLAIN_ERROR_HEADER)
         if error is not None:
             raise remote_error_from_wire(error)
+        if message.content_type == protocol.JSON_CONTENT_TYPE:
+            # kombu_rpc's envelope: a server without Plain, refusing the plain request
+            return protocol.parse_reply(protocol.decode(message))
         return self._parse(_body_text(message, RemoteError))
 
 

@@ -24,6 +24,7 @@ from kombu_rpc import (
     RPCServer,
     SerializationError,
 )
+from kombu_rpc.testing import running_server
 
 from .conftest import RawClient
 
@@ -176,6 +177,28 @@ def test_plain_between_kombu_rpc_peers_on_every_broker(
     # Text that is not JSON arrives as text
     with pytest.raises(RemoteError, match="'<' not supported between instances of 'str' and 'int'"):
         proxy.fib("thirty")
+
+
+def test_a_format_mismatch_is_an_error_that_names_plain(
+    broker_url: str,
+    serve: Callable[..., RPCServer],
+    proxies: Callable[..., RPCProxy],
+    fib_registry: Registry,
+    queue_name: str,
+) -> None:
+    # A plain proxy calling a server of kombu_rpc's envelope: the server's refusal
+    # comes back as an error, not as the result
+    serve(registry=fib_registry)
+    with pytest.raises(RemoteError) as refused:
+        proxies(codec=Plain()).fib(10)
+    assert isinstance(refused.value, MalformedRequest), refused.value
+    # An envelope proxy calling a plain server: the reply cannot be read, and says why
+    plain_queue = f"{queue_name}.plain"
+    with running_server(fib_registry, broker_url, plain_queue, codec=Plain("fib")):  # deletes its queue
+        with pytest.raises(
+            RemoteError, match=r"plain format: call it with RPCProxy\(\.\.\., codec=Plain\(\)\)"
+        ):
+            proxies(queue=plain_queue).fib(10)
 
 
 def test_plain_replies_and_refusals_are_text(
