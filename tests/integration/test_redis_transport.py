@@ -18,7 +18,7 @@ from kombu.transport import redis as kombu_redis
 
 from kombu_rpc import RPCProxy, RPCServer, RPCTimeout
 from kombu_rpc.connection import connect, safe_uri
-from kombu_rpc.testing import make_registry, running_server, unique_queue_name
+from kombu_rpc.testing import make_registry, unique_queue_name
 from kombu_rpc.topology import new_id
 from kombu_rpc.transports import redis as redis_transport
 
@@ -381,26 +381,3 @@ def test_stopped_servers_leave_no_control_queue(redis_url: str, admin: redis.Red
             pass
     left = [server.server_id for server in servers if admin.exists(f"kombu_rpc.server.{server.server_id}")]
     assert left == []
-
-
-def test_a_reply_after_its_proxy_closed_expires(redis_url: str, admin: redis.Redis, gate: Any) -> None:
-    from kombu_rpc.transports.redis import REPLY_RETENTION
-
-    queue = unique_queue_name()
-    held = threading.Event()
-
-    def hold() -> int:
-        held.set()
-        gate.released.wait(10)
-        return 1
-
-    with running_server({"hold": hold}, redis_url, queue, concurrency=2):
-        proxy = RPCProxy(redis_url, queue=queue, timeout=10)
-        proxy.hold.call_async()
-        assert held.wait(10)
-        reply_queue = proxy.reply_queue
-        proxy.close()
-        gate.released.set()
-        assert wait_until(lambda: admin.exists(reply_queue) == 1)  # the late reply
-    assert 0 < admin.pttl(reply_queue) <= REPLY_RETENTION * 1000
-    admin.delete(reply_queue)
