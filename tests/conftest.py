@@ -81,9 +81,13 @@ amqp_url = pytest.fixture(checked_broker, name="amqp_url")
 
 
 @pytest.fixture
-def queue_name() -> str:
-    """A request queue name no other test uses."""
-    return unique_queue_name()
+def queue_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A request queue name no other test uses; on a real broker the queue is deleted
+    after the test (servers never delete theirs)."""
+    name = unique_queue_name()
+    yield name
+    if "broker_url" in request.fixturenames:
+        delete_queue(request.getfixturevalue("broker_url"), name)
 
 
 class Gate:
@@ -174,7 +178,11 @@ ServeFactory = Callable[..., AbstractContextManager[RPCServer]]
 
 
 @pytest.fixture
-def servers(gate: Gate, broker_url: str, queue_name: str) -> Iterator[ExitStack]:
+def servers(
+    gate: Gate, broker_url: str, queue_name: str, proxies: Callable[..., RPCProxy]
+) -> Iterator[ExitStack]:
+    # Set up after the proxies, so torn down before them: the replies of held calls
+    # reach proxies still open (a reply to a closed proxy's queue would make it again)
     with ExitStack() as stack:
         yield stack
         gate.released.set()  # let held calls finish so the servers stop at once
@@ -264,3 +272,28 @@ def log_waiter() -> Iterator[Callable[[str], LogWaiter]]:
     for waiter in added:
         logger.removeHandler(waiter)
     logger.setLevel(old_level)
+
+
+# -- the shared brokers: left connected and clean (KOMBU_RPC_CHECK_SHARED_BROKERS=1) ----
+
+_WATCH = pytest.StashKey[Any]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("KOMBU_RPC_CHECK_SHARED_BROKERS") == "1":
+        from .shared_brokers import Watch
+
+        session.stash[_WATCH] = Watch.start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    watch = session.stash.get(_WATCH, None)
+    if watch is None:
+        return
+    problems = watch.finish()
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for problem in problems:
+            if reporter is not None:
+                reporter.write_line(f"shared brokers: {problem}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
