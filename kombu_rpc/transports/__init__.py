@@ -19,10 +19,10 @@ kinds:
 kombu_rpc's own transports (:mod:`~kombu_rpc.transports.amqp`,
 :mod:`~kombu_rpc.transports.redis`, :mod:`~kombu_rpc.transports.memory`) are
 subclasses of kombu's that are faster on a call's hot path;
-:mod:`~kombu_rpc.transports.filesystem` is one that does not lose messages. They override private
-kombu and py-amqp methods, so each is imported only when its URL is used, checks at
-import that those internals are there and behave as it expects, and if not, kombu's
-own transport is used instead, with one warning. Setting the environment variable
+:mod:`~kombu_rpc.transports.filesystem` is one that does not lose messages. They
+override private kombu and py-amqp methods, so each is imported only when its URL is
+used, checks at import that those internals are there and behave as it expects, and
+if not, kombu's own transport is used instead, with one warning. Setting the environment variable
 :data:`FAST_TRANSPORTS_ENV` to ``0`` always uses kombu's own transports.
 """
 
@@ -63,13 +63,15 @@ FAST_TRANSPORTS_ENV = "KOMBU_RPC_FAST_TRANSPORTS"
 POLLING_INTERVAL = 0.05
 #: Longest time a ``redis`` command may block before its connection counts as lost,
 #: unless the connection sets ``socket_timeout``: without one, redis-py waits forever
-#: on a half-open connection (a stalled broker).
+#: on a half-open connection (a stalled broker). The same as a publish's limit,
+#: :data:`kombu_rpc.connection.PUBLISH_TIMEOUT`.
 REDIS_SOCKET_TIMEOUT = 10.0
+#: Longest time connecting to Redis may take, unless ``socket_connect_timeout`` is set.
 REDIS_CONNECT_TIMEOUT = 5.0
 
 
 class Kind(str, enum.Enum):
-    """How kombu_rpc drives a transport (see the module's table)."""
+    """How kombu_rpc drives a transport (see the module's list)."""
 
     AMQP = "amqp"
     REDIS = "redis"
@@ -106,9 +108,9 @@ _checked: dict[str, ModuleType | None] = {}
 
 def fast_module(name: str) -> ModuleType | None:
     """kombu_rpc's transport module ``name`` (``"amqp"``, ``"redis"``, ``"memory"`` or
-    ``"filesystem"``),
-    or ``None`` if :data:`FAST_TRANSPORTS_ENV` turns them off or the module's check of
-    the kombu internals it relies on failed (warned about once per process)."""
+    ``"filesystem"``), or ``None`` if :data:`FAST_TRANSPORTS_ENV` turns them off or the
+    module's check of the kombu internals it relies on failed (warned about once per
+    process)."""
     if os.environ.get(FAST_TRANSPORTS_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
         return None
     if name not in _checked:
@@ -217,11 +219,14 @@ class PollingConnection(Connection):  # type: ignore[misc]
     polling_interval: float = POLLING_INTERVAL
 
     def create_transport(self) -> Any:
+        """kombu's transport for this connection, polling every :attr:`polling_interval`."""
         transport = super().create_transport()
         transport.polling_interval = self.polling_interval
         return transport
 
     def clone(self, **kwargs: Any) -> Connection:
+        """kombu's clone, polling as often (a pickled copy polls every
+        :data:`POLLING_INTERVAL`)."""
         conn = super().clone(**kwargs)
         conn.polling_interval = self.polling_interval
         return conn
