@@ -274,13 +274,16 @@ def log_waiter() -> Iterator[Callable[[str], LogWaiter]]:
     logger.setLevel(old_level)
 
 
-# -- the shared brokers: left connected and clean (KOMBU_RPC_CHECK_SHARED_BROKERS=1) ----
+# -- the shared brokers: left connected (and clean) -------------------------------------
+# KOMBU_RPC_CHECK_SHARED_BROKERS=canary: canary connections must survive the run (CI);
+# =1: and the run must leave nothing of its own behind (see tests/shared_brokers.py).
 
 _WATCH = pytest.StashKey[Any]()
+_CHECK = os.environ.get("KOMBU_RPC_CHECK_SHARED_BROKERS", "")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if os.environ.get("KOMBU_RPC_CHECK_SHARED_BROKERS") == "1":
+    if _CHECK in ("1", "canary"):
         from .shared_brokers import Watch
 
         session.stash[_WATCH] = Watch.start()
@@ -290,7 +293,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     watch = session.stash.get(_WATCH, None)
     if watch is None:
         return
-    problems = watch.finish()
+    problems = watch.finish(leftovers=_CHECK == "1")
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         for problem in problems:

@@ -4,9 +4,10 @@
 :class:`Watch` opens a canary connection to each shared broker and lists the queues,
 exchanges and keys named like the suite's own before the run; after it, the canaries
 must still be the same, unbroken connections, and nothing new named like the suite's
-may remain. ``tests/conftest.py`` runs it when ``KOMBU_RPC_CHECK_SHARED_BROKERS=1`` (as
-CI sets it): the brokers must then be the suite's alone, or another program's queues
-named ``test.*`` could be taken for leftovers.
+may remain. ``tests/conftest.py`` checks the canaries when
+``KOMBU_RPC_CHECK_SHARED_BROKERS`` is ``canary`` (as CI sets it), and the leftovers too
+when it is ``1``: the brokers must then be the suite's alone, or another program's
+queues named ``test.*`` could be taken for leftovers.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class Watch:
             "RabbitMQ exchange": rabbit_names("list_exchanges"),
         }
 
-    def finish(self) -> list[str]:
-        """What is wrong after the run: canaries cut, or the suite's names left behind
-        (a Redis key with a time to live is not left behind: it expires)."""
+    def finish(self, leftovers: bool = True) -> list[str]:
+        """What is wrong after the run: canaries cut, or (with ``leftovers``) the
+        suite's names left behind (a Redis key with a time to live is not left behind:
+        it expires)."""
         problems = []
         try:
             channel = self.amqp.channel()
@@ -80,7 +82,7 @@ class Watch:
                 problems.append("the canary connection to Redis was cut (it came back as another client)")
         except redis.RedisError as exc:
             problems.append(f"the canary connection to Redis was cut: {exc!r}")
-        for kind, names in self.names().items():
+        for kind, names in (self.names() if leftovers else {}).items():
             before = self.before.get(kind)
             if names is None or before is None:
                 continue
@@ -89,6 +91,9 @@ class Watch:
                 left = [key for key in left if self.redis.pttl(key) == -1]
             if left:
                 problems.append(f"{len(left)} {kind}(s) left behind: {', '.join(left[:20])}")
-        self.amqp.close()
-        self.redis.close()
+        for close in (self.amqp.close, self.redis.close):
+            try:
+                close()
+            except Exception:  # a cut canary, reported above
+                pass
         return problems
