@@ -27,6 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
 
+from .connection import BROKER_URL_ENV
 from .errors import ConfigurationError, RemoteError, RPCError
 from .topology import DEFAULT_QUEUE
 
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
     from .registry import Registry
     from .server import RPCServer
 
-#: Environment variable holding the default broker URL.
-BROKER_ENV = "KOMBU_RPC_BROKER_URL"
 #: Exit status of a command interrupted by Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED = 128 + signal.SIGINT
 
@@ -88,10 +87,10 @@ def _one_line(text: str) -> str:
 
 
 def _broker(args: argparse.Namespace, fallback: str | None = None) -> str:
-    url: str | None = args.broker or os.environ.get(BROKER_ENV) or fallback
+    url: str | None = args.broker or os.environ.get(BROKER_URL_ENV) or fallback
     if not url:
         raise UsageError(
-            f"a broker is needed: pass --broker URL or set {BROKER_ENV} "
+            f"a broker is needed: pass --broker URL or set {BROKER_URL_ENV} "
             "(for example amqp://guest:guest@127.0.0.1//)"
         )
     if fallback is None and url.partition(":")[0].strip().lower() == "memory":
@@ -474,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help, description=help, epilog=_EXAMPLES[name], formatter_class=formatter
         )
-        sub.add_argument("-b", "--broker", metavar="URL", help=f"broker URL (default: ${BROKER_ENV})")
+        sub.add_argument("-b", "--broker", metavar="URL", help=f"broker URL (default: ${BROKER_URL_ENV})")
         sub.add_argument(
             "-v",
             "--verbose",

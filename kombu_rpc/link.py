@@ -599,15 +599,24 @@ class PollingLink(_Link):
     def _read(self, timeout: float) -> None:
         if self._broken is not None:
             return
-        interval = getattr(self._conn.transport, "polling_interval", None)
         try:
-            self._conn.drain_events(timeout=timeout if interval is None else min(timeout, interval))
+            self._conn.drain_events(timeout=self._drain_timeout(timeout))
         except TimeoutError:
             pass
-        except Exception as exc:
+        except self._lost_errors() as exc:
             if self._broken is None and not self._closing:
                 logger.warning("the proxy lost its reply connection (%s); reconnecting", exc)
             self._broken = exc  # the leader leaves next, waking the link's thread
+
+    def _drain_timeout(self, timeout: float) -> float:
+        """What to ask of ``drain_events`` for a read of at most ``timeout`` seconds:
+        no more than one polling interval."""
+        interval = getattr(self._conn.transport, "polling_interval", None)
+        return timeout if interval is None else min(timeout, interval)
+
+    def _lost_errors(self) -> tuple[type[BaseException], ...]:
+        """The errors of a read that count as a lost connection: any."""
+        return (Exception,)
 
     def _wake(self) -> None:
         """Nothing to do: a read ends within one polling interval."""
@@ -676,24 +685,19 @@ class RedisLink(PollingLink):
             except TimeoutError:
                 pass
 
-    def _read(self, timeout: float) -> None:
-        """Read for at most ``timeout`` seconds, as a rule for half of it.
+    def _drain_timeout(self, timeout: float) -> float:
+        """Half of ``timeout``, down to a last read of :data:`SHORT_READ`.
 
         kombu's Redis ``drain_events(timeout)`` waits again for the whole ``timeout``
         when a BRPOP ended without a message (every ``brpop_timeout``), so a read can
         last up to twice its timeout: asking for half keeps it within the caller's
-        deadline, down to a last read of :data:`SHORT_READ`.
+        deadline.
         """
-        if self._broken is not None:
-            return
-        try:
-            self._conn.drain_events(timeout=timeout / 2 if timeout > SHORT_READ else timeout)
-        except TimeoutError:
-            pass
-        except (*self._conn.connection_errors, *self._conn.channel_errors) as exc:
-            if self._broken is None and not self._closing:
-                logger.warning("the proxy lost its reply connection (%s); reconnecting", exc)
-            self._broken = exc  # the leader leaves next, waking the link's thread
+        return timeout / 2 if timeout > SHORT_READ else timeout
+
+    def _lost_errors(self) -> tuple[type[BaseException], ...]:
+        """The errors of a read that count as a lost connection: the transport's."""
+        return (*self._conn.connection_errors, *self._conn.channel_errors)
 
     def _wake(self) -> None:
         """Push a wake-up message to the reply queue, if someone reads it (best effort)."""
