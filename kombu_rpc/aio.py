@@ -85,6 +85,8 @@ class AsyncRPCProxy:
         codec: As for :class:`~kombu_rpc.proxy.RPCProxy`: the wire format.
         direct_reply_to: As for :class:`~kombu_rpc.proxy.RPCProxy`: RabbitMQ's direct
             reply-to instead of a reply queue.
+        retry: As for :class:`~kombu_rpc.proxy.RPCProxy`: the calls are safe to run
+            twice, so a call whose reply was lost with a connection is sent again.
 
     Raises:
         ConfigurationError: An argument is invalid (nothing is connected yet).
@@ -110,14 +112,25 @@ class AsyncRPCProxy:
         confirm_publish: bool = True,
         secret: str | bytes | None = None,
         codec: Codec | None = None,
+        direct_reply_to: bool = False,
+        retry: bool = False,
     ) -> None:
         self._sync = RPCProxy(
-            broker, queue, timeout, serializer, retry_policy, confirm_publish, secret, codec
+            broker,
+            queue=queue,
+            timeout=timeout,
+            serializer=serializer,
+            retry_policy=retry_policy,
+            confirm_publish=confirm_publish,
+            secret=secret,
+            codec=codec,
+            direct_reply_to=direct_reply_to,
+            retry=retry,
         )
         self._sender = _Sender()
         self._owner = True
 
-    def options(self, *, timeout: float | None = _UNSET) -> AsyncRPCProxy:
+    def options(self, *, timeout: float | None = _UNSET, retry: bool = _UNSET) -> AsyncRPCProxy:
         """Return a view of this proxy with per-call options overridden.
 
         The view shares the reply queue, the connections and the worker thread; it is
@@ -126,12 +139,14 @@ class AsyncRPCProxy:
         Args:
             timeout: Seconds to wait for each reply (``None``: wait forever). Omit to
                 keep this proxy's timeout.
+            retry: Whether the calls are safe to run twice. Omit to keep this proxy's.
 
         Raises:
-            ConfigurationError: ``timeout`` is not a positive number or ``None``.
+            ConfigurationError: ``timeout`` is not a positive number or ``None``, or
+                ``retry`` not a bool.
         """
         view = object.__new__(AsyncRPCProxy)
-        view._sync = self._sync.options(timeout=timeout)
+        view._sync = self._sync.options(timeout=timeout, retry=retry)
         view._sender = self._sender
         view._owner = False
         return view

@@ -68,6 +68,7 @@ class _Pending:
     timeout: float | None
     span: Any = None  # the call's OpenTelemetry span, ended before the future completes
     queue: str = ""  # where its request went
+    job: _Outgoing | None = None  # its request (AMQP: published again after a lost reply queue)
 
     def resolve(self, result: Any) -> None:
         context.end_span(self.span)
@@ -145,6 +146,15 @@ class _Outgoing:
     correlation_id: str | None = None
     sent: Future[None] | None = field(default=None)
     exchange: Exchange | None = None  # None: the default exchange, routed by queue name
+    #: The caller marked the call safe to run twice (``retry=True``): published again
+    #: when its reply can no longer arrive.
+    retry: bool = False
+    #: The key it is signed with, to sign it again for a new reply queue.
+    secret: bytes | None = None
+    #: Written to a connection (AMQP), which may have handed it to a server.
+    written: bool = False
+    #: Times the broker refused it (AMQP nacks).
+    nacks: int = 0
 
     def claim(self, pending: PendingCalls) -> bool:
         """True if the request should still be published now."""
@@ -173,6 +183,23 @@ class _Outgoing:
             "timeout": self.publish_timeout(),
             **self.properties,
         }
+
+    def readdress(self, reply_to: str) -> None:
+        """Have the reply go to ``reply_to`` (a new reply queue), signed again if signed."""
+        self.properties = {**self.properties, "reply_to": reply_to}
+        if self.secret is not None:
+            assert self.correlation_id is not None
+            self.headers = {
+                **self.headers,
+                **protocol.signature_headers(
+                    self.secret,
+                    "request",
+                    self.encoded,
+                    self.correlation_id,
+                    reply_to,
+                    self.headers.get(protocol.DEADLINE_HEADER),
+                ),
+            }
 
     def publish_timeout(self) -> float:
         """How long publishing may block: until the deadline, at most PUBLISH_TIMEOUT."""
@@ -236,13 +263,19 @@ class PendingCalls:
         self._watcher: threading.Thread | None = None
 
     def add(
-        self, correlation_id: str, method: str, timeout: float | None, span: Any = None, queue: str = ""
+        self,
+        correlation_id: str,
+        method: str,
+        timeout: float | None,
+        span: Any = None,
+        queue: str = "",
+        job: _Outgoing | None = None,
     ) -> Future[Any]:
         """Register a call before its request is published; returns its future."""
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # a sent request cannot be cancelled
         with self._cond:
-            self._calls[correlation_id] = _Pending(future, method, timeout, span, queue)
+            self._calls[correlation_id] = _Pending(future, method, timeout, span, queue, job)
             if timeout is not None:
                 deadline = monotonic() + timeout
                 if len(self._deadlines) > 2 * len(self._calls) + 1024:
@@ -279,6 +312,32 @@ class PendingCalls:
         for pending in calls.values():
             pending.reject(exc_factory(f"{message} (call to {pending.method!r})"))
         return [(pending.queue, cid) for cid, pending in calls.items()]
+
+    def lose_replies(self) -> list[_Outgoing]:
+        """The reply queue is gone (AMQP, with its connection): fail each call whose
+        request was written, as it may have run, unless marked ``retry``; return the
+        requests of those to publish again."""
+        again: list[_Outgoing] = []
+        lost: list[_Pending] = []
+        with self._cond:
+            for cid, pending in list(self._calls.items()):
+                job = pending.job
+                if job is None or not job.written:
+                    continue  # not sent yet: it goes to the new reply queue
+                job.written = False
+                if job.retry:
+                    again.append(job)
+                else:
+                    lost.append(self._calls.pop(cid))
+        for pending in lost:
+            pending.reject(
+                ConnectionLostError(
+                    f"the connection to the broker was lost while call {pending.method!r} was in "
+                    "flight; its reply can no longer arrive, and the request may have run "
+                    "(pass retry=True for calls safe to run twice)"
+                )
+            )
+        return again
 
     def close(self) -> None:
         """Stop the deadline thread (pending calls are left to :meth:`fail_all`)."""
@@ -365,14 +424,14 @@ class Client:
         (the parent's threads did not survive the fork, and on AMQP its exclusive reply
         queue belongs to the parent's connection)."""
         self._pid = os.getpid()
-        self.reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
+        reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
         self._pending = PendingCalls(self._withdraw if self._kind is Kind.REDIS else None)
         self._lock = threading.Lock()  # guards starting and closing
         self._link: AmqpLink | MemoryLink | PollingLink
         self._link_started = False
         link_args = (
             self._connection,
-            self.reply_queue,
+            reply_queue,
             self._retry_policy,
             self._pending,
             self._on_reply,
@@ -393,6 +452,12 @@ class Client:
         self._inline_lock = threading.Lock()
 
     @property
+    def reply_queue(self) -> str:
+        """The reply queue's name. On AMQP a new one replaces it after a lost
+        connection: the old one went with the connection."""
+        return self._link.reply_queue
+
+    @property
     def _threaded(self) -> bool:
         """True if requests go through the publisher thread (a publish may block past
         a caller's deadline: Redis and polling transports), not through the AMQP link
@@ -409,13 +474,16 @@ class Client:
         kwargs: dict[str, Any],
         timeout: float | None,
         attended: bool = False,
+        retry: bool = False,
     ) -> Future[Any]:
         """Send a request (or queue it for publishing) and return the future of its result.
 
         The future fails with :class:`RPCTimeout` at the deadline even if the request
         could not be published by then (a stalled connection), and with
-        :class:`NoServerError` or :class:`ConnectionLostError` if publishing failed.
-        ``attended``: the caller goes on to wait in :meth:`wait`.
+        :class:`NoServerError` or :class:`ConnectionLostError` if publishing failed,
+        or if the reply can no longer arrive (on AMQP, the connection was lost) and
+        not ``retry``. ``retry``: the call is safe to run twice, so it is published
+        again instead. ``attended``: the caller goes on to wait in :meth:`wait`.
         """
         correlation_id = new_id()
         with context.client_span(method, queue, correlation_id) as span:
@@ -427,10 +495,13 @@ class Client:
             except BaseException as exc:
                 context.end_span(span, exc)
                 raise
-        future = self._pending.add(correlation_id, method, timeout, span, queue)
         properties = {"reply_to": self.reply_queue, "correlation_id": correlation_id, "expiration": timeout}
         deadline = None if timeout is None else monotonic() + timeout
-        self._submit(_Outgoing(encoded, queue, headers, properties, deadline, correlation_id), attended)
+        job = _Outgoing(
+            encoded, queue, headers, properties, deadline, correlation_id, retry=retry, secret=self._secret
+        )
+        future = self._pending.add(correlation_id, method, timeout, span, queue, job)
+        self._submit(job, attended)
         return future
 
     def wait(self, future: Future[Any], timeout: float | None) -> None:

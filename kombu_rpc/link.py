@@ -38,7 +38,7 @@ from kombu.exceptions import OperationalError
 from .connection import reconnect, take_confirmed
 from .errors import ConnectionLostError, NoServerError
 from .protocol import WAKE_HEADERS, WAKE_UP
-from .topology import DIRECT_REPLY_TO, discard_queue, private_queue
+from .topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 from .transports import unread
 
 if TYPE_CHECKING:
@@ -54,6 +54,9 @@ FRAME_WAIT = 1.0
 STOP_WAIT = 10.0
 #: A Redis read this short is made whole (see ``RedisLink._read``).
 SHORT_READ = 0.02
+#: Times a request refused by the broker (nacked) is published again, and nacks in a
+#: row after which the link reconnects.
+NACK_LIMIT = 3
 
 
 class _Closed(Exception):
@@ -104,7 +107,8 @@ class _Link:
         accept: set[str],
     ) -> None:
         self._conn = connection.clone()
-        self._reply_queue = reply_queue
+        #: The reply queue's name (on AMQP, a new one after each lost connection).
+        self.reply_queue = reply_queue
         self._retry_policy = retry_policy
         self._pending = pending
         self._on_reply = on_reply
@@ -178,7 +182,7 @@ class _Link:
         return self._waiting > 0 or self._has_work()
 
     def _consume(self, channel: Any) -> None:
-        self._consumer = consume_replies(channel, self._reply_queue, self._on_reply, self._accept)
+        self._consumer = consume_replies(channel, self.reply_queue, self._on_reply, self._accept)
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kombu_rpc-link", daemon=True)
@@ -273,7 +277,8 @@ class AmqpLink(_Link):
         self._producer: Producer | None = None
         self._tag = 0  # delivery tag of the last request published on this channel
         self._unconfirmed: dict[int, _Outgoing] = {}
-        self._unsent: list[_Outgoing] = []  # publishes a lost connection interrupted
+        self._unsent: list[_Outgoing] = []  # to publish after a reconnect
+        self._nacks = 0  # nacks since the last ack
         self._wake_r: socket.socket  # made by start()
         self._wake_w: socket.socket
 
@@ -307,7 +312,7 @@ class AmqpLink(_Link):
             if consumer is not None and self._broken is None:
                 try:
                     consumer.cancel()
-                    if self._reply_queue != DIRECT_REPLY_TO:
+                    if self.reply_queue != DIRECT_REPLY_TO:
                         for queue in consumer.queues:
                             discard_queue(queue)
                 except (*self._conn.connection_errors, *self._conn.channel_errors, OSError):
@@ -363,6 +368,9 @@ class AmqpLink(_Link):
     def _publish(self, job: _Outgoing) -> None:
         """Publish one claimed request (under the I/O lock)."""
         assert self._producer is not None
+        if job.correlation_id is not None and job.properties.get("reply_to") != self.reply_queue:
+            job.readdress(self.reply_queue)  # encoded before a reconnect renamed the queue
+        job.written = True
         try:
             self._producer.publish(**job.publish_args(self._confirm))
         except self._conn.channel_errors as exc:  # the broker closed the channel
@@ -370,6 +378,7 @@ class AmqpLink(_Link):
             self._lose(exc)
             return
         except (*self._conn.connection_errors, OperationalError, OSError) as exc:
+            job.written = False  # a frame cut short: the broker drops it
             self._unsent.append(job)  # published again after the reconnect
             self._lose(exc)
             return
@@ -380,12 +389,30 @@ class AmqpLink(_Link):
             job.done()
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._nacks = 0
         for job in self._confirmed(delivery_tag, multiple):
             job.done()
 
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        """The broker refused requests (a quorum queue without a leader, a full queue):
+        publish each again, up to :data:`NACK_LIMIT` times. After that many nacks in a
+        row the channel may be one the broker will never take a message on again (it
+        was opened before a new leader was elected): reconnect."""
+        self._nacks += 1
         for job in self._confirmed(delivery_tag, multiple):
-            job.fail(self._pending, ConnectionLostError(f"the broker refused the request to {job.queue!r}"))
+            job.written = False  # refused: no server got it
+            job.nacks += 1
+            if job.nacks > NACK_LIMIT:
+                job.fail(
+                    self._pending,
+                    ConnectionLostError(f"the broker refused the request to {job.queue!r} {job.nacks} times"),
+                )
+            elif self._nacks >= NACK_LIMIT or self._broken is not None:
+                self._unsent.append(job)  # published again after the reconnect
+            elif job.wanted(self._pending):
+                self._publish(job)
+        if self._nacks >= NACK_LIMIT:
+            self._lose(ConnectionLostError(f"the broker refused {self._nacks} requests in a row"))
 
     def _confirmed(self, delivery_tag: int, multiple: bool) -> list[_Outgoing]:
         return take_confirmed(self._unconfirmed, delivery_tag, multiple)
@@ -468,26 +495,38 @@ class AmqpLink(_Link):
                 self._lose(exc)
 
     def _recover(self) -> None:
-        """Reconnect (until closed), consume the reply queue again, and publish again
-        the requests that were not confirmed or not sent, if their callers still wait.
+        """Reconnect (until closed) under a new reply queue, and publish again what
+        has to go again.
 
-        Replies to calls confirmed before the loss arrive only if the reply queue
-        outlived the connection; the others end in RPCTimeout at their deadline.
+        The reply queue went with the connection (it is exclusive), and on a cluster
+        its name may stay locked by a dead node's record: a new name replaces it. So a
+        call whose request was written on the lost connection can get no reply: it
+        fails at once with :class:`ConnectionLostError` (the request may have run),
+        unless it was made with ``retry``; then it is published again, as are
+        requests never written or refused (nacked), and casts and broadcasts the
+        broker had not confirmed, while their callers wait.
         """
         with self._io:
             # Kept in _unsent until the channel is open again: a failed attempt (or
             # _Closed) loses none of them.
-            self._unsent = [*self._unconfirmed.values(), *self._unsent]
-            self._unconfirmed = {}
+            unconfirmed, self._unconfirmed = list(self._unconfirmed.values()), {}
+            self._unsent = [
+                *(job for job in unconfirmed if job.correlation_id is None),
+                *self._pending.lose_replies(),
+                *self._unsent,
+            ]
+            self.wake_waiters()
             delay = 0.0
             while True:
                 try:
                     reconnect(self._conn, self._retry_policy, self._check_closing)
+                    if self.reply_queue != DIRECT_REPLY_TO:
+                        self.reply_queue = REPLY_QUEUE_TEMPLATE.format(uid=new_id())
                     self._open()
                     break
                 except (*self._conn.connection_errors, *self._conn.channel_errors) as again:
-                    # a channel error: the reply queue still locked or gone on a cluster
-                    # whose node just died (405, 404); it settles within moments
+                    # a channel error: a queue still locked or gone on a cluster whose
+                    # node just died (405, 404); it settles within moments
                     delay = min(max(0.1, 2 * delay), self._retry_policy["interval_max"])
                     logger.warning(
                         "the proxy cannot open its channel again (%s); retrying in %.1fs", again, delay
@@ -497,12 +536,13 @@ class AmqpLink(_Link):
                             raise _Closed() from None
             resend, self._unsent = self._unsent, []
             self._broken = None
+            self._nacks = 0
             logger.info("the proxy reconnected; publishing %d request(s) again", len(resend))
             for job in resend:
-                if job.wanted(self._pending) and self._broken is None:
-                    self._publish(job)
-                elif self._broken is not None:
+                if self._broken is not None:
                     self._unsent.append(job)
+                elif job.wanted(self._pending):
+                    self._publish(job)
 
 
 class MemoryLink(_Link):
@@ -586,7 +626,7 @@ class PollingLink(_Link):
                 for queue in consumer.queues:
                     discard_queue(queue)
             except Exception as exc:  # the connection is gone: nothing left to clean up
-                logger.debug("could not delete the reply queue %s: %s", self._reply_queue, exc)
+                logger.debug("could not delete the reply queue %s: %s", self.reply_queue, exc)
         try:
             self._conn.release()
         except Exception as exc:
@@ -713,7 +753,7 @@ class RedisLink(PollingLink):
         (a publish does not use the connection the reads wait on)."""
         Producer(channel, auto_declare=False).publish(
             WAKE_UP.payload,
-            routing_key=self._reply_queue,
+            routing_key=self.reply_queue,
             headers=dict(WAKE_HEADERS),
             content_type=WAKE_UP.content_type,
             content_encoding=WAKE_UP.content_encoding,

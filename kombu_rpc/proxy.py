@@ -22,6 +22,12 @@ _GUARD = 1.0
 logger = logging.getLogger(__name__)
 
 
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _check_timeout(timeout: object) -> float | None:
     if timeout is None:
         return None
@@ -57,6 +63,11 @@ class RPCProxy:
         direct_reply_to: On RabbitMQ, receive replies through RabbitMQ's direct
             reply-to (``amq.rabbitmq.reply-to``) instead of a reply queue of the
             proxy's own; see :doc:`/performance` for when it pays off.
+        retry: The calls are safe to run twice. On RabbitMQ a lost connection
+            takes the reply queue with it: a call in flight then fails at once with
+            :class:`~kombu_rpc.errors.ConnectionLostError` (its request may have
+            run), unless ``retry``, when its request is published again. See
+            :doc:`/reliability`.
 
     Example:
         >>> with RPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
@@ -80,9 +91,11 @@ class RPCProxy:
         secret: str | bytes | None = None,
         codec: Codec | None = None,
         direct_reply_to: bool = False,
+        retry: bool = False,
     ) -> None:
         self._queue = check_queue_name(queue)
         self._timeout = _check_timeout(timeout)
+        self._retry = _check_flag("retry", retry)
         protocol.check_serializer(serializer)
         self._client = Client(
             connect(broker),
@@ -105,7 +118,7 @@ class RPCProxy:
 
         return proxy_from_celery(app, **kwargs)
 
-    def options(self, *, timeout: float | None = _UNSET) -> RPCProxy:
+    def options(self, *, timeout: float | None = _UNSET, retry: bool = _UNSET) -> RPCProxy:
         """Return a view of this proxy with per-call options overridden.
 
         The view shares the reply queue and connections; it is closed with this proxy.
@@ -113,10 +126,13 @@ class RPCProxy:
         Args:
             timeout: Seconds to wait for each reply (``None``: wait forever). Omit to
                 keep this proxy's timeout.
+            retry: Whether the calls are safe to run twice (see :class:`RPCProxy`).
+                Omit to keep this proxy's.
         """
         view = object.__new__(RPCProxy)
         view._queue = self._queue
         view._timeout = self._timeout if timeout is _UNSET else _check_timeout(timeout)
+        view._retry = self._retry if retry is _UNSET else _check_flag("retry", retry)
         view._client = self._client
         view._owner = False
         return view
@@ -193,7 +209,9 @@ class MethodProxy:
         proxy = self._proxy
         timeout = proxy._timeout
         client = proxy._client
-        future = client.call(proxy._queue, self._checked_name(), args, kwargs, timeout, attended=True)
+        future = client.call(
+            proxy._queue, self._checked_name(), args, kwargs, timeout, attended=True, retry=proxy._retry
+        )
         # This thread reads replies until the call's deadline, when the client fails
         # the call; waiting a little longer for that is a guard against a hang.
         client.wait(future, timeout)
@@ -216,7 +234,9 @@ class MethodProxy:
         nobody waits on it. It cannot be cancelled: the request is already sent.
         """
         proxy = self._proxy
-        return proxy._client.call(proxy._queue, self._checked_name(), args, kwargs, proxy._timeout)
+        return proxy._client.call(
+            proxy._queue, self._checked_name(), args, kwargs, proxy._timeout, retry=proxy._retry
+        )
 
     def cast(self, *args: Any, **kwargs: Any) -> None:
         """Send the call without asking for a reply (fire and forget); returns ``None``.

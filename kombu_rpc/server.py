@@ -67,6 +67,12 @@ IDLE_WAIT = 1.0
 #: while calls are in flight, the loop polls with a wait that starts at ``_POLL_MIN``
 #: and doubles up to ``_POLL_MAX``.
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
+#: On AMQP, seconds after (re)consuming when the server first checks that its queues
+#: still exist (a cluster deletes a dead node's queues moments after a client declared
+#: them again), then four times as long after each check, up to ``_VERIFY_MAX``.
+_VERIFY_FIRST, _VERIFY_MAX = 0.5, 30.0
+#: Values of ``queue_type``.
+QUEUE_TYPES = ("classic", "quorum")
 
 
 @dataclass(frozen=True)
@@ -103,10 +109,13 @@ class RPCServer:
             larger one is rejected with a ``MessageTooLarge`` error reply. ``None``
             disables the check.
         durable: Declare the request queue durable (it survives a broker restart).
+        queue_type: ``"classic"`` or ``"quorum"``: on RabbitMQ, a quorum request queue
+            is replicated over the cluster's nodes and survives the loss of any
+            minority of them (see :doc:`/reliability`); it is durable. Other brokers
+            ignore it, so the same settings run on memory:// in tests.
         queue_arguments: Broker arguments for declaring the request queue, such as
-            ``{"x-queue-type": "quorum", "x-delivery-limit": 5}`` on RabbitMQ (a
-            quorum queue needs ``durable=True``; its delivery limit drops, or
-            dead-letters, a request that keeps being redelivered).
+            ``{"x-delivery-limit": 5}`` for a quorum queue on RabbitMQ (its delivery
+            limit drops, or dead-letters, a request that keeps being redelivered).
         retry_policy: Overrides for the first connect and for publishing replies
             (keys of :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`). Once
             serving, a lost connection is retried until :meth:`stop`.
@@ -140,6 +149,7 @@ class RPCServer:
         send_tracebacks: bool = True,
         max_message_size: int | None = 10 * 1024 * 1024,
         durable: bool = False,
+        queue_type: str = "classic",
         queue_arguments: dict[str, Any] | None = None,
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
@@ -161,7 +171,20 @@ class RPCServer:
         if max_message_size is not None:
             _check_positive_int("max_message_size", max_message_size, or_none=True)
         self.max_message_size = max_message_size
+        if queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(f"queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
+        if queue_arguments is not None and not isinstance(queue_arguments, dict):
+            raise ConfigurationError(f"queue_arguments must be a dict or None, got {queue_arguments!r}")
+        declared_type = (queue_arguments or {}).get("x-queue-type", queue_type)
+        if queue_type == "quorum" and declared_type != "quorum":
+            raise ConfigurationError(
+                f"queue_type='quorum' contradicts queue_arguments' x-queue-type {declared_type!r}"
+            )
+        if declared_type == "quorum":  # RabbitMQ refuses a quorum queue that is not durable
+            queue_type, durable = "quorum", True
+            queue_arguments = {**(queue_arguments or {}), "x-queue-type": "quorum"}
         self.durable = durable
+        self.queue_type = queue_type
         self.queue_arguments = queue_arguments
         self.confirm_publish = confirm_publish
         self._secret = protocol.secret_bytes(secret)
@@ -410,21 +433,32 @@ class RPCServer:
             ),
             Consumer(channel, [control], on_message=lambda message: None, no_ack=True),
         ]
+        amqp = kind(conn) is Kind.AMQP
+        # After a reconnect on AMQP the server is ready once its queues were seen to
+        # outlast a cluster's cleanup; at its first start, at once.
+        settling = amqp and self._generation > 0
+        verify_every = _VERIFY_FIRST
+        verify_at = monotonic() + verify_every if amqp else None
+        check: Any = None  # the channel of those checks
         try:
             for consumer in consumers:
                 consumer.consume()
-            self._ready.set()
-            self._started.set()
-            logger.info(
-                "server %s consuming %r on %s: %s",
-                self.server_id,
-                self.queue,
-                safe_uri(conn),
-                ", ".join(self.registry.names()),
-            )
+            if not settling:
+                self._report_consuming(conn)
             wait = _POLL_MIN
             heartbeats = conn.supports_heartbeats  # only AMQP has them to check
             while not self._stopping.is_set():
+                if verify_at is not None and monotonic() >= verify_at:
+                    check = check or conn.channel()
+                    for queue in (requests, control, broadcasts):
+                        # a channel error (404) if it is gone: declared again after
+                        # a reconnect, as for a lost connection
+                        check.queue_declare(queue=queue.name, passive=True)
+                    if settling:
+                        settling = False
+                        self._report_consuming(conn)
+                    verify_every = min(4 * verify_every, _VERIFY_MAX)
+                    verify_at = monotonic() + verify_every
                 self._settle()
                 if heartbeats:
                     conn.heartbeat_check()
@@ -445,11 +479,24 @@ class RPCServer:
             self._drain_in_flight()
             self._await_confirms(conn)
         finally:
-            try:
-                channel.close()  # on Redis, a BRPOP in flight gives back what it took
-            except (*self._connection_errors, *conn.channel_errors):
-                pass
+            for used in (check, channel):
+                try:
+                    if used is not None:
+                        used.close()  # on Redis, a BRPOP in flight gives back what it took
+                except (*self._connection_errors, *conn.channel_errors):
+                    pass
             self._discard_own_queues(conn)
+
+    def _report_consuming(self, conn: Connection) -> None:
+        self._ready.set()
+        self._started.set()
+        logger.info(
+            "server %s consuming %r on %s: %s",
+            self.server_id,
+            self.queue,
+            safe_uri(conn),
+            ", ".join(self.registry.names()),
+        )
 
     def _discard_own_queues(self, conn: Connection) -> None:
         """Delete this server's control and broadcast queues (on a channel of their

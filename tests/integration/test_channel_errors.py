@@ -101,3 +101,141 @@ def test_a_proxy_retries_its_reply_queue_and_sends_its_requests_again(
     # Then the proxy gets through the refusals, and each call ends with its own result
     assert [proxy.echo(i) for i in range(5)] == list(range(5))
     assert recovered.seen.wait(20) and refusals == 0
+
+
+def cut(proxy: RPCProxy) -> None:
+    """Drop the proxy's own connection (nobody else's) as a dead broker node would."""
+    link = proxy._client._link
+    assert isinstance(link, link_module.AmqpLink)
+    link._conn.connection.sock.shutdown(2)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["reply-queue", "direct-reply-to"])
+def test_a_call_whose_reply_went_with_the_connection_fails_at_once(
+    serve: Callable[..., RPCServer],
+    proxies: Callable[..., RPCProxy],
+    gate: Any,
+    recorder: Any,
+    direct: bool,
+) -> None:
+    serve(concurrency=2)
+    proxy = proxies(timeout=30, direct_reply_to=direct)
+    before = proxy.reply_queue
+    call = proxy.held.call_async("in flight")
+    gate.wait_entered()
+    # When the proxy's connection drops while the server runs the call, the reply
+    # queue is gone with it: the call fails at once, not at its 30 s timeout
+    cut(proxy)
+    with pytest.raises(ConnectionLostError, match="may have run"):
+        call.result(10)
+    gate.released.set()
+    assert recorder.wait(1) == ["in flight"]  # it did run
+    # And the proxy goes on under a new reply queue name (a dead node's record of the
+    # old one may linger on a cluster)
+    assert proxy.echo("after") == "after"
+    assert (proxy.reply_queue != before) is not direct
+
+
+def test_a_call_marked_retry_is_sent_again_when_its_reply_is_lost(
+    serve: Callable[..., RPCServer], proxies: Callable[..., RPCProxy], gate: Any, recorder: Any
+) -> None:
+    serve(concurrency=2)
+    proxy = proxies(timeout=30)
+    call = proxy.options(retry=True).held.call_async("twice")
+    gate.wait_entered()
+    cut(proxy)
+    gate.released.set()
+    # The request was published again, to the new reply queue, and answered there
+    assert call.result(20) == "twice"
+    assert recorder.wait(2) == ["twice", "twice"]
+
+
+def test_a_request_the_broker_keeps_refusing_is_sent_again_then_fails(
+    proxies: Callable[..., RPCProxy],
+    queue_name: str,
+    admin: Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    log_waiter: Callable[[str], Any],
+) -> None:
+    """A queue that takes no more messages nacks every publish, as a quorum queue
+    without a leader does: the proxy publishes the request again, reconnects after
+    NACK_LIMIT nacks in a row (the channel may be a broken one), and finally fails
+    the call with a clear error, well before its timeout."""
+    channel = admin.channel()
+    Queue(
+        queue_name, channel=channel, queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    ).declare()
+    try:
+        proxy = proxies(timeout=30)
+        nacks: list[int] = []
+        reconnected = log_waiter("the proxy reconnected")
+        link = proxy._client._link
+        assert isinstance(link, link_module.AmqpLink)
+        real_on_nack = link._on_nack
+
+        def counting(delivery_tag: int, multiple: bool) -> None:
+            nacks.append(delivery_tag)
+            real_on_nack(delivery_tag, multiple)
+
+        monkeypatch.setattr(link, "_on_nack", counting)
+        with pytest.raises(ConnectionLostError, match="refused the request .* 4 times"):
+            proxy.echo("refused")
+        assert len(nacks) == link_module.NACK_LIMIT + 1
+        assert reconnected.seen.wait(10)
+    finally:
+        channel.queue_delete(queue_name)
+        channel.close()
+
+
+def test_a_server_notices_its_queue_vanished_without_a_cancel_and_declares_it_again(
+    serve: Callable[..., RPCServer],
+    proxy: RPCProxy,
+    queue_name: str,
+    admin: Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    log_waiter: Callable[[str], Any],
+) -> None:
+    """On a cluster, the survivors of a dead node delete its queues moments after a
+    server declared one again, and its consumer hears nothing: the server checks
+    that its queues still exist, and declares them again if not."""
+    import amqp.channel
+
+    # No consumer-cancel notification reaches this process's consumers
+    monkeypatch.setattr(amqp.channel.Channel, "_on_basic_cancel", lambda self, consumer_tag: None)
+    server = serve()
+    assert proxy.echo("before") == "before"
+    lost = log_waiter("server lost its connection")
+    consuming = log_waiter(f"consuming {queue_name!r}")
+    admin.channel().queue_delete(queue_name)
+    assert lost.seen.wait(40), "the server did not notice its queue was gone"
+    assert consuming.seen.wait(20)
+    assert server.ready
+    assert proxy.echo("after") == "after"
+
+
+def test_quorum_is_a_queue_type(
+    serve: Callable[..., RPCServer], proxy: RPCProxy, queue_name: str, admin: Connection
+) -> None:
+    server = serve(queue_type="quorum", queue_arguments={"x-delivery-limit": 3})
+    assert server.durable and server.queue_arguments == {"x-delivery-limit": 3, "x-queue-type": "quorum"}
+    assert proxy.echo("q") == "q"
+    # The broker has it as a quorum queue: declaring it as a classic one is refused
+    from amqp.exceptions import PreconditionFailed
+
+    with pytest.raises(PreconditionFailed):
+        Queue(queue_name, durable=True, channel=admin.channel()).declare()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"queue_type": "stream"},
+        {"queue_type": "quorum", "queue_arguments": {"x-queue-type": "classic"}},
+        {"queue_arguments": [("x-queue-type", "quorum")]},
+    ],
+)
+def test_bad_queue_types_are_refused(broker_url: str, kwargs: dict[str, Any]) -> None:
+    from kombu_rpc import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="queue_"):
+        RPCServer(broker_url, **kwargs)
