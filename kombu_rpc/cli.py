@@ -204,7 +204,9 @@ def _serve(args: argparse.Namespace) -> int:
     registry = _load_registry(args.module)
     uri = safe_uri(connect(broker))
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = RPCServer(broker, registry=registry, queue=args.queue, concurrency=args.concurrency)
+    server = RPCServer(
+        broker, registry=registry, queue=args.queue, concurrency=args.concurrency, queue_type=args.queue_type
+    )
     print(f"kombu-rpc serving {args.module} on {uri}", flush=True)
     print(f"  queue: {args.queue}  concurrency: {args.concurrency}", flush=True)
     for name in registry.names():
@@ -498,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     queue_option(serve)
     serve.add_argument(
         "-c", "--concurrency", type=_count, metavar="N", default=1, help="calls run at once (default: 1)"
+    )
+    serve.add_argument(
+        "--queue-type",
+        choices=["classic", "quorum"],
+        default="classic",
+        help="RabbitMQ request queue type: quorum replicates it over a cluster (default: classic)",
     )
     serve.add_argument(
         "-l",

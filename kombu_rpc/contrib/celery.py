@@ -93,10 +93,12 @@ SERVER_OPTIONS: tuple[str, ...] = (
     "send_tracebacks",
     "max_message_size",
     "durable",
+    "queue_type",
     "queue_arguments",
     "retry_policy",
     "confirm_publish",
     "secret",
+    "codec",
 )
 
 #: Configuration key that turns the worker's server off when false (default: on).

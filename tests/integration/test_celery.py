@@ -198,8 +198,9 @@ def test_invalid_settings_fail_when_the_worker_is_created(memory_app: Celery) ->
         created_step(memory_app)
 
 
-def test_every_server_option_is_an_rpcserver_argument() -> None:
-    assert set(SERVER_OPTIONS) <= set(inspect.signature(RPCServer).parameters)
+def test_every_server_option_is_an_rpcserver_argument_and_the_reverse() -> None:
+    # the broker is the Celery app's
+    assert set(SERVER_OPTIONS) == set(inspect.signature(RPCServer).parameters) - {"broker"}
 
 
 # -- starting without a broker -----------------------------------------------------------
