@@ -10,11 +10,15 @@ directory.
 to its process group, then the directory is deleted. An ``atexit`` hook stops the nodes
 a test run leaves behind, and a small reaper process does the same if the test process
 dies without running it (``SIGKILL``, ``os._exit``).
+
+``PrivateCluster`` joins three private RabbitMQ nodes into one cluster, whose nodes tests
+may ``SIGKILL`` and boot again.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import secrets
 import shutil
@@ -25,6 +29,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, TypeVar
@@ -99,7 +105,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 #: The reaper: waits for EOF on stdin, which comes when the test process is gone, however
 #: it ended. Unless it was told ``done`` first, it kills the node's process group and
-#: deletes the node's directory.
+#: deletes the node's directory, and the cluster directory holding it if there is one.
 _REAPER = """
 import os, shutil, signal, sys
 if sys.stdin.buffer.read() != b"done":
@@ -107,16 +113,17 @@ if sys.stdin.buffer.read() != b"done":
         os.killpg(int(sys.argv[1]), signal.SIGKILL)
     except OSError:
         pass
-    shutil.rmtree(sys.argv[2], ignore_errors=True)
+    for path in sys.argv[2:]:
+        shutil.rmtree(path, ignore_errors=True)
 """
 
-_live: set[PrivateNode] = set()
+_live: set[PrivateNode | PrivateCluster] = set()
 _live_lock = threading.Lock()
 
 
 @atexit.register
 def _stop_all() -> None:
-    """Last resort: stop the nodes still running when the interpreter exits."""
+    """Last resort: stop the nodes (and clusters) still running when the interpreter exits."""
     with _live_lock:
         nodes = list(_live)
     for node in nodes:
@@ -128,8 +135,11 @@ class PrivateNode:
 
     kind: ClassVar[str]
 
-    def __init__(self) -> None:
+    def __init__(self, base: Path | None = None) -> None:
+        """``base``: the directory to create the node's own in (a cluster's), which the
+        node's reaper then removes too; by default the system's temporary directory."""
         self.port = 0
+        self.base = base
         self.dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reaper: subprocess.Popen[bytes] | None = None
@@ -162,7 +172,7 @@ class PrivateNode:
         """Start the node and wait until it answers. Another attempt, on fresh ports,
         follows a failed one (a port taken between its choice and its use)."""
         for attempt in range(1, attempts + 1):
-            self.dir = Path(tempfile.mkdtemp(prefix=f"kombu-rpc-{self.kind}-"))
+            self.dir = Path(tempfile.mkdtemp(prefix=f"kombu-rpc-{self.kind}-", dir=self.base))
             self._stopped = False
             with _live_lock:
                 _live.add(self)
@@ -229,7 +239,7 @@ class PrivateNode:
         """Run the node's server in a session (and process group) of its own, which
         also keeps a Ctrl-C in the terminal from reaching it."""
         assert self.dir is not None
-        with open(self.dir / "server.out", "wb") as out:
+        with open(self.dir / "server.out", "ab") as out:  # a node booted again appends
             self._proc = subprocess.Popen(
                 argv,
                 env=env,
@@ -240,7 +250,14 @@ class PrivateNode:
                 start_new_session=True,
             )
         self._reaper = subprocess.Popen(
-            [sys.executable, "-c", _REAPER, str(self._proc.pid), str(self.dir)],
+            [
+                sys.executable,
+                "-c",
+                _REAPER,
+                str(self._proc.pid),
+                str(self.dir),
+                *([str(self.base)] if self.base is not None else []),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -307,16 +324,22 @@ def rabbitmq_scripts() -> Path | None:
 
 class PrivateRabbit(PrivateNode):
     """A RabbitMQ node of its own: its name, ports, Erlang cookie, config, data and
-    logs, all under one temporary directory."""
+    logs, all under one temporary directory.
+
+    A cluster's nodes share one ``home`` (its ``.erlang.cookie``) and one ``base``
+    directory, and take their names from ``name``; a lone node has its own of each.
+    """
 
     kind = "rabbitmq"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, home: Path | None = None, base: Path | None = None, name: str | None = None) -> None:
+        super().__init__(base)
         scripts = rabbitmq_scripts()
         if scripts is None:
             raise NodeStartError(str(self.unavailable_reason()))
         self.scripts = scripts
+        self.home = home
+        self._name = name
         self.node = ""
         self.dist_port = 0
         self.env: dict[str, str] = {}
@@ -336,10 +359,28 @@ class PrivateRabbit(PrivateNode):
         assert self.dir is not None
         return self.dir / "node.pid"
 
+    @property
+    def running(self) -> bool:
+        """The node's server process runs (its application may still be booting)."""
+        return self._proc is not None and exit_status(self._proc) is None
+
+    def beam_pid(self) -> int | None:
+        """The Erlang VM's process id, from the node's pid file (None without one)."""
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def ctl(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run ``rabbitmqctl -n NODE ARGS`` for this node; its output, or an error."""
+        return self.tool("rabbitmqctl", *args, timeout=timeout)
+
+    def tool(self, program: str, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run the package's ``program`` (``rabbitmqctl``, ``rabbitmq-queues``, ...)
+        with ``-n NODE -q ARGS`` in this node's environment (its ``HOME``, so its
+        cookie); its output, or an error."""
         done = subprocess.run(
-            [str(self.scripts / "rabbitmqctl"), "-n", self.node, "-q", *args],
+            [str(self.scripts / program), "-n", self.node, "-q", *args],
             env=self.env,
             cwd=self.dir,
             capture_output=True,
@@ -347,7 +388,7 @@ class PrivateRabbit(PrivateNode):
             timeout=timeout,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {self.node}: {done.stdout}{done.stderr}")
+            raise RuntimeError(f"{program} {' '.join(args)} on {self.node}: {done.stdout}{done.stderr}")
         return done.stdout
 
     def close_all_connections(self) -> None:
@@ -363,16 +404,45 @@ class PrivateRabbit(PrivateNode):
         self.ctl("start_app", timeout=START_TIMEOUT)
         self.ctl("await_startup", "--timeout", str(int(START_TIMEOUT)), timeout=START_TIMEOUT + 10)
 
-    def _start(self) -> None:
+    def kill(self) -> None:
+        """``SIGKILL`` the node as a crash would: its Erlang VM (the pid in its pid
+        file) and its whole process group. Its directory stays, for :meth:`start_again`."""
+        beam = self.beam_pid()
+        if beam is not None and self._proc is not None and self._in_group(beam, self._proc.pid):
+            try:
+                os.kill(beam, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._kill()  # the group, then the server script is reaped
+        self._proc = None  # reaped: its pid may be anyone's now, never signal it again
+        self._release_reaper()  # killed, not stopped: the directory stays
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while beam is not None and _alive(beam):  # the VM is reparented and reaped
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.node}: process {beam} still alive after SIGKILL")
+            time.sleep(0.02)
+
+    def start_again(self) -> None:
+        """Boot a killed node again in its own directory, with the same environment (name,
+        ports, cookie, data): a cluster member rejoins its cluster by itself. Returns
+        once the node runs."""
+        if self._stopped or self.dir is None:
+            raise RuntimeError(f"{self!r} was never started, or is stopped for good")
+        if self.running:
+            raise RuntimeError(f"{self!r} still runs: kill() it first")
+        self._boot()
+
+    def _configure(self) -> None:
+        """Choose the node's ports and name and write its files and environment."""
         assert self.dir is not None
         self.port = free_port()
         self.dist_port = free_port({self.port})
-        self.node = f"kombu-rpc-{os.getpid()}-{secrets.token_hex(3)}@localhost"
-        home = self.dir / "home"
-        home.mkdir()
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
-        cookie.chmod(0o400)
+        self.node = f"{self._name or f'kombu-rpc-{os.getpid()}-{secrets.token_hex(3)}'}@localhost"
+        home = self.home
+        if home is None:  # a cookie of its own
+            home = self.dir / "home"
+            home.mkdir()
+            write_cookie(home)
         files = {
             "rabbitmq.conf": f"listeners.tcp.default = 127.0.0.1:{self.port}\n",
             "advanced.config": "[].\n",
@@ -405,7 +475,13 @@ class PrivateRabbit(PrivateNode):
             ERL_CRASH_DUMP=str(self.dir / "erl_crash.dump"),
         )
         self.env = env
-        proc = self._spawn([str(self.scripts / "rabbitmq-server")], env)
+
+    def _boot(self) -> None:
+        """Start the server and wait until the node runs and its AMQP listener answers."""
+        assert self.dir is not None
+        # A killed node's pid file names a dead process, which ``wait`` would report
+        self.pid_file.unlink(missing_ok=True)
+        proc = self._spawn([str(self.scripts / "rabbitmq-server")], self.env)
         waiter = subprocess.Popen(
             [
                 str(self.scripts / "rabbitmqctl"),
@@ -416,7 +492,7 @@ class PrivateRabbit(PrivateNode):
                 str(int(START_TIMEOUT)),
                 str(self.pid_file),
             ],
-            env=env,
+            env=self.env,
             cwd=self.dir,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -441,6 +517,10 @@ class PrivateRabbit(PrivateNode):
         with socket.create_connection(("127.0.0.1", self.port), timeout=10):
             pass  # the AMQP listener answers
 
+    def _start(self) -> None:
+        self._configure()
+        self._boot()
+
     def _graceful_stop(self, proc: subprocess.Popen[bytes]) -> None:
         # ``stop PIDFILE`` returns once the node's process is gone
         self.ctl("stop", str(self.pid_file))
@@ -451,6 +531,252 @@ class PrivateRabbit(PrivateNode):
         parts = [_tail(self.dir / "server.out")]
         parts += [_tail(log) for log in sorted((self.dir / "log").glob("*.log"))]
         return "\n".join(part for part in parts if part)
+
+    @staticmethod
+    def _in_group(pid: int, pgid: int) -> bool:
+        """``pid`` is a live process of process group ``pgid`` (not a stranger that
+        took a stale pid file's number)."""
+        try:
+            return os.getpgid(pid) == pgid
+        except OSError:
+            return False
+
+
+def write_cookie(home: Path) -> None:
+    """A fresh random Erlang cookie in ``home``, readable by its owner only."""
+    cookie = home / ".erlang.cookie"
+    cookie.write_text(secrets.token_hex(20).upper())
+    cookie.chmod(0o400)
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (it exists and is not a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z"
+
+
+class PrivateCluster:
+    """``size`` private RabbitMQ nodes (three by default) joined into one cluster.
+
+    The nodes share one ``HOME`` (so one Erlang cookie, for them and for every
+    ``rabbitmqctl`` run on them) and one temporary directory, which holds each node's
+    own. They start in parallel, then each node but the first joins the first
+    (``stop_app``, ``join_cluster``, ``start_app``). Tests may :meth:`kill` a node
+    (``SIGKILL``, as a crash) and :meth:`restart` it: it rejoins by itself. ``stop()``
+    removes everything, as :meth:`PrivateNode.stop` does, and so do the ``atexit``
+    hook and each node's reaper (which also deletes the shared directory).
+    """
+
+    kind = "rabbitmq-cluster"
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = size
+        self.dir: Path | None = None
+        self.nodes: list[PrivateRabbit] = []
+        self._stopped = True
+        self._lock = threading.Lock()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return PrivateRabbit.unavailable_reason()
+
+    # -- what tests use --------------------------------------------------------------
+
+    @property
+    def urls(self) -> list[str]:
+        """Each node's AMQP URL, in node order."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The failover URL of the whole cluster (``amqp://...:P1//;amqp://...:P2//;...``):
+        kombu connects to the first node that answers."""
+        return ";".join(self.urls)
+
+    def index_of_port(self, port: int) -> int | None:
+        """Which node listens for AMQP on ``port``."""
+        return next((i for i, node in enumerate(self.nodes) if node.port == port), None)
+
+    def index_of_node(self, name: str) -> int | None:
+        """Which node has the Erlang node name ``name``."""
+        return next((i for i, node in enumerate(self.nodes) if node.node == name), None)
+
+    def running(self, i: int) -> bool:
+        return self.nodes[i].running
+
+    def ctl(self, *args: str, timeout: float = COMMAND_TIMEOUT, program: str = "rabbitmqctl") -> str:
+        """Run ``rabbitmqctl ARGS`` (or ``program``) on the first node that runs."""
+        for node in self.nodes:
+            if node.running:
+                return node.tool(program, *args, timeout=timeout)
+        raise RuntimeError("no node of the cluster runs")
+
+    def running_nodes(self, i: int) -> set[int]:
+        """The nodes that node ``i`` sees running in its cluster (by index; a node that
+        is not ours would be -1)."""
+        status = json.loads(self.nodes[i].ctl("cluster_status", "--formatter", "json"))
+        found = (self.index_of_node(name) for name in status["running_nodes"])
+        return {-1 if index is None else index for index in found}
+
+    def wait_cluster_size(self, n: int, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every node that runs sees exactly ``n`` nodes running, all of
+        them ours and all running here."""
+
+        def view(i: int) -> set[int] | str:
+            try:
+                return self.running_nodes(i)
+            except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+                return f"{type(exc).__name__}: {exc}"[:300]
+
+        deadline = time.monotonic() + timeout
+        while True:
+            up = sorted(i for i in range(self.size) if self.running(i))
+            with ThreadPoolExecutor(max(1, len(up))) as pool:  # one rabbitmqctl per node, at once
+                seen = dict(zip(up, pool.map(view, up), strict=True))
+            if len(up) == n and all(nodes == set(up) for nodes in seen.values()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"cluster of {n} not formed after {timeout:.0f} s: nodes {sorted(up)} run, and see {seen}"
+                )
+            time.sleep(0.2)
+
+    def client_connections(self) -> list[tuple[int, int]]:
+        """Each client connection: the node holding it (by index) and the client's own
+        port (to tell whose it is)."""
+        rows = json.loads(self.ctl("list_connections", "port", "peer_port", "--formatter", "json") or "[]")
+        found = [(self.index_of_port(int(row["port"])), int(row["peer_port"])) for row in rows]
+        return [(index, port) for index, port in found if index is not None]
+
+    def connections(self) -> dict[int, int]:
+        """How many client connections each node holds (every node is listed)."""
+        counts = dict.fromkeys(range(self.size), 0)
+        for index, _ in self.client_connections():
+            counts[index] += 1
+        return counts
+
+    def node_holding_connections(self) -> int | None:
+        """The node holding the most client connections (None if there are none)."""
+        counts = self.connections()
+        busiest = max(counts, key=lambda i: counts[i])
+        return busiest if counts[busiest] else None
+
+    def queue_info(self, queue: str) -> dict[str, object] | None:
+        """``list_queues name type leader members online`` for ``queue`` (None if the
+        cluster has no such queue); ``leader``, ``members`` and ``online`` are set for
+        quorum queues only."""
+        rows = json.loads(
+            self.ctl("list_queues", "name", "type", "leader", "members", "online", "--formatter", "json")
+            or "[]"
+        )
+        return next((dict(row) for row in rows if row.get("name") == queue), None)
+
+    def quorum_leader(self, queue: str) -> int | None:
+        """The node leading quorum queue ``queue`` (None: no such queue, or no leader)."""
+        info = self.queue_info(queue)
+        leader = info.get("leader") if info else None
+        return self.index_of_node(leader) if isinstance(leader, str) and leader else None
+
+    def quorum_online(self, queue: str) -> set[int]:
+        """The nodes whose member of quorum queue ``queue`` is online."""
+        info = self.queue_info(queue)
+        online = info.get("online") if info else None
+        if not isinstance(online, list):
+            return set()
+        return {i for i in (self.index_of_node(str(name)) for name in online) if i is not None}
+
+    def kill(self, i: int) -> None:
+        """``SIGKILL`` node ``i`` (its Erlang VM and its process group), as a crash."""
+        self.nodes[i].kill()
+
+    def restart(self, i: int, timeout: float = START_TIMEOUT) -> None:
+        """Boot killed node ``i`` again with its environment; returns once it runs and
+        every node sees the whole cluster again (the node rejoins by itself)."""
+        self.nodes[i].start_again()
+        self.wait_cluster_size(self.size, timeout)
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the nodes in parallel, join them into one cluster, and wait until
+        each sees all of them running."""
+        self.dir = Path(tempfile.mkdtemp(prefix=f"kombu-rpc-{self.kind}-"))
+        self._stopped = False
+        with _live_lock:
+            _live.add(self)
+        try:
+            home = self.dir / "home"
+            home.mkdir()
+            write_cookie(home)
+            tag = f"kombu-rpc-{os.getpid()}-{secrets.token_hex(3)}"
+            self.nodes = [
+                PrivateRabbit(home=home, base=self.dir, name=f"{tag}-{i}") for i in range(self.size)
+            ]
+            _in_parallel([node.start for node in self.nodes], 2 * START_TIMEOUT + 30)
+            seed = self.nodes[0]
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", seed.node, timeout=START_TIMEOUT)
+                node.ctl("start_app", timeout=START_TIMEOUT)
+            self.wait_cluster_size(self.size)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every node (in parallel) and delete the cluster's directory."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            _in_parallel([node.stop for node in self.nodes], 2 * COMMAND_TIMEOUT + 30)
+        finally:
+            for node in self.nodes:
+                node.stop()  # a stop that failed above: done if it was not (idempotent)
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            with _live_lock:
+                _live.discard(self)
+
+    def __enter__(self) -> PrivateCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else f"ports {[node.port for node in self.nodes]}"
+        return f"<{type(self).__name__} {state}>"
+
+
+def _in_parallel(tasks: list[Callable[[], object]], timeout: float) -> None:
+    """Run each task in a thread of its own; raise the first error, or a
+    ``TimeoutError`` if some task still runs after ``timeout`` seconds."""
+    errors: list[BaseException] = []
+
+    def run(task: Callable[[], object]) -> None:
+        try:
+            task()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(task,), daemon=True) for task in tasks]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
+        raise TimeoutError(f"tasks still running after {timeout:.0f} s")
+    if errors:
+        raise errors[0]
 
 
 # -- Redis ---------------------------------------------------------------------------
