@@ -39,18 +39,9 @@ def make_registry() -> Registry:
 
 
 def make_server(url: str, queue: str, kind: str) -> RPCServer:
-    if kind == "quorum":
-        return RPCServer(
-            url,
-            registry=make_registry(),
-            queue=queue,
-            durable=True,
-            queue_arguments={"x-queue-type": "quorum"},
-            concurrency=CONCURRENCY,
-        )
-    if kind == "classic":
-        return RPCServer(url, registry=make_registry(), queue=queue, concurrency=CONCURRENCY)
-    raise SystemExit(f"unknown queue kind {kind!r}: quorum or classic")
+    if kind not in ("quorum", "classic"):
+        raise SystemExit(f"unknown queue kind {kind!r}: quorum or classic")
+    return RPCServer(url, registry=make_registry(), queue=queue, queue_type=kind, concurrency=CONCURRENCY)
 
 
 def main(argv: list[str]) -> int:
