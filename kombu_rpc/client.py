@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -261,6 +262,9 @@ class PendingCalls:
         self._cond = threading.Condition()
         self._closed = False
         self._watcher: threading.Thread | None = None
+        #: The latest (monotonic) deadline of the calls and broadcasts that ended
+        #: without (all) their replies: those replies may still come.
+        self._unanswered_until = -math.inf
 
     def add(
         self,
@@ -339,6 +343,22 @@ class PendingCalls:
             )
         return again
 
+    def unanswered(self, deadline: float) -> None:
+        """Note a call or broadcast that ended at (monotonic) ``deadline`` without (all)
+        its replies: servers may still send them."""
+        with self._cond:
+            self._unanswered_until = max(self._unanswered_until, deadline)
+
+    def last_deadline(self) -> float:
+        """The latest (monotonic) deadline of the calls in flight and of those noted by
+        :meth:`unanswered`, after which no reply is due any more: ``math.inf`` if a call
+        in flight has no deadline, ``-math.inf`` if no reply can come."""
+        with self._cond:
+            if any(pending.timeout is None for pending in self._calls.values()):
+                return math.inf
+            in_flight = [deadline for deadline, cid in self._deadlines if cid in self._calls]
+            return max([self._unanswered_until, *in_flight])
+
     def close(self) -> None:
         """Stop the deadline thread (pending calls are left to :meth:`fail_all`)."""
         with self._cond:
@@ -366,7 +386,9 @@ class PendingCalls:
                     pending = self._calls.pop(cid, None)
                     if pending is not None:
                         expired.append((cid, pending))
-                if not expired:
+                if expired:
+                    self._unanswered_until = max(self._unanswered_until, now)
+                else:
                     wait = self._deadlines[0][0] - now if self._deadlines else None
                     self._cond.wait(wait)
             for cid, pending in expired:
@@ -549,6 +571,9 @@ class Client:
         with context.traced_call(method, queue, correlation_id):
             encoded, headers = self._request(method, args, kwargs, correlation_id, self.reply_queue, timeout)
             self._start()
+            exchange = broadcast_exchange(queue)
+            if not self._may_exist(exchange, timeout):
+                return []  # no server: declaring the exchange would only leave it behind
             gathering = self._broadcasts[correlation_id] = _Gathering(expect)
             sent: Future[None] = Future()
             properties = {
@@ -556,7 +581,6 @@ class Client:
                 "correlation_id": correlation_id,
                 "expiration": timeout,
             }
-            exchange = broadcast_exchange(queue)
             try:
                 self._submit(
                     _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange),
@@ -569,6 +593,31 @@ class Client:
                 return []
             finally:
                 del self._broadcasts[correlation_id]
+                self._pending.unanswered(deadline)  # more servers may answer still
+
+    def _may_exist(self, exchange: Exchange, timeout: float) -> bool:
+        """False if the broadcast ``exchange`` is sure not to exist on the broker.
+
+        On RabbitMQ and memory://, a broadcast declares its exchange (auto-delete, as
+        the servers bound to it declare it), and one declared with no server bound is
+        never deleted: the broker deletes an auto-delete exchange only when its last
+        queue is unbound. So a broadcast first asks, on a connection of its own, whether
+        the exchange exists (a passive declare that fails closes its channel). Other
+        transports keep no exchanges on the broker, and a failed check lets the
+        broadcast go on: its publish reports what is wrong.
+        """
+        if self._kind is not Kind.AMQP and self._kind is not Kind.MEMORY:
+            return True
+        try:
+            with self._connection.clone(connect_timeout=min(timeout, PUBLISH_TIMEOUT)) as conn:
+                conn.connect()
+                try:
+                    exchange(conn.default_channel).declare(passive=True)
+                except conn.channel_errors:
+                    return False
+        except Exception as exc:
+            logger.debug("could not check the broadcast exchange %s: %s", exchange.name, exc)
+        return True
 
     def close(self) -> None:
         """Stop the link and the publisher thread, delete the reply queue, fail calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -40,7 +41,9 @@ def connect(broker: Broker | None) -> Connection:
     """Return a new, not yet connected :class:`kombu.Connection` for ``broker``, on the
     transport kombu_rpc uses for its URL (see :mod:`kombu_rpc.transports`). ``broker``
     itself is never changed; ``None`` takes the URL in the environment variable
-    :data:`BROKER_URL_ENV`.
+    :data:`BROKER_URL_ENV`. The URLs of a ``;``-separated list are tried in a random
+    order, and ``amqp`` URLs ask for heartbeats
+    (:func:`~kombu_rpc.transports.open_connection`).
 
     Raises:
         ConfigurationError: ``broker`` is not a URL or a Connection (or ``None`` with
@@ -76,9 +79,13 @@ def publishing_clone(conn: Connection, confirm: bool) -> Connection:
     With confirms, ``publish`` returns only once the broker took the message, and an
     unroutable ``mandatory`` message raises instead of vanishing. Other transports
     have no confirms; their clone is plain.
+
+    The AMQP clone asks for no heartbeats: it is used now and then by a thread that
+    never calls ``heartbeat_check``, so the broker would close it while it is idle.
     """
-    if confirm and kind(conn) is Kind.AMQP:
-        return conn.clone(transport_options={**conn.transport_options, "confirm_publish": True})
+    if kind(conn) is Kind.AMQP:
+        options = {**conn.transport_options, "confirm_publish": True} if confirm else conn.transport_options
+        return conn.clone(transport_options=options, heartbeat=0)
     return conn.clone()
 
 
@@ -132,6 +139,100 @@ def reconnect(conn: Connection, retry_policy: dict[str, Any], callback: Callable
 
 def _log_retry(exc: Exception, interval: float) -> None:
     logger.warning("cannot reconnect (%s); retrying in %.1fs", exc, interval)
+
+
+class Heartbeater:
+    """Sends the heartbeats of an AMQP connection while the thread that owns it is away.
+
+    A py-amqp connection sends heartbeats only when its owner calls
+    ``heartbeat_check``, as a server's consuming thread does between two requests, but
+    not while it runs a remote function itself (``concurrency=1``): after two silent
+    heartbeat intervals the broker would close the connection and deliver the request
+    again. Between :meth:`away` and :meth:`back`, a thread of the heartbeater's own
+    writes a heartbeat frame on the connection :meth:`bind` gave it whenever nothing
+    was written for a quarter of the heartbeat interval (every half interval at most,
+    as py-amqp's ``heartbeat_check`` does).
+
+    The owner does no I/O on the connection while away, and :meth:`back` returns only
+    once no frame is being written, so two threads never write at once (py-amqp 5.1's
+    frame writer is not safe across threads). The owner does not read while away
+    either: the broker's heartbeats wait in the socket, and each tick makes py-amqp
+    count them as received, so that the owner's next ``heartbeat_check`` does not
+    find them missing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held by the thread while it looks or writes
+        self._changed = threading.Condition(self._lock)
+        self._connection: Any = None
+        self._away = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def bind(self, connection: Any) -> None:
+        """Beat for ``connection``, a connected py-amqp connection (the new one after
+        each reconnect); starts the thread on first use."""
+        with self._lock:
+            self._connection = connection
+            self._changed.notify()
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="kombu_rpc-heartbeat", daemon=True)
+                self._thread.start()
+
+    def away(self) -> None:
+        """The owner leaves the connection alone (no reads, no writes) until :meth:`back`."""
+        self._away = True
+
+    def back(self) -> None:
+        """The owner uses the connection again (once a heartbeat being written is whole)."""
+        with self._lock:
+            self._away = False
+
+    def close(self) -> None:
+        """Stop the thread (waiting for it at most :data:`PUBLISH_TIMEOUT`)."""
+        with self._lock:
+            self._closed = True
+            self._connection = None
+            self._changed.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(PUBLISH_TIMEOUT)
+
+    def _run(self) -> None:
+        sent_before = None  # the connection's frame count at the previous tick
+        with self._lock:
+            while not self._closed:
+                connection = self._connection
+                interval = getattr(connection, "heartbeat", None) or 0
+                if not interval:  # unbound, or no heartbeats negotiated
+                    self._changed.wait()
+                    sent_before = None
+                    continue
+                self._changed.wait(interval / 4)
+                if self._connection is not connection:
+                    sent_before = None
+                    continue
+                sent = connection.bytes_sent
+                if self._away:
+                    if sent == sent_before and not self._beat(connection):
+                        self._connection = None  # broken: the owner finds out at its next I/O
+                        continue
+                    sent = connection.bytes_sent
+                    connection.prev_recv = None  # whatever came meanwhile counts as heard now
+                sent_before = sent
+
+    def _beat(self, connection: Any) -> bool:
+        """Write one heartbeat frame (within :data:`PUBLISH_TIMEOUT`); False if the
+        connection is closed or the write failed."""
+        try:
+            if not connection.connected:
+                return False
+            with connection.transport.having_timeout(PUBLISH_TIMEOUT):
+                connection.send_heartbeat()
+        except Exception as exc:
+            logger.debug("could not send a heartbeat: %s", exc)
+            return False
+        return True
 
 
 def safe_uri(conn: Connection) -> str:

@@ -25,6 +25,7 @@ flight (``call_async``, asyncio). So a sequential call costs no thread hand-off.
 from __future__ import annotations
 
 import logging
+import math
 import select
 import socket
 import threading
@@ -279,6 +280,7 @@ class AmqpLink(_Link):
         self._unconfirmed: dict[int, _Outgoing] = {}
         self._unsent: list[_Outgoing] = []  # to publish after a reconnect
         self._nacks = 0  # nacks since the last ack
+        self._next_check = 0.0  # (monotonic) when heartbeats are next checked
         self._wake_r: socket.socket  # made by start()
         self._wake_w: socket.socket
 
@@ -436,7 +438,9 @@ class AmqpLink(_Link):
 
     def _read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the socket to be readable (or a wake-up), then
-        handle every frame already there. Only the leader calls this."""
+        handle every frame already there. Only the leader calls this, whether a caller
+        or the link's thread, so it also keeps the heartbeats going."""
+        self._check_heartbeats()
         connection = self._conn.connection
         sock = connection.sock
         if not unread(connection):
@@ -480,18 +484,30 @@ class AmqpLink(_Link):
             pass
 
     def _work(self, busy: bool) -> None:
-        """Reconnect, read for calls nobody waits on, or check the idle connection (EOF,
-        heartbeats)."""
+        """Reconnect, or read: for calls nobody waits on, else to check the idle
+        connection (EOF, heartbeats)."""
         try:
             if self._broken is not None:
                 self._recover()
                 return
             self._read(IDLE_WAIT if busy else 0)
-            with self._io:
-                if not self._closed and self._broken is None:
-                    self._conn.heartbeat_check()
         except (*self._conn.connection_errors, OSError) as exc:
             with self._io:
+                self._lose(exc)
+
+    def _check_heartbeats(self) -> None:
+        """Send a heartbeat if one is due, and notice a broker whose heartbeats stopped
+        (at most once per :data:`IDLE_WAIT`)."""
+        now = monotonic()
+        if now < self._next_check:
+            return
+        with self._io:
+            if self._closed or self._broken is not None:
+                return
+            self._next_check = now + IDLE_WAIT
+            try:
+                self._conn.heartbeat_check()
+            except (*self._conn.connection_errors, OSError) as exc:
                 self._lose(exc)
 
     def _recover(self) -> None:
@@ -623,8 +639,7 @@ class PollingLink(_Link):
                 pass
             try:
                 consumer.cancel()
-                for queue in consumer.queues:
-                    discard_queue(queue)
+                self._discard(consumer)
             except Exception as exc:  # the connection is gone: nothing left to clean up
                 logger.debug("could not delete the reply queue %s: %s", self.reply_queue, exc)
         try:
@@ -635,6 +650,11 @@ class PollingLink(_Link):
 
     def _before_cancel(self, consumer: Consumer) -> None:
         """Hook: what to do before the consumer is cancelled at close."""
+
+    def _discard(self, consumer: Consumer) -> None:
+        """Hook: remove the reply queue of the cancelled ``consumer`` at close."""
+        for queue in consumer.queues:
+            discard_queue(queue)
 
     def _read(self, timeout: float) -> None:
         if self._broken is not None:
@@ -695,6 +715,15 @@ class PollingLink(_Link):
         logger.info("the proxy reconnected")
 
 
+#: How long after its deadline a reply may still come (a server replies once its function
+#: returns, however late), or after close for a call without a deadline: a closed Redis
+#: proxy's reply list expires this long after the last deadline of its calls.
+LATE_REPLY_WINDOW = 3600.0
+#: What a closed Redis proxy leaves in its reply list when replies may still come (no
+#: one reads the list any more).
+TOMBSTONE = b"kombu_rpc: the proxy of this reply queue closed; the queue expires by itself"
+
+
 class RedisLink(PollingLink):
     """Reads the reply queue on Redis with a BRPOP (the client's publisher thread sends
     the requests); waiting callers read it themselves, in turn.
@@ -704,6 +733,11 @@ class RedisLink(PollingLink):
     ``socket_timeout``), so a caller reading a reply that stalls halfway is not held
     much past its deadline; that counts as a lost connection. A waiting BRPOP is ended
     early by a wake-up message pushed to the reply queue.
+
+    At close, the reply queue is deleted unless replies may still come; a reply would
+    then make its list again, for ever. So the list is left to expire by itself instead,
+    holding :data:`TOMBSTONE`, :data:`LATE_REPLY_WINDOW` after the last deadline (Redis
+    keeps a list's time to live when something is pushed to it).
     """
 
     callers_read = True
@@ -724,6 +758,31 @@ class RedisLink(PollingLink):
                 self._conn.drain_events(timeout=FRAME_WAIT)
             except TimeoutError:
                 pass
+
+    def _discard(self, consumer: Consumer) -> None:
+        """Delete the reply queue, or, if replies may still come (calls in flight, or
+        calls and broadcasts that ended unanswered less than :data:`LATE_REPLY_WINDOW`
+        ago), empty it but for :data:`TOMBSTONE` and have it expire at that window's end.
+        """
+        now = monotonic()
+        last = self._pending.last_deadline()
+        expires = (now if last == math.inf else last) + LATE_REPLY_WINDOW
+        if expires <= now:
+            super()._discard(consumer)
+            return
+        try:  # ends a BRPOP still in flight: it cannot take the tombstone
+            consumer.channel.close()
+        except Exception as exc:
+            logger.debug("could not close the reply channel: %s", exc)
+        channel = self._conn.channel()
+        try:
+            with channel.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.reply_queue)
+                pipe.rpush(self.reply_queue, TOMBSTONE)
+                pipe.pexpire(self.reply_queue, max(1, round((expires - now) * 1000)))
+                pipe.execute()
+        finally:
+            channel.close()
 
     def _drain_timeout(self, timeout: float) -> float:
         """Half of ``timeout``, down to a last read of :data:`SHORT_READ`.

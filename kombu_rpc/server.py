@@ -27,6 +27,7 @@ from .codecs import Codec, check_codec
 from .connection import (
     PUBLISH_TIMEOUT,
     Broker,
+    Heartbeater,
     connect,
     merge_retry_policy,
     publish,
@@ -222,6 +223,8 @@ class RPCServer:
         self._unconfirmed: dict[int, Message] = {}  # reply tag -> request to ack
         self._loop: asyncio.AbstractEventLoop | None = None  # runs async def functions
         self._loop_lock = threading.Lock()
+        # AMQP with heartbeats, calls run inline: beats while a call runs
+        self._heartbeater: Heartbeater | None = None
         self._builtins = {
             p.name: p
             for p in (
@@ -366,6 +369,8 @@ class RPCServer:
         if self._executor is not None and transport_kind is Kind.AMQP:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_w.setblocking(False)
+        elif transport_kind is Kind.AMQP and conn.heartbeat:
+            self._heartbeater = Heartbeater()
         try:
             consumed = False  # consuming worked at least once
             delay = 0.0  # before reconnecting: grows while attempts keep failing at once
@@ -409,6 +414,9 @@ class RPCServer:
                 if sock is not None:
                     sock.close()
             self._stop_loop()
+            heartbeater, self._heartbeater = self._heartbeater, None
+            if heartbeater is not None:
+                heartbeater.close()
             with self._producers_lock:
                 producers, self._producers = self._producers, []
             for producer in producers:
@@ -523,6 +531,8 @@ class RPCServer:
         self._confirming = confirming
         self._reply_tag = 0
         self._unconfirmed = {}  # a lost channel's requests are redelivered anyway
+        if self._heartbeater is not None:
+            self._heartbeater.bind(channel.connection)
         if confirming:
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_reply_confirmed)
@@ -662,7 +672,15 @@ class RPCServer:
             return
         assert procedure is not None
         if self._executor is None:
-            reply = self._execute(procedure, request, call, message, address, serializer)
+            heartbeater = self._heartbeater
+            if heartbeater is None:
+                reply = self._execute(procedure, request, call, message, address, serializer)
+            else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
+                heartbeater.away()
+                try:
+                    reply = self._execute(procedure, request, call, message, address, serializer)
+                finally:
+                    heartbeater.back()
             self._settle_message(message, self._answer(reply))
             return
         generation = self._generation

@@ -21,6 +21,7 @@ from kombu import Connection, Queue
 
 from kombu_rpc import Registry, RPCProxy, RPCServer
 from kombu_rpc.testing import unique_queue_name
+from kombu_rpc.topology import broadcast_exchange
 
 DEFAULT_BROKERS = "amqp://guest:guest@127.0.0.1:5672//,redis://127.0.0.1:6379/0"
 MEMORY = "memory://"
@@ -82,12 +83,14 @@ amqp_url = pytest.fixture(checked_broker, name="amqp_url")
 
 @pytest.fixture
 def queue_name(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A request queue name no other test uses; on a real broker the queue is deleted
-    after the test (servers never delete theirs)."""
+    """A request queue name no other test uses; on the real broker the test uses (any
+    of :data:`BROKER_FIXTURES`) the queue is deleted after the test (servers never
+    delete theirs)."""
     name = unique_queue_name()
     yield name
-    if "broker_url" in request.fixturenames:
-        delete_queue(request.getfixturevalue("broker_url"), name)
+    for fixture in BROKER_FIXTURES:
+        if fixture in request.fixturenames:
+            delete_queue(request.getfixturevalue(fixture), name)
 
 
 class Gate:
@@ -191,7 +194,10 @@ def servers(
 
 def delete_queue(broker_url: str, name: str) -> None:
     """Delete a request queue a test used: servers never delete theirs, and the real
-    brokers are shared by every run. On Redis, purging removes the list itself."""
+    brokers are shared by every run. On Redis, purging removes the list itself, and
+    the binding tables of the queue's broadcast exchange go too: a server killed in the
+    test left its broadcast queue in them (on RabbitMQ that queue went with its
+    connection, and the exchange with it)."""
     if broker_url == MEMORY:
         return
     with Connection(broker_url) as conn:
@@ -199,6 +205,11 @@ def delete_queue(broker_url: str, name: str) -> None:
         try:
             queue.purge()
             queue.delete()
+            if broker_url.startswith("redis"):
+                exchange = broadcast_exchange(name).name
+                conn.default_channel.client.delete(
+                    f"_kombu.binding.{exchange}", f"_kombu.binding_permanent.{exchange}"
+                )
         except conn.connection_errors + conn.channel_errors:
             pass
 
@@ -275,8 +286,8 @@ def log_waiter() -> Iterator[Callable[[str], LogWaiter]]:
 
 
 # -- the shared brokers: left connected (and clean) -------------------------------------
-# KOMBU_RPC_CHECK_SHARED_BROKERS=canary: canary connections must survive the run (CI);
-# =1: and the run must leave nothing of its own behind (see tests/shared_brokers.py).
+# KOMBU_RPC_CHECK_SHARED_BROKERS=canary: canary connections must survive the run;
+# =1 (CI): and the run must leave nothing of its own behind (see tests/shared_brokers.py).
 
 _WATCH = pytest.StashKey[Any]()
 _CHECK = os.environ.get("KOMBU_RPC_CHECK_SHARED_BROKERS", "")
@@ -286,17 +297,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if _CHECK in ("1", "canary"):
         from .shared_brokers import Watch
 
-        session.stash[_WATCH] = Watch.start()
+        session.stash[_WATCH] = Watch.start(tag_run=_CHECK == "1")
 
 
+@pytest.hookimpl(trylast=True)  # after the session's fixtures were torn down
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     watch = session.stash.get(_WATCH, None)
     if watch is None:
         return
-    problems = watch.finish(leftovers=_CHECK == "1")
-    if problems:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    problems, notes = watch.finish(leftovers=_CHECK == "1")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for note in notes:
+            reporter.write_line(f"shared brokers: {note}", yellow=True)
         for problem in problems:
-            if reporter is not None:
-                reporter.write_line(f"shared brokers: {problem}", red=True)
+            reporter.write_line(f"shared brokers: {problem}", red=True)
+    if problems:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

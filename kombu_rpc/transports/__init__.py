@@ -24,6 +24,13 @@ override private kombu and py-amqp methods, so each is imported only when its UR
 used, checks at import that those internals are there and behave as it expects, and
 if not, kombu's own transport is used instead, with one warning. Setting the environment variable
 :data:`FAST_TRANSPORTS_ENV` to ``0`` always uses kombu's own transports.
+
+A connection keeps the transport class chosen for it when kombu fails over to another
+URL of its list (:class:`PinnedConnection`). A URL string of several ``;``-separated
+URLs is tried in a random order, and an ``amqp`` URL asks for heartbeats every
+:data:`AMQP_HEARTBEAT` seconds unless it sets ``?heartbeat=``; a
+:class:`kombu.Connection` given instead keeps its own order, failover strategy and
+heartbeat.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ import enum
 import importlib
 import importlib.util
 import os
+import random
 import warnings
 from types import ModuleType
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from kombu import Connection
 from kombu.transport import resolve_transport, virtual
@@ -45,11 +54,13 @@ from ..errors import ConfigurationError
 __all__ = [
     "FAST_TRANSPORTS_ENV",
     "POLLING_INTERVAL",
+    "AMQP_HEARTBEAT",
     "Kind",
     "kind",
     "open_connection",
     "fast_module",
     "TransportFallbackWarning",
+    "PinnedConnection",
     "PollingConnection",
     "unread",
 ]
@@ -68,6 +79,11 @@ POLLING_INTERVAL = 0.05
 REDIS_SOCKET_TIMEOUT = 10.0
 #: Longest time connecting to Redis may take, unless ``socket_connect_timeout`` is set.
 REDIS_CONNECT_TIMEOUT = 5.0
+#: The AMQP heartbeat, in seconds, that a connection opened from an ``amqp://`` URL
+#: proposes, unless the URL sets ``?heartbeat=`` (``0``: none). RabbitMQ proposes the
+#: same, and takes the lower of the two: a connection that sends nothing for two
+#: intervals is closed, and one that hears nothing as long counts as lost.
+AMQP_HEARTBEAT = 60.0
 
 
 class Kind(str, enum.Enum):
@@ -136,15 +152,23 @@ def fast_module(name: str) -> ModuleType | None:
 def open_connection(broker: Connection | str) -> Connection:
     """A new, unconnected :class:`kombu.Connection` for ``broker`` on the transport
     kombu_rpc drives it with, and with transport options of its own (the caller's
-    connection and its ``transport_options`` are never changed).
+    connection and its ``transport_options`` are never changed). It keeps that
+    transport after a failover to another URL of its list (:class:`PinnedConnection`).
+
+    A URL string of several ``;``-separated URLs is tried in a random order (kombu's
+    ``round-robin`` failover then goes through the others in that order), so that
+    servers and proxies spread over the nodes of a cluster; an ``amqp`` URL proposes
+    heartbeats every :data:`AMQP_HEARTBEAT` seconds unless it sets ``?heartbeat=``. A
+    :class:`kombu.Connection` keeps its own order, failover strategy and heartbeat.
 
     Raises:
         ConfigurationError: ``broker`` names an unknown transport, or one whose
             client library is not installed.
     """
     if isinstance(broker, str):
-        _require_client(broker.partition("://")[0].partition("+")[0])
-    conn = broker.clone() if isinstance(broker, Connection) else Connection(broker)
+        conn = _from_urls(broker)
+    else:
+        conn = broker.clone()
     options = dict(conn.transport_options)  # kombu's clone() shares the caller's dict
     transport = conn.transport_cls
     alias = (
@@ -183,7 +207,24 @@ def open_connection(broker: Connection | str) -> Connection:
         )
     else:
         conn = conn.clone(transport=chosen, transport_options=options)
+    if type(conn) is Connection:  # kombu's own class (a caller's subclass stays as it is)
+        conn.__class__ = PinnedConnection
     return _polling(conn, interval) if polls else conn
+
+
+def _from_urls(urls: str) -> Connection:
+    """kombu's connection for a URL string, its URLs in a random order, proposing
+    :data:`AMQP_HEARTBEAT` on AMQP unless the first URL given sets ``?heartbeat=``
+    (which then holds for the whole list, whichever URL comes first)."""
+    parts = [url.strip() for url in urls.split(";") if url.strip()] or [urls]
+    for alias in {url.partition("://")[0].partition("+")[0] for url in parts}:
+        _require_client(alias)
+    first = Connection(parts[0])  # as given: its heartbeat is the URL's, or none
+    heartbeat = first.heartbeat
+    given = "heartbeat" in parse_qs(urlsplit(parts[0]).query)
+    if _transport_class(first).driver_type == "amqp" and not given:
+        heartbeat = AMQP_HEARTBEAT
+    return Connection(";".join(random.sample(parts, len(parts))), heartbeat=heartbeat)
 
 
 def _require_client(alias: str) -> None:
@@ -206,7 +247,30 @@ def _transport_class(conn: Connection) -> Any:
     return symbol_by_name(resolve_transport(transport))
 
 
-class PollingConnection(Connection):  # type: ignore[misc]
+class PinnedConnection(Connection):  # type: ignore[misc]
+    """A :class:`kombu.Connection` that keeps its transport class when kombu fails over
+    to the next URL of its list.
+
+    kombu's :meth:`~kombu.Connection.switch` (called by ``ensure_connection`` after a
+    failed attempt, through ``maybe_switch_next``) parses the next URL again, and its
+    scheme would replace the transport class kombu_rpc chose with kombu's stock one.
+    Clones are of this class too, and carry the class.
+    """
+
+    #: The transport: a class, or the alias of one of kombu's (kombu's attribute).
+    transport_cls: Any
+
+    def switch(self, conn_str: str) -> None:
+        """kombu's switch to ``conn_str``; the transport class stays, unless the new
+        URL's transport is another one (an ``amqps://`` URL after an ``amqp://`` one)."""
+        pinned = self.transport_cls
+        super().switch(conn_str)
+        if isinstance(pinned, type) and pinned is not self.transport_cls:
+            if issubclass(pinned, _transport_class(self)):
+                self.transport_cls = pinned
+
+
+class PollingConnection(PinnedConnection):
     """A :class:`kombu.Connection` whose transports poll every :attr:`polling_interval`
     seconds; its clones poll as often.
 

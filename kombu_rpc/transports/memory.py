@@ -246,11 +246,23 @@ class Channel(memory.Channel):  # type: ignore[misc]
     def queue_delete(
         self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
     ) -> None:
-        """Delete the queue, bound or not (kombu's only drops queues with bindings)."""
+        """Delete the queue, bound or not (kombu's only drops queues with bindings), and
+        its bindings: unbound from their exchanges' tables too (kombu leaves it there,
+        so a fanout would make it again), and an auto-delete exchange it was the last
+        queue bound to goes with it, as on RabbitMQ."""
         if if_empty and self._size(queue):
             return
+        exchanges = {binding.exchange for binding in self.state.queue_bindings(queue)}
         super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
         self._delete(queue)
+        for name in exchanges:
+            exchange = self.state.exchanges.get(name)
+            if exchange is None:
+                continue
+            table = exchange.get("table", [])
+            table[:] = [binding for binding in table if binding[2] != queue]
+            if not table and exchange.get("auto_delete"):
+                del self.state.exchanges[name]
 
 
 class Transport(memory.Transport):  # type: ignore[misc]

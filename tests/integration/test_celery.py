@@ -360,9 +360,11 @@ def wait_until_served(proxy: RPCProxy, worker: subprocess.Popen[bytes], log: Pat
 
 
 def delete_queues(url: str, *names: str) -> None:
+    """Delete the test's queues, and the exchanges Celery named after them."""
     with Connection(url) as conn:
         for name in names:
             conn.default_channel.queue_delete(name)
+            conn.default_channel.exchange_delete(name)
 
 
 @pytest.mark.timeout(90)

@@ -178,7 +178,7 @@ def test_a_request_the_broker_keeps_refusing_is_sent_again_then_fails(
             real_on_nack(delivery_tag, multiple)
 
         monkeypatch.setattr(link, "_on_nack", counting)
-        with pytest.raises(ConnectionLostError, match="refused the request .* 4 times"):
+        with pytest.raises(ConnectionLostError, match=r"refused the request .* 4 times"):
             proxy.echo("refused")
         assert len(nacks) == link_module.NACK_LIMIT + 1
         assert reconnected.seen.wait(10)

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from kombu_rpc import CallContext, CallIdFilter, Registry, RPCProxy, RPCServer, 
 from kombu_rpc import context as context_module
 from kombu_rpc.testing import unique_queue_name
 
+from ..conftest import delete_queue
 from .conftest import RawClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,11 +42,13 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
 
 
 @pytest.fixture
-def chain(broker_url: str, serve: Callable[..., RPCServer]) -> Iterator[dict[str, Any]]:
+def chain(broker_url: str, serve: Callable[..., RPCServer], servers: ExitStack) -> Iterator[dict[str, Any]]:
     """Three services: ``outer`` calls ``middle``, which calls ``inner``; each records
     the context it ran in."""
     seen: dict[str, Any] = {}
     queues = {name: unique_queue_name() for name in ("outer", "middle", "inner")}
+    for queue in queues.values():  # once their servers stopped (the stack unwinds in reverse)
+        servers.callback(delete_queue, broker_url, queue)
     proxies = {name: RPCProxy(broker_url, queue=queue, timeout=10) for name, queue in queues.items()}
     registries = {name: Registry() for name in queues}
 

@@ -151,6 +151,37 @@ def test_finished_calls_do_not_keep_their_deadlines() -> None:
         pending.close()
 
 
+def test_pending_calls_know_until_when_a_reply_may_come() -> None:
+    """What a closed Redis proxy's reply list expires after (see RedisLink._discard)."""
+    import math
+    from time import monotonic
+
+    from kombu_rpc.client import PendingCalls
+
+    pending = PendingCalls()
+    try:
+        assert pending.last_deadline() == -math.inf  # nothing sent: no reply can come
+        before = monotonic()
+        pending.add("a", "fib", 30.0)
+        assert before + 30 <= pending.last_deadline() <= monotonic() + 30
+        pending.add("b", "fib", None)
+        assert pending.last_deadline() == math.inf  # a call in flight without a deadline
+        for cid in ("a", "b"):
+            entry = pending.pop(cid)
+            assert entry is not None
+            entry.resolve(1)
+        assert pending.last_deadline() == -math.inf  # both answered
+        expired = pending.add("c", "fib", 0.05)
+        with pytest.raises(RPCTimeout):
+            expired.result(timeout=10)
+        # it timed out unanswered: its reply may still come, after its deadline
+        assert before < pending.last_deadline() <= monotonic()
+        pending.unanswered(monotonic() + 5)  # a broadcast gathered until then
+        assert pending.last_deadline() > monotonic() + 4
+    finally:
+        pending.close()
+
+
 def test_servers_and_proxies_given_no_broker_use_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from kombu_rpc.connection import BROKER_URL_ENV
     from kombu_rpc.testing import make_registry, unique_queue_name
