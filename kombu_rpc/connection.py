@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 from kombu import Connection, Producer
@@ -254,7 +254,7 @@ def safe_uri(conn: Connection) -> str:
     return str(maybe_sanitize_url(uri))  # a URL the transport parses itself (sqla+...) shows as given
 
 
-def merge_retry_policy(overrides: dict[str, Any] | None) -> dict[str, Any]:
+def merge_retry_policy(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`DEFAULT_RETRY_POLICY` updated with ``overrides``; rejects unknown keys."""
     policy = dict(DEFAULT_RETRY_POLICY)
     if overrides is not None:

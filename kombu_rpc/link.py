@@ -31,19 +31,17 @@ import socket
 import threading
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
 from .connection import reconnect, take_confirmed
 from .errors import ConnectionLostError, NoServerError
+from .pending import PendingCalls, _Outgoing
 from .protocol import WAKE_HEADERS, WAKE_UP
 from .topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 from .transports import unread
-
-if TYPE_CHECKING:
-    from .client import PendingCalls, _Outgoing
 
 logger = logging.getLogger(__name__)
 
