@@ -23,12 +23,11 @@ from time import monotonic
 from typing import Any
 
 from kombu import Connection, Exchange, Producer
-from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
 from .codecs import Codec, Plain
-from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, safe_uri
+from .connection import PUBLISH_TIMEOUT, broker_errors, publish, publishing_clone, safe_uri
 from .errors import (
     CallError,
     ConfigurationError,
@@ -340,7 +339,7 @@ class Client:
                 conn.connect()
                 try:
                     exchange(conn.default_channel).declare(passive=True)
-                except conn.channel_errors:
+                except broker_errors(conn, connection=False):
                     return False
         except Exception as exc:
             logger.debug("could not check the broadcast exchange %s: %s", exchange.name, exc)
@@ -507,12 +506,7 @@ class Client:
     def _publish(self, producer: Producer, job: _Outgoing) -> None:
         try:
             publish(producer, self._retry_policy, **job.publish_args(self._confirm_publish))
-        except (
-            *producer.connection.channel_errors,
-            *producer.connection.connection_errors,
-            OperationalError,
-            OSError,
-        ) as exc:
+        except broker_errors(producer.connection, operational=True, os_errors=True) as exc:
             raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
 
     # -- replies ---------------------------------------------------------------------
