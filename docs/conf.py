@@ -70,8 +70,8 @@ myst_heading_anchors = 3
 nitpicky = True
 nitpick_ignore = [
     # Private helpers that appear in public signatures but are not part of the API.
-    ("py:class", "kombu_rpc.client._Pending"),  # PendingCalls.pop() -> _Pending | None
-    ("py:class", "kombu_rpc.client._Outgoing"),  # PendingCalls.lose_replies() -> list[_Outgoing]
+    ("py:class", "kombu_rpc.pending._Pending"),  # PendingCalls.pop() -> _Pending | None
+    ("py:class", "kombu_rpc.pending._Outgoing"),  # PendingCalls.lose_replies() -> list[_Outgoing]
     ("py:class", "kombu_rpc.registry.F"),  # the TypeVar of the @remote overloads
 ]
 nitpick_ignore_regex = [

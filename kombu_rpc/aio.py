@@ -27,6 +27,7 @@ from .client import BroadcastReply
 from .codecs import Codec
 from .connection import Broker
 from .errors import CallError
+from .options import ProxyOptions
 from .proxy import _UNSET, RPCProxy
 from .topology import DEFAULT_QUEUE
 
@@ -115,8 +116,7 @@ class AsyncRPCProxy:
         direct_reply_to: bool = False,
         retry: bool = False,
     ) -> None:
-        self._sync = RPCProxy(
-            broker,
+        options = ProxyOptions(
             queue=queue,
             timeout=timeout,
             serializer=serializer,
@@ -127,8 +127,12 @@ class AsyncRPCProxy:
             direct_reply_to=direct_reply_to,
             retry=retry,
         )
-        self._sender = _Sender()
-        self._owner = True
+        self._bind(RPCProxy._from_options(broker, options), _Sender(), owner=True)
+
+    def _bind(self, sync: RPCProxy, sender: _Sender, owner: bool) -> None:
+        self._sync = sync  # the blocking proxy (or view) whose calls this one awaits
+        self._sender = sender
+        self._owner = owner  # closing closes the proxy (not a view's)
 
     def options(self, *, timeout: float | None = _UNSET, retry: bool = _UNSET) -> AsyncRPCProxy:
         """Return a view of this proxy with per-call options overridden.
@@ -145,10 +149,8 @@ class AsyncRPCProxy:
             ConfigurationError: ``timeout`` is not a positive number or ``None``, or
                 ``retry`` not a bool.
         """
-        view = object.__new__(AsyncRPCProxy)
-        view._sync = self._sync.options(timeout=timeout, retry=retry)
-        view._sender = self._sender
-        view._owner = False
+        view = type(self).__new__(type(self))
+        view._bind(self._sync.options(timeout=timeout, retry=retry), self._sender, owner=False)
         return view
 
     @property

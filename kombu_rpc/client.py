@@ -12,26 +12,22 @@ Either way no broker I/O ever blocks a caller past its deadline.
 
 from __future__ import annotations
 
-import heapq
 import logging
-import math
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from queue import SimpleQueue
 from time import monotonic
 from typing import Any
 
 from kombu import Connection, Exchange, Producer
-from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from . import context, protocol
-from .codecs import Codec, Plain, check_codec
-from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, safe_uri
+from .codecs import Codec, Plain
+from .connection import PUBLISH_TIMEOUT, broker_errors, publish, publishing_clone, safe_uri
 from .errors import (
     CallError,
     ConfigurationError,
@@ -39,9 +35,10 @@ from .errors import (
     NoServerError,
     RemoteError,
     RPCError,
-    RPCTimeout,
 )
 from .link import AmqpLink, MemoryLink, PollingLink, RedisLink
+from .options import ProxyOptions
+from .pending import PendingCalls, _Outgoing
 from .topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, broadcast_exchange, new_id
 from .transports import Kind, kind
 
@@ -60,24 +57,6 @@ for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) d
 end
 return 0
 """
-
-
-@dataclass
-class _Pending:
-    future: Future[Any]
-    method: str
-    timeout: float | None
-    span: Any = None  # the call's OpenTelemetry span, ended before the future completes
-    queue: str = ""  # where its request went
-    job: _Outgoing | None = None  # its request (AMQP: published again after a lost reply queue)
-
-    def resolve(self, result: Any) -> None:
-        context.end_span(self.span)
-        self.future.set_result(result)
-
-    def reject(self, error: BaseException) -> None:
-        context.end_span(self.span, error)
-        self.future.set_exception(error)
 
 
 @dataclass(frozen=True)
@@ -131,101 +110,6 @@ class _Gathering:
             return list(self.replies)
 
 
-@dataclass
-class _Outgoing:
-    """A request waiting for the publisher thread.
-
-    A call's request carries its ``correlation_id`` (its pending entry is its state);
-    a cast's carries the ``sent`` future its caller waits on.
-    """
-
-    encoded: protocol.Encoded
-    queue: str
-    headers: dict[str, Any]
-    properties: dict[str, Any]
-    deadline: float | None  # monotonic
-    correlation_id: str | None = None
-    sent: Future[None] | None = field(default=None)
-    exchange: Exchange | None = None  # None: the default exchange, routed by queue name
-    #: The caller marked the call safe to run twice (``retry=True``): published again
-    #: when its reply can no longer arrive.
-    retry: bool = False
-    #: The key it is signed with, to sign it again for a new reply queue.
-    secret: bytes | None = None
-    #: Written to a connection (AMQP), which may have handed it to a server.
-    written: bool = False
-    #: Times the broker refused it (AMQP nacks).
-    nacks: int = 0
-
-    def claim(self, pending: PendingCalls) -> bool:
-        """True if the request should still be published now."""
-        if self.sent is not None:
-            return self.sent.set_running_or_notify_cancel()
-        return self.correlation_id is None or self.correlation_id in pending
-
-    def wanted(self, pending: PendingCalls) -> bool:
-        """True if a claimed request whose publish may have been lost should go again."""
-        if self.sent is not None:
-            return not self.sent.done()
-        return self.correlation_id is None or self.correlation_id in pending
-
-    def publish_args(self, mandatory: bool) -> dict[str, Any]:
-        """The keywords of ``Producer.publish`` for this request, its socket writes
-        bounded by :meth:`publish_timeout`."""
-        return {
-            "body": self.encoded.payload,
-            "exchange": self.exchange or "",
-            "declare": [self.exchange] if self.exchange else None,
-            "routing_key": "" if self.exchange else self.queue,
-            "headers": self.headers,
-            "content_type": self.encoded.content_type,
-            "content_encoding": self.encoded.content_encoding,
-            "mandatory": mandatory,
-            "timeout": self.publish_timeout(),
-            **self.properties,
-        }
-
-    def readdress(self, reply_to: str) -> None:
-        """Have the reply go to ``reply_to`` (a new reply queue), signed again if signed."""
-        self.properties = {**self.properties, "reply_to": reply_to}
-        if self.secret is not None:
-            assert self.correlation_id is not None
-            self.headers = {
-                **self.headers,
-                **protocol.signature_headers(
-                    self.secret,
-                    "request",
-                    self.encoded,
-                    self.correlation_id,
-                    reply_to,
-                    self.headers.get(protocol.DEADLINE_HEADER),
-                ),
-            }
-
-    def publish_timeout(self) -> float:
-        """How long publishing may block: until the deadline, at most PUBLISH_TIMEOUT."""
-        if self.deadline is None:
-            return PUBLISH_TIMEOUT
-        return max(0.001, min(PUBLISH_TIMEOUT, self.deadline - monotonic()))
-
-    def done(self) -> None:
-        if self.sent is not None and not self.sent.done():  # a returned cast failed already
-            self.sent.set_result(None)
-
-    def fail(self, pending: PendingCalls, exc: RPCError) -> None:
-        if self.sent is not None:
-            if not self.sent.done():
-                self.sent.set_exception(exc)
-        elif self.correlation_id is not None:
-            entry = pending.pop(self.correlation_id)
-            if entry is not None:
-                entry.reject(exc)
-            else:
-                logger.warning("could not publish an expired request to %r: %s", self.queue, exc)
-        else:
-            logger.warning("could not publish to %r: %s", self.queue, exc)
-
-
 @dataclass(frozen=True)
 class _Withdrawal:
     """Take back, on Redis, the request of a call that ended unanswered (at its
@@ -246,198 +130,40 @@ class _Withdrawal:
             logger.debug("could not take back the request %s: %s", self.correlation_id, exc)
 
 
-class PendingCalls:
-    """Calls waiting for a reply, by correlation id, each failed at its deadline.
-
-    Whoever pops an entry completes its future, so a reply and a timeout racing
-    for the same call cannot both win. A small thread fails expired calls with
-    :class:`RPCTimeout`; it sleeps on a condition until the earliest deadline.
-    """
-
-    def __init__(self, on_expired: Callable[[str, str], None] | None = None) -> None:
-        #: Called with (queue, correlation_id) of each call failed at its deadline.
-        self._on_expired = on_expired
-        self._calls: dict[str, _Pending] = {}
-        self._deadlines: list[tuple[float, str]] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._watcher: threading.Thread | None = None
-        #: The latest (monotonic) deadline of the calls and broadcasts that ended
-        #: without (all) their replies: those replies may still come.
-        self._unanswered_until = -math.inf
-
-    def add(
-        self,
-        correlation_id: str,
-        method: str,
-        timeout: float | None,
-        span: Any = None,
-        queue: str = "",
-        job: _Outgoing | None = None,
-    ) -> Future[Any]:
-        """Register a call before its request is published; returns its future."""
-        future: Future[Any] = Future()
-        future.set_running_or_notify_cancel()  # a sent request cannot be cancelled
-        with self._cond:
-            self._calls[correlation_id] = _Pending(future, method, timeout, span, queue, job)
-            if timeout is not None:
-                deadline = monotonic() + timeout
-                if len(self._deadlines) > 2 * len(self._calls) + 1024:
-                    self._compact()
-                heapq.heappush(self._deadlines, (deadline, correlation_id))
-                if self._deadlines[0][1] == correlation_id:
-                    self._cond.notify()
-                if self._watcher is None:
-                    self._watcher = threading.Thread(
-                        target=self._watch, name="kombu_rpc-deadlines", daemon=True
-                    )
-                    self._watcher.start()
-        return future
-
-    def _compact(self) -> None:
-        """Drop the deadlines of calls that already ended (under ``self._cond``).
-
-        A finished call leaves its deadline in the heap until it comes due; without
-        this, a proxy making 1,000 calls/s with a 30 s timeout would hold 30,000 of them.
-        """
-        self._deadlines = [entry for entry in self._deadlines if entry[1] in self._calls]
-        heapq.heapify(self._deadlines)
-
-    def pop(self, correlation_id: str) -> _Pending | None:
-        """Remove and return the call, or ``None`` if it is unknown or already done."""
-        with self._cond:
-            return self._calls.pop(correlation_id, None)
-
-    def fail_all(self, exc_factory: type[RPCError], message: str) -> list[tuple[str, str]]:
-        """Fail every pending call with ``exc_factory(message)``; returns their
-        (queue, correlation_id)."""
-        with self._cond:
-            calls, self._calls = self._calls, {}
-        for pending in calls.values():
-            pending.reject(exc_factory(f"{message} (call to {pending.method!r})"))
-        return [(pending.queue, cid) for cid, pending in calls.items()]
-
-    def lose_replies(self) -> list[_Outgoing]:
-        """The reply queue is gone (AMQP, with its connection): fail each call whose
-        request was written, as it may have run, unless marked ``retry``; return the
-        requests of those to publish again."""
-        again: list[_Outgoing] = []
-        lost: list[_Pending] = []
-        with self._cond:
-            for cid, pending in list(self._calls.items()):
-                job = pending.job
-                if job is None or not job.written:
-                    continue  # not sent yet: it goes to the new reply queue
-                job.written = False
-                if job.retry:
-                    again.append(job)
-                else:
-                    lost.append(self._calls.pop(cid))
-        for pending in lost:
-            pending.reject(
-                ConnectionLostError(
-                    f"the connection to the broker was lost while call {pending.method!r} was in "
-                    "flight; its reply can no longer arrive, and the request may have run "
-                    "(pass retry=True for calls safe to run twice)"
-                )
-            )
-        return again
-
-    def unanswered(self, deadline: float) -> None:
-        """Note a call or broadcast that ended at (monotonic) ``deadline`` without (all)
-        its replies: servers may still send them."""
-        with self._cond:
-            self._unanswered_until = max(self._unanswered_until, deadline)
-
-    def last_deadline(self) -> float:
-        """The latest (monotonic) deadline of the calls in flight and of those noted by
-        :meth:`unanswered`, after which no reply is due any more: ``math.inf`` if a call
-        in flight has no deadline, ``-math.inf`` if no reply can come."""
-        with self._cond:
-            if any(pending.timeout is None for pending in self._calls.values()):
-                return math.inf
-            in_flight = [deadline for deadline, cid in self._deadlines if cid in self._calls]
-            return max([self._unanswered_until, *in_flight])
-
-    def close(self) -> None:
-        """Stop the deadline thread (pending calls are left to :meth:`fail_all`)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-            watcher = self._watcher
-        if watcher is not None and watcher is not threading.current_thread():
-            watcher.join()
-
-    def __len__(self) -> int:
-        return len(self._calls)
-
-    def __contains__(self, correlation_id: object) -> bool:
-        return correlation_id in self._calls
-
-    def _watch(self) -> None:
-        while True:
-            expired: list[tuple[str, _Pending]] = []
-            with self._cond:
-                if self._closed:
-                    return
-                now = monotonic()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    _, cid = heapq.heappop(self._deadlines)
-                    pending = self._calls.pop(cid, None)
-                    if pending is not None:
-                        expired.append((cid, pending))
-                if expired:
-                    self._unanswered_until = max(self._unanswered_until, now)
-                else:
-                    wait = self._deadlines[0][0] - now if self._deadlines else None
-                    self._cond.wait(wait)
-            for cid, pending in expired:
-                assert pending.timeout is not None
-                pending.reject(RPCTimeout(pending.method, pending.timeout))
-                if self._on_expired is not None:
-                    self._on_expired(pending.queue, cid)
-
-
 class Client:
     """Sends requests and routes replies for one :class:`~kombu_rpc.RPCProxy`.
 
     Args:
         connection: A connection from :func:`kombu_rpc.connection.connect`; the
             client clones it and never uses it directly.
-        serializer: Serializer name for requests.
-        retry_policy: Keywords for kombu's ``ensure_connection`` and
-            ``publish(retry_policy=...)``.
-        confirm_publish: On AMQP, publish requests with publisher confirms and
-            ``mandatory``, so an unroutable request raises :class:`NoServerError`.
-        secret: Sign every request with this HMAC key, and accept only replies signed
-            with it (see :func:`kombu_rpc.protocol.check_signature`).
-        codec: The wire format (:mod:`kombu_rpc.codecs`); ``None``: the default.
-        direct_reply_to: On RabbitMQ, take replies through the ``amq.rabbitmq.reply-to``
-            pseudo-queue instead of a declared reply queue; replies to calls in flight
-            are lost if the connection drops.
+        options: The proxy's settings; the client uses those of the connection and
+            the wire: ``serializer``, ``retry_policy`` (keywords for kombu's
+            ``ensure_connection`` and ``publish(retry_policy=...)``),
+            ``confirm_publish`` (on AMQP, publisher confirms and ``mandatory``, so an
+            unroutable request raises :class:`NoServerError`), ``secret`` (sign every
+            request with this HMAC key, and accept only replies signed with it: see
+            :func:`kombu_rpc.protocol.check_signature`), ``codec`` and
+            ``direct_reply_to`` (on RabbitMQ, take replies through the
+            ``amq.rabbitmq.reply-to`` pseudo-queue instead of a declared reply queue;
+            replies to calls in flight are lost if the connection drops).
+
+    Raises:
+        ConfigurationError: ``direct_reply_to`` on a broker other than RabbitMQ.
     """
 
-    def __init__(
-        self,
-        connection: Connection,
-        serializer: str,
-        retry_policy: dict[str, Any],
-        confirm_publish: bool = True,
-        secret: bytes | None = None,
-        codec: Codec | None = None,
-        direct_reply_to: bool = False,
-    ) -> None:
+    def __init__(self, connection: Connection, options: ProxyOptions) -> None:
         self._kind = kind(connection)
-        if direct_reply_to and self._kind is not Kind.AMQP:
+        if options.direct_reply_to and self._kind is not Kind.AMQP:
             raise ConfigurationError("direct_reply_to is a RabbitMQ feature: it needs an amqp:// broker")
-        self._direct = direct_reply_to
+        assert options.codec is not None and options.retry_policy is not None
+        self._direct = options.direct_reply_to
         self._connection = connection
-        self._codec = check_codec(codec)
-        self._confirm_publish = confirm_publish
-        self._secret = secret
-        self.serializer = serializer
-        self._accept = {serializer, "json"}
-        self._retry_policy = retry_policy
+        self._codec: Codec = options.codec
+        self._confirm_publish = options.confirm_publish
+        self._secret = protocol.secret_bytes(options.secret)
+        self.serializer = options.serializer
+        self._accept = {options.serializer, "json"}
+        self._retry_policy = dict(options.retry_policy)
         self._closing = False
         self._fresh_state()
 
@@ -613,7 +339,7 @@ class Client:
                 conn.connect()
                 try:
                     exchange(conn.default_channel).declare(passive=True)
-                except conn.channel_errors:
+                except broker_errors(conn, connection=False):
                     return False
         except Exception as exc:
             logger.debug("could not check the broadcast exchange %s: %s", exchange.name, exc)
@@ -780,12 +506,7 @@ class Client:
     def _publish(self, producer: Producer, job: _Outgoing) -> None:
         try:
             publish(producer, self._retry_policy, **job.publish_args(self._confirm_publish))
-        except (
-            *producer.connection.channel_errors,
-            *producer.connection.connection_errors,
-            OperationalError,
-            OSError,
-        ) as exc:
+        except broker_errors(producer.connection, operational=True, os_errors=True) as exc:
             raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
 
     # -- replies ---------------------------------------------------------------------

@@ -28,7 +28,6 @@ from .errors import (
     SerializationError,
     remote_error_from_wire,
 )
-from .registry import NAME_PATTERN
 
 
 class Codec(ABC):
@@ -157,7 +156,7 @@ class Plain(Codec):
         parse: Callable[[str], Any] = parse_text,
         format: Callable[[Any], str] = format_value,
     ) -> None:
-        if method is not None and not (isinstance(method, str) and NAME_PATTERN.fullmatch(method)):
+        if method is not None and not (isinstance(method, str) and protocol.NAME_PATTERN.fullmatch(method)):
             raise ConfigurationError(f"Plain(method=...) must be a remote name, got {method!r}")
         self.method = method
         self._parse = parse

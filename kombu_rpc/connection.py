@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 from kombu import Connection, Producer
+from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from .errors import ConfigurationError
@@ -104,6 +105,38 @@ def publish(producer: Producer, retry_policy: dict[str, Any] | None, **kwargs: A
         if retry_policy is None:
             raise
         producer.publish(retry=True, retry_policy=retry_policy, **kwargs)
+
+
+def broker_errors(
+    conn: Connection,
+    *,
+    connection: bool = True,
+    channel: bool = True,
+    operational: bool = False,
+    os_errors: bool = False,
+) -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the broker failed ``conn`` (a :class:`kombu.Connection`),
+    for an ``except`` clause: its transport's ``connection_errors`` and
+    ``channel_errors``, kombu's ``OperationalError`` (what ``ensure`` raises once its
+    retries are spent) and ``OSError`` (a socket), each as asked for.
+
+    Args:
+        conn: The connection whose transport's errors are meant.
+        connection: Include the transport's ``connection_errors``.
+        channel: Include the transport's ``channel_errors``.
+        operational: Include :class:`kombu.exceptions.OperationalError`.
+        os_errors: Include :class:`OSError`.
+    """
+    errors: tuple[type[BaseException], ...] = ()
+    if connection:
+        errors += tuple(conn.connection_errors)
+    if channel:
+        errors += tuple(conn.channel_errors)
+    if operational:
+        errors += (OperationalError,)
+    if os_errors:
+        errors += (OSError,)
+    return errors
 
 
 def take_confirmed(unconfirmed: dict[int, Any], delivery_tag: int, multiple: bool) -> list[Any]:
@@ -254,7 +287,7 @@ def safe_uri(conn: Connection) -> str:
     return str(maybe_sanitize_url(uri))  # a URL the transport parses itself (sqla+...) shows as given
 
 
-def merge_retry_policy(overrides: dict[str, Any] | None) -> dict[str, Any]:
+def merge_retry_policy(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`DEFAULT_RETRY_POLICY` updated with ``overrides``; rejects unknown keys."""
     policy = dict(DEFAULT_RETRY_POLICY)
     if overrides is not None:

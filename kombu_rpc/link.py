@@ -31,19 +31,16 @@ import socket
 import threading
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kombu import Connection, Consumer, Producer, Queue
-from kombu.exceptions import OperationalError
 
-from .connection import reconnect, take_confirmed
+from .connection import broker_errors, reconnect, take_confirmed
 from .errors import ConnectionLostError, NoServerError
+from .pending import PendingCalls, _Outgoing
 from .protocol import WAKE_HEADERS, WAKE_UP
 from .topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, discard_queue, new_id, private_queue
 from .transports import unread
-
-if TYPE_CHECKING:
-    from .client import PendingCalls, _Outgoing
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +314,7 @@ class AmqpLink(_Link):
                     if self.reply_queue != DIRECT_REPLY_TO:
                         for queue in consumer.queues:
                             discard_queue(queue)
-                except (*self._conn.connection_errors, *self._conn.channel_errors, OSError):
+                except broker_errors(self._conn, os_errors=True):
                     pass
             self._conn.release()
         self.wake_waiters()
@@ -375,11 +372,11 @@ class AmqpLink(_Link):
         job.written = True
         try:
             self._producer.publish(**job.publish_args(self._confirm))
-        except self._conn.channel_errors as exc:  # the broker closed the channel
+        except broker_errors(self._conn, connection=False) as exc:  # the broker closed the channel
             job.fail(self._pending, ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}"))
             self._lose(exc)
             return
-        except (*self._conn.connection_errors, OperationalError, OSError) as exc:
+        except broker_errors(self._conn, channel=False, operational=True, os_errors=True) as exc:
             job.written = False  # a frame cut short: the broker drops it
             self._unsent.append(job)  # published again after the reconnect
             self._lose(exc)
@@ -507,7 +504,7 @@ class AmqpLink(_Link):
             self._next_check = now + IDLE_WAIT
             try:
                 self._conn.heartbeat_check()
-            except (*self._conn.connection_errors, OSError) as exc:
+            except broker_errors(self._conn, channel=False, os_errors=True) as exc:
                 self._lose(exc)
 
     def _recover(self) -> None:
@@ -540,7 +537,7 @@ class AmqpLink(_Link):
                         self.reply_queue = REPLY_QUEUE_TEMPLATE.format(uid=new_id())
                     self._open()
                     break
-                except (*self._conn.connection_errors, *self._conn.channel_errors) as again:
+                except broker_errors(self._conn) as again:
                     # a channel error: a queue still locked or gone on a cluster whose
                     # node just died (405, 404); it settles within moments
                     delay = min(max(0.1, 2 * delay), self._retry_policy["interval_max"])
@@ -804,7 +801,7 @@ class RedisLink(PollingLink):
         if self._leader is not None and consumer is not None and self._broken is None:
             try:
                 self._wake_up(consumer.channel)
-            except (*self._conn.connection_errors, *self._conn.channel_errors, OSError):
+            except broker_errors(self._conn, os_errors=True):
                 pass
 
     def _wake_up(self, channel: Any) -> None:

@@ -28,6 +28,9 @@ from .errors import (
 )
 from .topology import DIRECT_REPLY_TO
 
+#: Valid remote names are dotted identifiers whose parts start with a letter (the
+#: registry, the proxies and the codecs all check names against it).
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 #: Header holding the caller's deadline as seconds since the epoch (a float).
 DEADLINE_HEADER = "x-rpc-deadline"
 #: Seconds a signature stays valid, either way (for clock skew).

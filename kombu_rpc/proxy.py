@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from types import TracebackType
 from typing import Any
 
-from . import protocol
 from .client import BroadcastReply, Client
 from .codecs import Codec
-from .connection import Broker, connect, merge_retry_policy
+from .connection import Broker, connect
 from .errors import ConfigurationError, RemoteError, RPCTimeout
-from .registry import NAME_PATTERN
-from .topology import DEFAULT_QUEUE, check_queue_name
+from .options import ProxyOptions, check_timeout
+from .protocol import NAME_PATTERN
+from .topology import DEFAULT_QUEUE
 
 _UNSET: Any = object()
 #: Seconds past a call's timeout after which a blocking call stops waiting regardless.
 _GUARD = 1.0
 logger = logging.getLogger(__name__)
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    return float(timeout)
 
 
 class RPCProxy:
@@ -93,30 +80,33 @@ class RPCProxy:
         direct_reply_to: bool = False,
         retry: bool = False,
     ) -> None:
-        self._queue = check_queue_name(queue)
-        self._timeout = _check_timeout(timeout)
-        self._retry = _check_flag("retry", retry)
-        protocol.check_serializer(serializer)
-        self._client = Client(
-            connect(broker),
-            serializer,
-            merge_retry_policy(retry_policy),
-            confirm_publish,
-            protocol.secret_bytes(secret),
-            codec,
-            direct_reply_to,
+        options = ProxyOptions(
+            queue=queue,
+            timeout=timeout,
+            serializer=serializer,
+            retry_policy=retry_policy,
+            confirm_publish=confirm_publish,
+            secret=secret,
+            codec=codec,
+            direct_reply_to=direct_reply_to,
+            retry=retry,
         )
-        self._owner = True
+        self._bind(Client(connect(broker), options), options, owner=True)
 
     @classmethod
-    def from_celery(cls, app: Any, **kwargs: Any) -> RPCProxy:
-        """A proxy over a Celery app's broker settings (URL, transport options, SSL);
-        see :func:`kombu_rpc.contrib.celery.proxy_from_celery`, which takes the same
-        arguments. Needs Celery (``pip install 'celery>=5.3'``, or ``pip install -e '.[celery]'``
-        in a kombu_rpc checkout)."""
-        from .contrib.celery import proxy_from_celery
+    def _from_options(cls, broker: Broker | None, options: ProxyOptions) -> RPCProxy:
+        """A proxy with these (checked) options: :class:`RPCProxy` ``(broker, **options)``."""
+        proxy = cls.__new__(cls)
+        proxy._bind(Client(connect(broker), options), options, owner=True)
+        return proxy
 
-        return proxy_from_celery(app, **kwargs)
+    def _bind(self, client: Client, options: ProxyOptions, owner: bool) -> None:
+        self._client = client
+        self._options = options
+        self._queue = options.queue
+        self._timeout = options.timeout
+        self._retry = options.retry
+        self._owner = owner  # closing closes the client (not a view's)
 
     def options(self, *, timeout: float | None = _UNSET, retry: bool = _UNSET) -> RPCProxy:
         """Return a view of this proxy with per-call options overridden.
@@ -128,13 +118,18 @@ class RPCProxy:
                 keep this proxy's timeout.
             retry: Whether the calls are safe to run twice (see :class:`RPCProxy`).
                 Omit to keep this proxy's.
+
+        Raises:
+            ConfigurationError: ``timeout`` is not a positive number or ``None``, or
+                ``retry`` not a bool.
         """
-        view = object.__new__(RPCProxy)
-        view._queue = self._queue
-        view._timeout = self._timeout if timeout is _UNSET else _check_timeout(timeout)
-        view._retry = self._retry if retry is _UNSET else _check_flag("retry", retry)
-        view._client = self._client
-        view._owner = False
+        changes: dict[str, Any] = {}
+        if timeout is not _UNSET:
+            changes["timeout"] = timeout
+        if retry is not _UNSET:
+            changes["retry"] = retry
+        view = type(self).__new__(type(self))
+        view._bind(self._client, dataclasses.replace(self._options, **changes), owner=False)
         return view
 
     @property
@@ -268,7 +263,7 @@ class MethodProxy:
         Raises:
             ConnectionLostError: The request could not be sent within ``timeout``.
         """
-        window = _check_timeout(timeout)
+        window = check_timeout(timeout)
         if window is None:
             raise ConfigurationError("a broadcast needs a timeout: it cannot tell when all servers answered")
         if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int) or expect < 1):

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from .errors import ConfigurationError
+from .protocol import NAME_PATTERN as NAME_PATTERN  # re-exported: it used to live here
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: The ``expected`` argument of :func:`remote`: an exception class or a tuple of them.
 Expected = type[BaseException] | tuple[type[BaseException], ...]
 
-#: Valid remote names are dotted identifiers whose parts start with a letter.
-NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 #: Names under this prefix are served by every server itself (``kombu_rpc.ping``,
 #: ``kombu_rpc.describe``) and cannot be registered.
 RESERVED_PREFIX = "kombu_rpc."

@@ -23,13 +23,12 @@ from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.message import Message
 
 from . import context, protocol
-from .codecs import Codec, check_codec
+from .codecs import Codec
 from .connection import (
     PUBLISH_TIMEOUT,
     Broker,
     Heartbeater,
     connect,
-    merge_retry_policy,
     publish,
     publishing_clone,
     reconnect,
@@ -45,12 +44,12 @@ from .errors import (
     RemoteError,
     SerializationError,
 )
-from .registry import RESERVED_PREFIX, Procedure, Registry, default_registry
+from .options import ServerOptions
+from .registry import RESERVED_PREFIX, Procedure, Registry
 from .topology import (
     CONTROL_QUEUE_TEMPLATE,
     DEFAULT_QUEUE,
     broadcast_queue,
-    check_queue_name,
     discard_queue,
     new_id,
     private_queue,
@@ -72,8 +71,6 @@ _POLL_MIN, _POLL_MAX = 0.0005, 0.05
 #: still exist (a cluster deletes a dead node's queues moments after a client declared
 #: them again), then four times as long after each check, up to ``_VERIFY_MAX``.
 _VERIFY_FIRST, _VERIFY_MAX = 0.5, 30.0
-#: Values of ``queue_type``.
-QUEUE_TYPES = ("classic", "quorum")
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ class RPCServer:
     Args:
         broker: Broker URL or :class:`kombu.Connection` (cloned, not used directly);
             ``None``: the URL in the ``KOMBU_RPC_BROKER_URL`` environment variable.
-        registry: The functions to serve; ``None`` serves :data:`default_registry`.
+        registry: The functions to serve; ``None`` serves :data:`~kombu_rpc.registry.default_registry`.
         queue: The request queue to consume.
         concurrency: How many calls run at once; also the prefetch count. With 1,
             calls run in the consuming thread; above 1, in a thread pool.
@@ -157,44 +154,41 @@ class RPCServer:
         secret: str | bytes | None = None,
         codec: Codec | None = None,
     ) -> None:
-        if registry is not None and not isinstance(registry, Registry):
-            raise ConfigurationError(f"registry must be a kombu_rpc.Registry or None, got {registry!r}")
-        _check_positive_int("concurrency", concurrency)
-        if isinstance(accept, str) or not accept:
-            raise ConfigurationError(f"accept must be a non-empty list of serializer names, got {accept!r}")
-        for name in accept:
-            protocol.check_serializer(name)
-        self.registry = default_registry if registry is None else registry
-        self.queue = check_queue_name(queue)
-        self.concurrency = concurrency
-        self.accept = frozenset(accept)
-        self.send_tracebacks = send_tracebacks
-        if max_message_size is not None:
-            _check_positive_int("max_message_size", max_message_size, or_none=True)
-        self.max_message_size = max_message_size
-        if queue_type not in QUEUE_TYPES:
-            raise ConfigurationError(f"queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
-        if queue_arguments is not None and not isinstance(queue_arguments, dict):
-            raise ConfigurationError(f"queue_arguments must be a dict or None, got {queue_arguments!r}")
-        declared_type = (queue_arguments or {}).get("x-queue-type", queue_type)
-        if queue_type == "quorum" and declared_type != "quorum":
-            raise ConfigurationError(
-                f"queue_type='quorum' contradicts queue_arguments' x-queue-type {declared_type!r}"
-            )
-        if declared_type == "quorum":  # RabbitMQ refuses a quorum queue that is not durable
-            queue_type, durable = "quorum", True
-            queue_arguments = {**(queue_arguments or {}), "x-queue-type": "quorum"}
-        self.durable = durable
-        self.queue_type = queue_type
-        self.queue_arguments = queue_arguments
-        self.confirm_publish = confirm_publish
-        self._secret = protocol.secret_bytes(secret)
-        self.codec = check_codec(codec)
+        options = ServerOptions(
+            registry=registry,
+            queue=queue,
+            concurrency=concurrency,
+            accept=accept,
+            send_tracebacks=send_tracebacks,
+            max_message_size=max_message_size,
+            durable=durable,
+            queue_type=queue_type,
+            queue_arguments=queue_arguments,
+            retry_policy=retry_policy,
+            confirm_publish=confirm_publish,
+            secret=secret,
+            codec=codec,
+        )
+        #: The server's settings, checked (:class:`~kombu_rpc.options.ServerOptions`).
+        self.options = options
+        assert options.registry is not None and options.codec is not None
+        self.registry: Registry = options.registry
+        self.queue = options.queue
+        self.concurrency = options.concurrency
+        self.accept = frozenset(options.accept)
+        self.send_tracebacks = options.send_tracebacks
+        self.max_message_size = options.max_message_size
+        self.durable = options.durable
+        self.queue_type = options.queue_type
+        self.queue_arguments = options.queue_arguments
+        self.confirm_publish = options.confirm_publish
+        self._secret = protocol.secret_bytes(options.secret)
+        self.codec: Codec = options.codec
         self._seen_signatures: OrderedDict[str, float] = OrderedDict()
         #: Unique id of this server; names its private control queue.
         self.server_id = new_id()
         self._connection = connect(broker)
-        self._retry_policy = merge_retry_policy(retry_policy)
+        self._retry_policy = dict(options.retry_policy or {})
         self._control_queue = CONTROL_QUEUE_TEMPLATE.format(server_id=self.server_id)
         self._stopping = threading.Event()
         # Held by stop() while it wakes the loop (re-entrant: a signal handler may stop
@@ -917,12 +911,6 @@ def _publish_reply_on(
         immediate=False,
         timeout=PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
     )
-
-
-def _check_positive_int(name: str, value: object, or_none: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer or None" if or_none else "a positive integer"
-        raise ConfigurationError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -7,12 +7,14 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
+from .connection import broker_errors
 from .errors import ConfigurationError
+from .transports import REPLY_QUEUE_PREFIX
 
 #: The request queue used when none is given.
 DEFAULT_QUEUE = "rpc_queue"
 #: Each proxy consumes replies from one queue named after this template.
-REPLY_QUEUE_TEMPLATE = "kombu_rpc.reply.{uid}"
+REPLY_QUEUE_TEMPLATE = REPLY_QUEUE_PREFIX + "{uid}"
 #: RabbitMQ's pseudo-queue for direct reply-to (no reply queue is declared).
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Each server consumes wake-up (control) messages from one queue named after this.
@@ -71,7 +73,7 @@ def discard_queue(queue: Queue) -> None:
     try:
         queue.purge()
         queue.delete()
-    except conn.connection_errors + conn.channel_errors:
+    except broker_errors(conn):
         pass
 
 

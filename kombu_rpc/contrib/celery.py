@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -60,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess that hid
 from kombu.utils.imports import symbol_by_name
 
 from ..errors import ConfigurationError, ConnectionLostError
+from ..options import ServerOptions
 from ..proxy import RPCProxy
 from ..registry import Registry
 from ..server import RPCServer
@@ -82,24 +84,11 @@ logger = logging.getLogger(__name__)
 CONFIG_PREFIX = "kombu_rpc_"
 
 #: The keyword arguments of :class:`~kombu_rpc.server.RPCServer` the worker's server
-#: takes from the Celery configuration, each under the key ``kombu_rpc_<name>``. Unset
+#: takes from the Celery configuration, each under the key ``kombu_rpc_<name>``: the
+#: fields of :class:`~kombu_rpc.options.ServerOptions` (all but ``broker``). Unset
 #: keys keep the server's defaults; ``kombu_rpc_registry`` may also be the import path
 #: of a :class:`~kombu_rpc.registry.Registry` (``"proj.rpc:registry"``).
-SERVER_OPTIONS: tuple[str, ...] = (
-    "queue",
-    "registry",
-    "concurrency",
-    "accept",
-    "send_tracebacks",
-    "max_message_size",
-    "durable",
-    "queue_type",
-    "queue_arguments",
-    "retry_policy",
-    "confirm_publish",
-    "secret",
-    "codec",
-)
+SERVER_OPTIONS: tuple[str, ...] = tuple(option.name for option in dataclasses.fields(ServerOptions))
 
 #: Configuration key that turns the worker's server off when false (default: on).
 ENABLED_KEY = f"{CONFIG_PREFIX}enabled"
@@ -158,8 +147,6 @@ def proxy_from_celery(app: Any, queue: str | None = None, **kwargs: Any) -> RPCP
     connection it is given, and this one is never connected. The proxy connects on
     first use and must be closed (:meth:`~kombu_rpc.proxy.RPCProxy.close`, or use it as
     a context manager).
-
-    ``RPCProxy.from_celery(app, **kwargs)`` does the same.
 
     Args:
         app: The ``celery.Celery`` app.

@@ -63,6 +63,7 @@ __all__ = [
     "PinnedConnection",
     "PollingConnection",
     "unread",
+    "REPLY_QUEUE_PREFIX",
 ]
 
 #: Environment variable that turns kombu_rpc's own transports off (``0``, ``false``,
@@ -84,6 +85,10 @@ REDIS_CONNECT_TIMEOUT = 5.0
 #: same, and takes the lower of the two: a connection that sends nothing for two
 #: intervals is closed, and one that hears nothing as long counts as lost.
 AMQP_HEARTBEAT = 60.0
+#: Names of proxies' reply queues start with this
+#: (:data:`kombu_rpc.topology.REPLY_QUEUE_TEMPLATE`): ``memory://`` drops a message to
+#: such a queue once its proxy closed, as RabbitMQ does with an exclusive queue.
+REPLY_QUEUE_PREFIX = "kombu_rpc.reply."
 
 
 class Kind(str, enum.Enum):

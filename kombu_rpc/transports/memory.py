@@ -33,7 +33,7 @@ from uuid import uuid4
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import memory
 
-from ..topology import REPLY_QUEUE_TEMPLATE
+from . import REPLY_QUEUE_PREFIX
 
 __all__ = ["Channel", "Transport", "check"]
 
@@ -136,7 +136,7 @@ class _Registry:
 
 _registry = _Registry()
 #: Names of proxies' reply queues start with this.
-_REPLY_PREFIX = REPLY_QUEUE_TEMPLATE.partition("{")[0]
+_REPLY_PREFIX = REPLY_QUEUE_PREFIX
 #: Delivery tags of the messages put through this transport, unique in the process.
 _delivery_tags = itertools.count(1)
 #: What :meth:`Channel._deliver_first` returns when there was nothing to deliver.

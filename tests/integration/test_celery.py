@@ -275,20 +275,6 @@ def test_the_proxy_takes_the_app_broker_settings() -> None:
     app.close()
 
 
-@pytest.mark.timeout(10)
-def test_rpcproxy_from_celery(memory_app: Celery, registry: Registry) -> None:
-    queue = unique_queue_name()
-    install(memory_app, registry=registry, queue=queue)
-    step, worker = created_step(memory_app)
-    step.start(worker)
-    try:
-        with RPCProxy.from_celery(memory_app, timeout=10) as proxy:
-            assert isinstance(proxy, RPCProxy) and proxy.queue == queue
-            assert proxy["math.add"](1, 2) == 3
-    finally:
-        step.stop(worker)
-
-
 @pytest.mark.timeout(30)
 def test_kombu_rpc_works_without_celery() -> None:
     code = textwrap.dedent(

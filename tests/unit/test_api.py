@@ -126,7 +126,7 @@ def test_max_message_size_must_be_a_positive_int(size: object) -> None:
 def test_a_blocking_call_cannot_outlive_its_timeout_even_if_the_deadline_thread_fails(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from kombu_rpc.client import PendingCalls
+    from kombu_rpc.pending import PendingCalls
 
     monkeypatch.setattr(PendingCalls, "_watch", lambda self: None)  # a deadline thread that never fires
     with RPCProxy("memory://", queue="test.nobody-serves-this", timeout=0.1) as proxy:
@@ -136,7 +136,7 @@ def test_a_blocking_call_cannot_outlive_its_timeout_even_if_the_deadline_thread_
 
 
 def test_finished_calls_do_not_keep_their_deadlines() -> None:
-    from kombu_rpc.client import PendingCalls
+    from kombu_rpc.pending import PendingCalls
 
     pending = PendingCalls()
     try:
@@ -156,7 +156,7 @@ def test_pending_calls_know_until_when_a_reply_may_come() -> None:
     import math
     from time import monotonic
 
-    from kombu_rpc.client import PendingCalls
+    from kombu_rpc.pending import PendingCalls
 
     pending = PendingCalls()
     try:
