@@ -278,6 +278,7 @@ class AmqpLink(_Link):
         self._unsent: list[_Outgoing] = []  # to publish after a reconnect
         self._nacks = 0  # nacks since the last ack
         self._next_check = 0.0  # (monotonic) when heartbeats are next checked
+        self._frame_wait = FRAME_WAIT  # longest wait for the rest of a frame (see _open)
         self._wake_r: socket.socket  # made by start()
         self._wake_w: socket.socket
 
@@ -332,6 +333,12 @@ class AmqpLink(_Link):
         self._consume(channel)
         self._producer = Producer(channel, auto_declare=False)
         self._tag = 0
+        # py-amqp's drain_events reads on past heartbeat frames, each read waiting up to
+        # its timeout: a wait as long as the broker's heartbeat spacing (half the
+        # interval) would never end while the broker only beats, and the leader would
+        # send none. A quarter of the interval ends between two of them.
+        heartbeat = self._conn.connection.heartbeat or 0
+        self._frame_wait = min(FRAME_WAIT, heartbeat / 4) if heartbeat else FRAME_WAIT
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -457,7 +464,7 @@ class AmqpLink(_Link):
                 return
             try:
                 while True:  # one frame at a time, while bytes are waiting
-                    self._conn.drain_events(timeout=FRAME_WAIT)
+                    self._conn.drain_events(timeout=self._frame_wait)
                     if not (unread(connection) or select.select([sock], [], [], 0)[0]):
                         break
             except TimeoutError:  # the rest of a frame is late: py-amqp keeps the start
