@@ -419,8 +419,9 @@ class RPCServer:
             logger.info("server %s on %r stopped", self.server_id, self.queue)
 
     def _consume(self, conn: Connection) -> None:
+        amqp = kind(conn) is Kind.AMQP
         channel = conn.channel()
-        self._reply_on(channel, kind(conn) is Kind.AMQP and self.confirm_publish)
+        self._reply_on(channel, amqp and self.confirm_publish)
         requests = request_queue(self.queue, self.durable, self.queue_arguments)(channel)
         control = private_queue(self._control_queue)(channel)
         broadcasts = broadcast_queue(self.queue, self.server_id)(channel)
@@ -435,7 +436,6 @@ class RPCServer:
             ),
             Consumer(channel, [control], on_message=lambda message: None, no_ack=True),
         ]
-        amqp = kind(conn) is Kind.AMQP
         # After a reconnect on AMQP the server is ready once its queues were seen to
         # outlast a cluster's cleanup; at its first start, at once.
         settling = amqp and self._generation > 0

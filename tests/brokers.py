@@ -379,6 +379,8 @@ class PrivateRabbit(PrivateNode):
         """Run the package's ``program`` (``rabbitmqctl``, ``rabbitmq-queues``, ...)
         with ``-n NODE -q ARGS`` in this node's environment (its ``HOME``, so its
         cookie); its output, or an error."""
+        if not self.node or not self.env:  # never the shared node's defaults
+            raise RuntimeError(f"{self!r} has not started: no private node to run {program} for")
         done = subprocess.run(
             [str(self.scripts / program), "-n", self.node, "-q", *args],
             env=self.env,
