@@ -73,6 +73,9 @@ nitpick_ignore = [
     ("py:class", "kombu_rpc.pending._Pending"),  # PendingCalls.pop() -> _Pending | None
     ("py:class", "kombu_rpc.pending._Outgoing"),  # PendingCalls.lose_replies() -> list[_Outgoing]
     ("py:class", "kombu_rpc.registry.F"),  # the TypeVar of the @remote overloads
+    ("py:class", "kombu_rpc.proxy._T"),  # the interface of typed()
+    ("py:class", "kombu_rpc.aio._T"),
+    ("py:class", "kombu_rpc.interfaces._R"),  # the result of call_async()
 ]
 nitpick_ignore_regex = [
     (r"py:.*", r"(kombu|amqp)\..*"),  # kombu.Connection, kombu.Queue, amqp.transport.TCPTransport, ...

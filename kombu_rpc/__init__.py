@@ -22,6 +22,7 @@ from .errors import (
     RPCTimeout,
     SerializationError,
 )
+from .interfaces import call_async
 from .proxy import MethodProxy, RPCProxy
 from .registry import Registry, default_registry, remote
 from .server import RPCServer
@@ -39,6 +40,7 @@ __all__ = [
     "MethodProxy",
     "AsyncRPCProxy",
     "BroadcastReply",
+    "call_async",
     # call context
     "current_call",
     "CallContext",

@@ -21,14 +21,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .client import BroadcastReply
 from .codecs import Codec
 from .connection import Broker
-from .errors import CallError
+from .errors import CallError, ConfigurationError
+from .interfaces import TypedProxy, interface_methods, mismatches
 from .options import ProxyOptions
-from .proxy import _UNSET, RPCProxy
+from .proxy import _UNSET, RPCProxy, _not_as_declared
+from .registry import RESERVED_PREFIX
 from .topology import DEFAULT_QUEUE
 
 _T = TypeVar("_T")
@@ -152,6 +154,28 @@ class AsyncRPCProxy:
         view = type(self).__new__(type(self))
         view._bind(self._sync.options(timeout=timeout, retry=retry), self._sender, owner=False)
         return view
+
+    def typed(self, interface: Callable[..., _T], *, prefix: str = "") -> _T:
+        """Return a view of this proxy that type checkers see as ``interface``,
+        whose methods are declared ``async def``: ``await proxy.typed(Math).add(1, 2)``
+        is checked against ``Math.add``. As :meth:`RPCProxy.typed
+        <kombu_rpc.proxy.RPCProxy.typed>` otherwise.
+
+        Raises:
+            ConfigurationError: ``interface`` is not a class, declares no method, or
+                declares one with plain ``def``, or ``prefix`` is not a dotted name.
+        """
+        methods = interface_methods(interface, prefix, asynchronous=True)
+        assert isinstance(interface, type)
+        return cast(_T, TypedProxy(interface, {name: self[m.remote] for name, m in methods.items()}))
+
+    async def check_interface(self, interface: Callable[..., Any], *, prefix: str = "") -> None:
+        """As :meth:`RPCProxy.check_interface <kombu_rpc.proxy.RPCProxy.check_interface>`,
+        for an interface of ``async def`` methods."""
+        methods = interface_methods(interface, prefix, asynchronous=True)
+        found = mismatches(methods, await self[f"{RESERVED_PREFIX}describe"]())
+        if found:
+            raise ConfigurationError(_not_as_declared(interface, self.queue, found))
 
     @property
     def queue(self) -> str:

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from .client import BroadcastReply, Client
 from .codecs import Codec
 from .connection import Broker, connect
 from .errors import ConfigurationError, RemoteError, RPCTimeout
+from .interfaces import TypedProxy, interface_methods, mismatches
 from .options import ProxyOptions, check_timeout
 from .protocol import NAME_PATTERN
+from .registry import RESERVED_PREFIX
 from .topology import DEFAULT_QUEUE
 
+_T = TypeVar("_T")
 _UNSET: Any = object()
 #: Seconds past a call's timeout after which a blocking call stops waiting regardless.
 _GUARD = 1.0
@@ -63,8 +67,9 @@ class RPCProxy:
 
     Note:
         Remote names that clash with the proxy's own attributes (``options``,
-        ``close``, ``queue``, ``timeout``, ``reply_queue``) or with ``call_async`` and
-        ``cast`` are reached by item access: ``proxy["close"]()``.
+        ``typed``, ``check_interface``, ``close``, ``queue``, ``timeout``,
+        ``reply_queue``) or with ``call_async`` and ``cast`` are reached by item
+        access: ``proxy["close"]()``.
     """
 
     def __init__(
@@ -131,6 +136,46 @@ class RPCProxy:
         view = type(self).__new__(type(self))
         view._bind(self._client, dataclasses.replace(self._options, **changes), owner=False)
         return view
+
+    def typed(self, interface: Callable[..., _T], *, prefix: str = "") -> _T:
+        """Return a view of this proxy that type checkers see as ``interface``.
+
+        ``interface`` is a class (most often a :class:`typing.Protocol`) whose
+        methods declare the remote functions: ``proxy.typed(Math).add(1, 2)`` calls
+        the remote ``add``, and mypy checks its arguments and result against
+        ``Math.add``. :func:`kombu_rpc.call_async` starts a call typed the same way.
+        The view shares this proxy's options and reply queue; an attribute the
+        interface does not declare raises :class:`AttributeError`.
+
+        Args:
+            interface: The class declaring the remote functions with ``def``.
+            prefix: Dotted prefix of the remote names: with ``prefix="math"``,
+                ``add`` calls ``math.add``.
+
+        Raises:
+            ConfigurationError: ``interface`` is not a class, declares no method, or
+                declares one ``async def`` (that is :meth:`AsyncRPCProxy.typed
+                <kombu_rpc.aio.AsyncRPCProxy.typed>`'s kind), or ``prefix`` is not a
+                dotted name.
+        """
+        methods = interface_methods(interface, prefix, asynchronous=False)
+        assert isinstance(interface, type)
+        return cast(_T, TypedProxy(interface, {name: self[m.remote] for name, m in methods.items()}))
+
+    def check_interface(self, interface: Callable[..., Any], *, prefix: str = "") -> None:
+        """Ask a server of the queue (``kombu_rpc.describe``) whether it serves every
+        method of ``interface``, with the same parameters (names, kinds and which
+        have defaults; annotations are not compared).
+
+        Raises:
+            ConfigurationError: A method is not served, or its parameters differ;
+                the message lists each difference. Also as :meth:`typed`.
+            RPCTimeout: No server answered within the proxy's timeout.
+        """
+        methods = interface_methods(interface, prefix, asynchronous=False)
+        found = mismatches(methods, self[f"{RESERVED_PREFIX}describe"]())
+        if found:
+            raise ConfigurationError(_not_as_declared(interface, self._queue, found))
 
     @property
     def queue(self) -> str:
@@ -281,3 +326,8 @@ class MethodProxy:
 
     def __repr__(self) -> str:
         return f"<MethodProxy {self._name!r} on {self._proxy.queue!r}>"
+
+
+def _not_as_declared(interface: Callable[..., Any], queue: str, found: list[str]) -> str:
+    name = getattr(interface, "__name__", repr(interface))
+    return f"the server on {queue!r} does not serve {name} as declared: " + "; ".join(found)

@@ -1,0 +1,102 @@
+"""What ``typed()`` and ``check_interface()`` accept, without a server."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import pytest
+
+from kombu_rpc import AsyncRPCProxy, ConfigurationError, MethodProxy, RPCProxy, call_async
+from kombu_rpc.interfaces import interface_methods, mismatches
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Math(Protocol):
+    def add(self, a: int, b: int = 0, /, *rest: int, scale: float, **options: Any) -> int: ...
+
+
+class AsyncMath(Protocol):
+    async def add(self, a: int, b: int) -> int: ...
+
+
+class Functions:
+    """A plain class of static methods is an interface too."""
+
+    @staticmethod
+    def add(a: int, b: int) -> int:
+        return a + b
+
+
+def test_a_typed_view_offers_only_the_declared_methods() -> None:
+    with RPCProxy("memory://", queue="q") as proxy:
+        math = proxy.typed(Math)
+        assert isinstance(math.add, MethodProxy)
+        assert repr(math.add) == "<MethodProxy 'add' on 'q'>"
+        assert dir(math) == ["add"]
+        with pytest.raises(AttributeError, match="Math declares no remote method 'sub'"):
+            math.sub  # type: ignore[attr-defined]  # noqa: B018
+        assert repr(proxy.typed(Functions, prefix="calc")) == "<typed Functions: add>"
+        assert repr(proxy.typed(Functions, prefix="calc").add) == "<MethodProxy 'calc.add' on 'q'>"
+
+
+@pytest.mark.parametrize(
+    ("interface", "message"),
+    [
+        (len, "typed\\(\\) takes a class"),
+        (type("Empty", (), {}), "Empty declares no public method"),
+        (type("Data", (), {"limit": 3}), "Data.limit is not a method"),
+        (AsyncMath, "AsyncMath.add is declared with async def: an RPCProxy's calls block"),
+    ],
+)
+def test_a_proxy_refuses_what_is_no_interface(interface: Any, message: str) -> None:
+    with RPCProxy("memory://") as proxy, pytest.raises(ConfigurationError, match=message):
+        proxy.typed(interface)
+
+
+def test_an_async_proxy_needs_async_methods() -> None:
+    proxy = AsyncRPCProxy("memory://")
+    with pytest.raises(ConfigurationError, match=r"Math\.add is declared with def: an AsyncRPCProxy"):
+        proxy.typed(Math)
+    assert repr(proxy.typed(AsyncMath).add) == "<AsyncMethodProxy 'add' on 'rpc_queue'>"
+
+
+def test_a_prefix_is_a_dotted_name() -> None:
+    with RPCProxy("memory://") as proxy, pytest.raises(ConfigurationError, match=r"invalid prefix 'math\.'"):
+        proxy.typed(Math, prefix="math.")
+
+
+def test_call_async_takes_a_method_of_a_proxy_only() -> None:
+    with pytest.raises(TypeError, match="call_async\\(\\) takes a method of an RPCProxy"):
+        call_async(len, [])
+    with pytest.raises(TypeError, match="call_async\\(\\) takes a method of an RPCProxy"):
+        call_async(AsyncRPCProxy("memory://").typed(AsyncMath).add, 1, 2)  # type: ignore[arg-type]
+
+
+def test_call_async_returns_the_methods_future() -> None:
+    class Fake:
+        def call_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
+            future: Future[Any] = Future()
+            future.set_result((args, kwargs))
+            return future
+
+    assert call_async(Fake(), 1, b=2).result(0) == ((1,), {"b": 2})  # type: ignore[arg-type]
+
+
+def test_parameters_are_compared_by_name_kind_and_default() -> None:
+    methods = interface_methods(Math, "", asynchronous=False)
+    declared = "add: declared (a, b=..., /, *rest, scale, **options)"
+
+    def served(signature: str) -> list[str]:
+        return mismatches(methods, [{"name": "add", "signature": signature}])
+
+    assert served("(a: 'int', b: 'int' = 0, /, *rest, scale: float, **options) -> int") == []
+    # a server whose function has no readable signature is not held against it
+    assert served("(...)") == []
+    assert served("(a, b=0, /, *rest, scale=1.0, **options)") == [
+        f"{declared}, served (a, b=..., /, *rest, scale=..., **options)"
+    ]
+    assert served("(a, b=0, *, scale, **options)") == [f"{declared}, served (a, b=..., *, scale, **options)"]
+    assert mismatches(methods, []) == ["add: not served"]
+    assert mismatches(methods, "nonsense") == ["the server's description is not a list: 'nonsense'"]
