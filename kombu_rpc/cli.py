@@ -21,6 +21,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from decimal import Decimal
 from pathlib import Path
 from types import FrameType
@@ -139,6 +140,16 @@ _seconds = _positive(float, "number of seconds")
 _count = _positive(int, "integer")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (0 to 65535), got {text!r}")
+    return port
+
+
 # -- serve ----------------------------------------------------------------------------
 
 
@@ -207,18 +218,33 @@ def _serve(args: argparse.Namespace) -> int:
     server = RPCServer(
         broker, registry=registry, queue=args.queue, concurrency=args.concurrency, queue_type=args.queue_type
     )
-    print(f"kombu-rpc serving {args.module} on {uri}", flush=True)
-    print(f"  queue: {args.queue}  concurrency: {args.concurrency}", flush=True)
-    for name in registry.names():
-        print(f"  - {name}", flush=True)
-    try:
-        _run_until_signalled(server)
-    except RPCError:
-        raise
-    except Exception as exc:  # a broker error the server did not wrap (a refused login)
-        raise ConfigurationError(
-            f"cannot serve on {uri}: {type(exc).__name__}: {_one_line(str(exc))}"
-        ) from exc
+    with ExitStack() as stack:
+        if args.health_port is not None:
+            from .health import serve_health
+
+            try:
+                health = stack.enter_context(
+                    serve_health(lambda: server.ready, args.health_port, args.health_host)
+                )
+            except OSError as exc:
+                where = f"{args.health_host}:{args.health_port}"
+                raise ConfigurationError(
+                    f"cannot answer health probes on {where}: {exc.strerror or exc}"
+                ) from exc
+        print(f"kombu-rpc serving {args.module} on {uri}", flush=True)
+        print(f"  queue: {args.queue}  concurrency: {args.concurrency}", flush=True)
+        if args.health_port is not None:
+            print(f"  health: {health.url}/livez {health.url}/readyz", flush=True)
+        for name in registry.names():
+            print(f"  - {name}", flush=True)
+        try:
+            _run_until_signalled(server)
+        except RPCError:
+            raise
+        except Exception as exc:  # a broker error the server did not wrap (a refused login)
+            raise ConfigurationError(
+                f"cannot serve on {uri}: {type(exc).__name__}: {_one_line(str(exc))}"
+            ) from exc
     return 0
 
 
@@ -427,7 +453,8 @@ unacknowledged for the broker to deliver again.
 examples:
   kombu-rpc serve services -b amqp://guest:guest@127.0.0.1//
   kombu-rpc serve path/to/services.py -q billing -c 8
-  kombu-rpc serve services:admin        # the Registry named 'admin' in services""",
+  kombu-rpc serve services:admin        # the Registry named 'admin' in services
+  kombu-rpc serve services --health-port 8080 --health-host 0.0.0.0""",
     "call": """\
 Each ARG is parsed as JSON, else taken as a string. The result is printed as JSON;
 non-ASCII text as is, datetime/date/time as ISO 8601 strings, Decimal and UUID as
@@ -514,6 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="debug, info, warning or error (default: info)",
+    )
+    serve.add_argument(
+        "--health-port",
+        type=_port,
+        metavar="PORT",
+        help="answer HTTP health probes on PORT: /livez (the process runs) and /readyz "
+        "(consuming its queue; 503 otherwise); 0 picks a free port",
+    )
+    serve.add_argument(
+        "--health-host",
+        metavar="HOST",
+        default="127.0.0.1",
+        help="address of the health probes (default: 127.0.0.1; 0.0.0.0 in a container)",
     )
     serve.set_defaults(handler=_serve)
 
