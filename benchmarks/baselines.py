@@ -5,7 +5,11 @@
   replies, ack after replying. A client owns one connection: a Producer that sends
   requests with ``reply_to`` and ``correlation_id``, a Consumer on a private reply
   queue, and ``drain_events`` until the matching reply came. JSON bodies. It is the
-  floor for any kombu-based RPC library.
+  floor for any kombu-based RPC library. ``RawKombu(..., confirms=True)`` (AMQP,
+  ``raw_kombu_confirms``) is the same loop with kombu_rpc's guarantees as plain kombu
+  gives them: every publish waits for its publisher confirm (kombu's
+  ``confirm_publish`` transport option), so the server acks a request only after the
+  broker confirmed its reply, and a request counts as sent once confirmed.
 * :class:`PikaTutorial`: the RabbitMQ tutorial-6 client and server written with pika
   (AMQP only): ``basic_qos(prefetch_count=1)``, ``basic_consume``, compute, publish to
   ``reply_to`` with the ``correlation_id``, ``basic_ack``; the client declares an
@@ -253,12 +257,24 @@ class RawKombu(Implementation):
     Args:
         busy_poll: memory:// only: ``polling_interval=0`` instead of kombu's default of
             1 s, so an empty queue is polled again at once (fast, but it spins a core).
+        confirms: AMQP only: wait for a publisher confirm after every publish.
     """
 
-    def __init__(self, broker: Broker, call_timeout: float, busy_poll: bool = False) -> None:
+    def __init__(
+        self, broker: Broker, call_timeout: float, busy_poll: bool = False, confirms: bool = False
+    ) -> None:
         super().__init__(broker, call_timeout)
+        if confirms and broker.name != "amqp":
+            raise ValueError("publisher confirms are an AMQP feature")
         self.transport_options: dict[str, Any] = {"polling_interval": 0} if busy_poll else {}
         self.name = "raw_kombu_busypoll" if busy_poll else "raw_kombu"
+        if confirms:
+            self.transport_options["confirm_publish"] = True
+            self.name = "raw_kombu_confirms"
+            self.note = (
+                "raw_kombu_confirms: the raw kombu loop with publisher confirms on every publish "
+                "(the server acks after its reply is confirmed), as kombu_rpc does by default"
+            )
         if broker.name == "memory" and busy_poll:
             self.note = (
                 "raw_kombu_busypoll: plain kombu memory:// with polling_interval=0 (spins a core while idle)"

@@ -119,6 +119,7 @@ def implementations(broker: Broker, settings: Settings) -> list[Implementation]:
     if broker.name == "memory":
         impls.append(RawKombu(broker, timeout, busy_poll=True))
     if broker.name == "amqp":
+        impls.append(RawKombu(broker, timeout, confirms=True))
         impls.append(PikaTutorial(broker, timeout))
     impls.append(KombuRPC(broker, timeout))
     if broker.name == "amqp":

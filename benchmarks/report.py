@@ -147,8 +147,11 @@ def evaluate_targets(results: list[Result]) -> list[Outcome]:
 
     ratio("amqp", "sequential", "pika", 1.0, "pika tutorial")
     ratio("amqp", "sequential", "raw_kombu", 0.95)
-    ratio("amqp", "pipelined_k64_c8", "raw_kombu", 1.0, "raw_kombu pipelined")
     ratio("amqp", "pipelined_k64_c8", "sequential", 1.5, "its own sequential")
+    for k in (16, 64):  # many calls in flight: the raw loop without, and with, confirms
+        for c in (1, 8):
+            ratio("amqp", f"pipelined_k{k}_c{c}", "raw_kombu", 0.9, "raw_kombu pipelined")
+            ratio("amqp", f"pipelined_k{k}_c{c}", "raw_kombu_confirms", 1.0)
     ratio("redis", "sequential", "raw_kombu", 0.95)
     for broker, scenario in sorted(ran):
         if broker == "redis" and scenario.startswith("pipelined_"):

@@ -32,7 +32,7 @@ COMPARED = [
 #: The implementations compared on each kind of broker.
 IMPLS = {
     "memory": ["raw_kombu", "raw_kombu_busypoll", "kombu_rpc"],
-    "amqp": ["raw_kombu", "pika", "kombu_rpc", "kombu_rpc_noconfirm"],
+    "amqp": ["raw_kombu", "raw_kombu_confirms", "pika", "kombu_rpc", "kombu_rpc_noconfirm"],
     "redis": ["raw_kombu", "kombu_rpc"],
 }
 KINDS = {"memory": "memory", "amqp": "amqp", "pyamqp": "amqp", "redis": "redis"}
