@@ -219,22 +219,11 @@ def _serve(args: argparse.Namespace) -> int:
         broker, registry=registry, queue=args.queue, concurrency=args.concurrency, queue_type=args.queue_type
     )
     with ExitStack() as stack:
-        if args.health_port is not None:
-            from .health import serve_health
-
-            try:
-                health = stack.enter_context(
-                    serve_health(lambda: server.ready, args.health_port, args.health_host)
-                )
-            except OSError as exc:
-                where = f"{args.health_host}:{args.health_port}"
-                raise ConfigurationError(
-                    f"cannot answer health probes on {where}: {exc.strerror or exc}"
-                ) from exc
+        endpoints = _start_endpoints(args, lambda: server.ready, stack)
         print(f"kombu-rpc serving {args.module} on {uri}", flush=True)
         print(f"  queue: {args.queue}  concurrency: {args.concurrency}", flush=True)
-        if args.health_port is not None:
-            print(f"  health: {health.url}/livez {health.url}/readyz", flush=True)
+        for line in endpoints:
+            print(f"  {line}", flush=True)
         for name in registry.names():
             print(f"  - {name}", flush=True)
         try:
@@ -246,6 +235,38 @@ def _serve(args: argparse.Namespace) -> int:
                 f"cannot serve on {uri}: {type(exc).__name__}: {_one_line(str(exc))}"
             ) from exc
     return 0
+
+
+def _start_endpoints(args: argparse.Namespace, ready: Callable[[], bool], stack: ExitStack) -> list[str]:
+    """Start the HTTP endpoints ``--health-port`` and ``--metrics-port`` ask for (one
+    server if they name the same port); returns the banner's lines about them."""
+    ports: dict[int, bool] = {}  # port -> whether it answers /metrics too
+    if args.health_port is not None:
+        ports[args.health_port] = False
+    if args.metrics_port is not None:
+        from . import metrics
+
+        metrics.enable()
+        stack.callback(metrics.disable)
+        ports[args.metrics_port] = True
+    if not ports:
+        return []
+    from .health import serve_health
+
+    lines: list[str] = []
+    for port, with_metrics in ports.items():
+        try:
+            endpoint = serve_health(ready, port, args.health_host, metrics=with_metrics)
+        except OSError as exc:
+            where = f"{args.health_host}:{port}"
+            what = "metrics" if with_metrics else "health probes"
+            raise ConfigurationError(f"cannot answer {what} on {where}: {exc.strerror or exc}") from exc
+        stack.callback(endpoint.close)
+        if port == args.health_port or (len(ports) == 1 and args.health_port is not None):
+            lines.append(f"health: {endpoint.url}/livez {endpoint.url}/readyz")
+        if with_metrics:
+            lines.append(f"metrics: {endpoint.url}/metrics")
+    return lines
 
 
 def _run_until_signalled(server: RPCServer) -> None:
@@ -550,10 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(consuming its queue; 503 otherwise); 0 picks a free port",
     )
     serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="count calls (kombu_rpc.metrics) and answer Prometheus scrapes on PORT: /metrics "
+        "(and the health probes); may be the health port",
+    )
+    serve.add_argument(
         "--health-host",
         metavar="HOST",
         default="127.0.0.1",
-        help="address of the health probes (default: 127.0.0.1; 0.0.0.0 in a container)",
+        help="address of the health probes and metrics (default: 127.0.0.1; 0.0.0.0 in a container)",
     )
     serve.set_defaults(handler=_serve)
 

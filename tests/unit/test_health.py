@@ -49,3 +49,33 @@ def test_close_frees_the_port() -> None:
     with pytest.raises(ConnectionRefusedError):
         get(port, "/livez")
     serve_health(lambda: True, port).close()  # the port can be bound again
+
+
+def test_metrics_are_answered_only_when_asked_for() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from kombu_rpc import metrics
+
+    with serve_health(lambda: True, 0) as health:
+        status, body, _ = get(health.port, "/metrics")
+        assert (status, body) == (404, {"error": "no such path '/metrics': try /livez or /readyz"})
+    with serve_health(lambda: True, 0, metrics=True) as health:
+        assert get(health.port, "/metrics")[:2] == (
+            503,
+            {"error": "metrics are off: call kombu_rpc.metrics.enable()"},
+        )
+        registry = CollectorRegistry()
+        metrics.enable(registry)
+        try:
+            assert metrics.recorder is not None
+            metrics.recorder.client_call_started("q")
+            conn = http.client.HTTPConnection("127.0.0.1", health.port, timeout=5)
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            text = response.read().decode()
+            conn.close()
+        finally:
+            metrics.disable()
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("text/plain; version=")
+    assert 'kombu_rpc_client_calls_in_flight{queue="q"} 1.0' in text
