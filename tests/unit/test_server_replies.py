@@ -10,7 +10,7 @@ from kombu import Producer
 
 from kombu_rpc import protocol
 from kombu_rpc.connection import PUBLISH_TIMEOUT
-from kombu_rpc.server import _publish_reply_on
+from kombu_rpc._replies import publish_on_channel
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -43,7 +43,7 @@ def test_a_reply_on_the_channel_is_what_producer_publish_sends(encoded: protocol
     address = protocol.ReplyAddress("reply-queue", "call-1")
     headers = {protocol.SERVER_ID_HEADER: "server-1"}
     direct, producer = RecordingChannel(), RecordingChannel()
-    _publish_reply_on(direct, address, encoded, dict(headers))
+    publish_on_channel(direct, address, encoded, dict(headers))
     Producer(producer, auto_declare=False).publish(
         body=encoded.payload,
         exchange="",
