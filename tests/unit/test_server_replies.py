@@ -9,8 +9,8 @@ import pytest
 from kombu import Producer
 
 from kombu_rpc import protocol
-from kombu_rpc.connection import PUBLISH_TIMEOUT
 from kombu_rpc._replies import publish_on_channel
+from kombu_rpc.connection import PUBLISH_TIMEOUT
 
 pytestmark = pytest.mark.timeout(10)
 
