@@ -62,6 +62,8 @@ class ConsumeLoop:
         durable, queue_arguments: How the request queue is declared.
         retry_policy: The first connect's and the replies' retry policy.
         confirm_publish: On AMQP, publish replies with publisher confirms.
+        event_loop: The dispatcher's loop for ``async def`` functions, stopped after
+            each run.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class ConsumeLoop:
         queue_arguments: dict[str, Any] | None,
         retry_policy: dict[str, Any],
         confirm_publish: bool,
+        event_loop: EventLoop,
     ) -> None:
         self._connection = connection
         self._dispatcher = dispatcher
@@ -86,8 +89,7 @@ class ConsumeLoop:
         self._retry_policy = retry_policy
         self._confirm_publish = confirm_publish
         self._control_queue = CONTROL_QUEUE_TEMPLATE.format(server_id=self._server_id)
-        self.event_loop = EventLoop()
-        dispatcher.run_coroutine = self.event_loop.run
+        self._event_loop = event_loop
         self.publisher = ReplyPublisher(connection, retry_policy, confirm_publish)
         self.stopping = threading.Event()
         # Held by stop() while it wakes the loop (re-entrant: a signal handler may stop
@@ -224,7 +226,7 @@ class ConsumeLoop:
             pool, self.pool = self.pool, None
             if pool is not None:
                 pool.close()
-            self.event_loop.stop()
+            self._event_loop.stop()  # the dispatcher's, for async def functions
             heartbeater, self._heartbeater = self._heartbeater, None
             if heartbeater is not None:
                 heartbeater.close()

@@ -21,6 +21,7 @@ from typing import Any
 from . import protocol
 from ._consumer import ConsumeLoop
 from ._dispatch import Dispatcher
+from ._execution import EventLoop
 from .codecs import Codec
 from .connection import Broker, connect
 from .errors import ConnectionLostError
@@ -136,6 +137,7 @@ class RPCServer:
         self.server_id = new_id()
         self._connection = connect(broker)
         retry_policy = dict(options.retry_policy or {})
+        event_loop = EventLoop()  # for async def functions, started on first use
         self._dispatcher = Dispatcher(
             self.registry,
             self.codec,
@@ -146,6 +148,7 @@ class RPCServer:
             max_message_size=self.max_message_size,
             secret=protocol.secret_bytes(options.secret),
             signature_window=self.signature_window,
+            run_coroutine=event_loop.run,
         )
         self._consumer = ConsumeLoop(
             self._connection,
@@ -156,6 +159,7 @@ class RPCServer:
             queue_arguments=self.queue_arguments,
             retry_policy=retry_policy,
             confirm_publish=self.confirm_publish,
+            event_loop=event_loop,
         )
 
     # -- lifecycle -------------------------------------------------------------------
