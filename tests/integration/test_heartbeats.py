@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from kombu_rpc import RPCProxy, RPCServer
-from kombu_rpc import server as server_module
+from kombu_rpc import _consumer as consumer_module
 from kombu_rpc.testing import make_registry, unique_queue_name
 
 from ..brokers import PrivateRabbit
@@ -111,7 +111,7 @@ def test_without_the_heartbeater_the_broker_closes_the_connection_and_redelivers
     caplog.set_level(logging.INFO, logger="kombu_rpc")
     runs = Runs()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(server_module, "Heartbeater", Silent)
+        patch.setattr(consumer_module, "Heartbeater", Silent)
         server = RPCServer(url, registry=make_registry({"long_call": runs.long_call}), queue=queue)
         proxy_url = f"{private_rabbit.url}?heartbeat=0"
         with server.running(), RPCProxy(proxy_url, queue=queue, timeout=4 * CALL_SECONDS) as proxy:

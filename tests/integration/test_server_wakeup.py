@@ -12,7 +12,7 @@ import pytest
 from kombu.message import Message
 
 from kombu_rpc import Registry, RPCProxy, RPCServer
-from kombu_rpc import server as server_module
+from kombu_rpc import _consumer as consumer_module
 from kombu_rpc.connection import connect
 
 from ..conftest import Gate, Recorder, delete_queue
@@ -31,7 +31,7 @@ def test_on_amqp_a_finished_call_is_acked_by_a_wake_up_not_a_timeout(
     # No wait of the consume loop ends by itself within the test: a call is acked only
     # if its worker wakes the loop (polling until a timeout would leave it unacked).
     for name in ("IDLE_WAIT", "_POLL_MIN", "_POLL_MAX"):
-        monkeypatch.setattr(server_module, name, 3600.0)
+        monkeypatch.setattr(consumer_module, name, 3600.0)
     acks = Recorder()
     ack = Message.ack
 
@@ -78,11 +78,14 @@ def test_many_concurrent_calls_run_once_each_and_the_server_stops_cleanly(
     try:
         for start in (0, calls):  # a second run gets fresh wake-up sockets
             with server.running():
+                pool = server._consumer.pool
+                assert pool is not None
                 values = range(start, start + calls)
                 futures = [proxy.square.call_async(x) for x in values]
                 assert [f.result(timeout=60) for f in futures] == [x * x for x in values]
             assert not server.ready
-            assert server._wake_r is None and server._wake_w is None
+            assert server._consumer.pool is None
+            assert pool.wake_r is None and pool.wake_w is None
         assert runs == Counter(range(2 * calls))  # each call ran exactly once
         assert "still running" not in caplog.text
         assert message_count(broker_url, queue_name) == 0  # all acked: none went back

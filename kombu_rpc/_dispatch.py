@@ -1,0 +1,289 @@
+"""The server's dispatcher: from a request message to its encoded reply, without I/O.
+
+:class:`Dispatcher` decodes a request, verifies its signature (and that it is no
+replay), looks its function up, checks the arguments (:meth:`Dispatcher.prepare`),
+runs it and encodes the reply (:meth:`Dispatcher.run`). It touches no broker and
+starts no thread: publishing the reply and settling the request are the consume
+loop's (:mod:`kombu_rpc._consumer`), where to run a call is the execution policy's
+(:mod:`kombu_rpc._execution`).
+
+A request that is not to run comes out of :meth:`~Dispatcher.prepare` as a
+:class:`Refused` exception, which says what becomes of the request and carries the
+reply to send, if any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import socket
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Mapping
+from time import monotonic
+from typing import Any, TypeAlias
+
+from kombu.message import Message
+
+from . import context, protocol
+from .codecs import Codec
+from .errors import InvalidArguments, MalformedRequest, MethodNotFound, RemoteError, SerializationError
+from .registry import RESERVED_PREFIX, Procedure, Registry
+
+# The server's parts log as the server, as they did when they were one module.
+logger = logging.getLogger("kombu_rpc.server")
+
+#: A reply encoded for publishing: where it goes, its body, its headers.
+Reply: TypeAlias = tuple[protocol.ReplyAddress, protocol.Encoded, dict[str, Any]]
+#: A request ready to run (:meth:`Dispatcher.prepare`): the function, the request, its
+#: call context, its reply address (``None`` for a cast), the reply's serializer and
+#: the request's headers.
+Job: TypeAlias = tuple[
+    Procedure,
+    protocol.Request,
+    context.CallContext,
+    "protocol.ReplyAddress | None",
+    str,
+    "Mapping[str, Any] | None",
+]
+
+
+class Disposal(enum.Enum):
+    """What becomes of a request that is not run."""
+
+    #: Not a valid request: rejected, never requeued.
+    REJECT = "reject"
+    #: Arrived after its deadline: acked, unanswered.
+    ACK = "ack"
+    #: Refused (no such function, wrong arguments): settled once its reply is sent,
+    #: as a call that ran.
+    SETTLE = "settle"
+
+
+class Refused(Exception):
+    """A request the dispatcher does not run.
+
+    Args:
+        disposal: What becomes of the request.
+        reply: The error reply to send, if the request has a reply address.
+    """
+
+    def __init__(self, disposal: Disposal, reply: Reply | None) -> None:
+        super().__init__(disposal.value)
+        self.disposal = disposal
+        self.reply = reply
+
+
+def _run_in_new_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coroutine)
+
+
+class Dispatcher:
+    """Turns request messages into encoded replies: decode, verify, look up, check
+    arguments, run, encode. No broker, no threads.
+
+    Args:
+        registry: The functions served.
+        codec: The wire format.
+        server_id: The serving server's id (reply header, call context, ``ping``).
+        queue: The request queue's name (logs, spans, ``ping``).
+        accept: Serializers accepted for requests.
+        send_tracebacks: Whether error replies carry the traceback.
+        max_message_size: Largest request body decoded, in bytes; ``None``: any.
+        secret: The signing key, or ``None`` for unsigned requests and replies.
+        signature_window: Seconds a signed request stays valid, and a signature is
+            remembered to detect a replay.
+        run_coroutine: Runs an ``async def`` function's coroutine to its result
+            (by default in a new event loop each time).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        codec: Codec,
+        server_id: str,
+        queue: str,
+        accept: frozenset[str] = frozenset({"json"}),
+        send_tracebacks: bool = True,
+        max_message_size: int | None = None,
+        secret: bytes | None = None,
+        signature_window: float = protocol.SIGNATURE_WINDOW,
+        run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any] = _run_in_new_loop,
+    ) -> None:
+        self.registry = registry
+        self.codec = codec
+        self.server_id = server_id
+        self.queue = queue
+        self.accept = accept
+        self.send_tracebacks = send_tracebacks
+        self.max_message_size = max_message_size
+        self.secret = secret
+        self.signature_window = signature_window
+        self.run_coroutine = run_coroutine
+        self._seen_signatures: OrderedDict[str, float] = OrderedDict()
+        self.builtins = {
+            p.name: p
+            for p in (
+                Procedure.of(f"{RESERVED_PREFIX}ping", self.ping),
+                Procedure.of(f"{RESERVED_PREFIX}describe", self.describe),
+            )
+        }
+
+    # -- before a call runs -----------------------------------------------------------
+
+    def prepare(self, message: Message) -> Job:
+        """Decode and check a request message: the call to run.
+
+        Raises:
+            Refused: The request is not to run (malformed, expired, or refused).
+        """
+        size = len(message.body or b"")
+        if self.max_message_size is not None and size > self.max_message_size:
+            raise self.malformed(
+                message,
+                MalformedRequest(
+                    "MessageTooLarge",
+                    f"request body of {size} bytes exceeds max_message_size={self.max_message_size}",
+                ),
+            )
+        try:
+            if self.secret is not None:
+                self._check_signature(message, self.secret)
+            request = self.codec.decode_request(message)
+        except MalformedRequest as error:
+            raise self.malformed(message, error) from None
+        address = protocol.reply_address(message)
+        headers = message.headers
+        call = context.received(
+            headers,
+            (message.properties or {}).get("correlation_id"),
+            request.method,
+            self.server_id,
+            request.deadline,
+        )
+        if request.expired():
+            logger.warning(
+                "call %s: dropped a request for %r that arrived after its deadline",
+                call.call_id,
+                request.method,
+            )
+            raise Refused(Disposal.ACK, None)
+        serializer = protocol.serializer_for(message.content_type, self.accept)
+        procedure = self.builtins.get(request.method) or self.registry.get(request.method)
+        refusal: RemoteError | None = None
+        if procedure is None:
+            refusal = MethodNotFound("MethodNotFound", f"no remote function named {request.method!r}")
+        else:
+            try:
+                procedure.check_arguments(request.args, request.kwargs)
+            except TypeError as exc:
+                refusal = InvalidArguments("TypeError", f"{request.method}(): {exc}")
+        if refusal is not None:
+            logger.info("call %s: refused a call to %r: %s", call.call_id, request.method, refusal)
+            raise Refused(
+                Disposal.SETTLE,
+                None
+                if address is None
+                else self.encode_reply(
+                    address, protocol.error_body(refusal, self.send_tracebacks), serializer
+                ),
+            )
+        assert procedure is not None
+        return procedure, request, call, address, serializer, headers
+
+    def malformed(self, message: Message, error: MalformedRequest) -> Refused:
+        """The refusal of a message that is not a valid request (rejected, never
+        requeued), answered in JSON if it has a reply address."""
+        call_id = (message.properties or {}).get("correlation_id")
+        logger.warning("call %s: rejected a malformed request on %r: %s", call_id or "-", self.queue, error)
+        address = protocol.reply_address(message)
+        reply = (
+            None
+            if address is None
+            else self.encode_reply(address, protocol.error_body(error, self.send_tracebacks), "json")
+        )
+        return Refused(Disposal.REJECT, reply)
+
+    def undecodable(self, message: Message, exc: Exception) -> Refused:
+        """The refusal of a message kombu could not decode."""
+        return self.malformed(message, MalformedRequest("DecodeError", f"body could not be decoded: {exc}"))
+
+    def _check_signature(self, message: Message, secret: bytes) -> None:
+        protocol.check_signature(message, secret, self.signature_window)
+        signature = message.headers[protocol.SIGNATURE_HEADER]
+        now = monotonic()
+        seen = self._seen_signatures
+        while seen and next(iter(seen.values())) < now:
+            seen.popitem(last=False)
+        if signature in seen and not (message.delivery_info or {}).get("redelivered"):
+            raise MalformedRequest("InvalidSignature", "the request was already received (a replay)")
+        seen[signature] = now + 2 * self.signature_window
+
+    # -- running a call ---------------------------------------------------------------
+
+    def run(self, job: Job) -> Reply | None:
+        """Run the function as the current call; returns its reply, encoded for
+        publishing (``None`` for a cast). Whatever the function raises is answered."""
+        procedure, request, call, address, serializer, headers = job
+        started = monotonic()
+        with context.server_span(call, self.queue, headers) as span:
+            try:
+                result = procedure.func(*request.args, **request.kwargs)
+                if procedure.is_coroutine:  # runs in a copy of this context: current_call() works
+                    result = self.run_coroutine(result)
+                body = protocol.result_body(result)
+                outcome = "ok"
+            except BaseException as exc:  # SystemExit too must be answered
+                context.record_error(span, exc)
+                body = protocol.error_body(exc, self.send_tracebacks)
+                outcome = type(exc).__name__
+                what = "cast" if address is None else "call"
+                if isinstance(exc, procedure.expected):
+                    logger.info(
+                        "call %s: %s %s raised %s: %s", call.call_id, what, request.method, outcome, exc
+                    )
+                else:
+                    logger.error("call %s: %s %s failed", call.call_id, what, request.method, exc_info=exc)
+        logger.debug(
+            "call %s %s%s -> %s in %.1f ms",
+            call.call_id,
+            request.method,
+            "" if address else " (cast)",
+            outcome,
+            (monotonic() - started) * 1000,
+        )
+        if address is None:
+            return None
+        return self.encode_reply(address, body, serializer)
+
+    def encode_reply(self, address: protocol.ReplyAddress, body: dict[str, Any], serializer: str) -> Reply:
+        """Encode a reply body (``{"result": ...}`` or ``{"error": ...}``) for
+        ``address``: an unserializable result becomes an ``UnserializableResult``
+        error; the reply names this server and is signed if there is a secret."""
+        try:
+            encoded, headers = self.codec.encode_reply(body, serializer)
+        except SerializationError as exc:
+            unserializable = RemoteError("UnserializableResult", f"the result cannot be serialized: {exc}")
+            encoded, headers = self.codec.encode_reply(protocol.error_body(unserializable), serializer)
+        headers = {**headers, protocol.SERVER_ID_HEADER: self.server_id}
+        if self.secret is not None:
+            headers.update(
+                protocol.signature_headers(self.secret, "reply", encoded, address.correlation_id, "", None)
+            )
+        return address, encoded, headers
+
+    # -- built-in methods -------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        """Identify this server."""
+        return {
+            "server_id": self.server_id,
+            "queue": self.queue,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    def describe(self) -> list[dict[str, str]]:
+        """List the methods this server exposes."""
+        return [p.describe() for p in [*self.registry, *self.builtins.values()]]

@@ -1,0 +1,147 @@
+"""Where the server runs its calls: the execution policy.
+
+* Inline (``concurrency=1``): the consume loop runs each call itself, in the consuming
+  thread, then replies and acks (:meth:`kombu_rpc._consumer.ConsumeLoop._on_request`).
+* A thread pool (``concurrency > 1``): :class:`WorkerPool` runs calls in worker
+  threads and hands each finished one back to the consuming thread, which alone may
+  ack (its channel is not thread-safe).
+* ``async def`` functions, either way, run on one asyncio loop in a thread of its own
+  (:class:`EventLoop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeAlias
+
+from kombu.message import Message
+
+from ._dispatch import Job, Reply
+from ._replies import ACK, Settlement
+
+#: A finished call: its request, the connection generation it came on, the reply the
+#: consuming thread is to publish (``None``: nothing to publish) and, when there is
+#: none, what becomes of the request.
+Done: TypeAlias = tuple[Message, int, "Reply | None", Settlement]
+
+
+class WorkerPool:
+    """Runs calls in ``size`` worker threads and queues them, finished, for the
+    consuming thread.
+
+    Args:
+        size: How many calls run at once.
+        run: Runs a call, returning its reply (:meth:`kombu_rpc._dispatch.Dispatcher.run`).
+        publish: Publishes a reply from a worker thread
+            (:meth:`kombu_rpc._replies.ReplyPublisher.publish_reply`).
+        wake_up: Hand replies to the consuming thread, waking it through a socket pair
+            (:attr:`wake_r`) that it waits on with its connection's socket (AMQP);
+            otherwise workers publish their replies themselves and the consuming thread
+            polls.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        run: Callable[[Job], Reply | None],
+        publish: Callable[[Reply], Settlement],
+        wake_up: bool,
+    ) -> None:
+        self._run = run
+        self._publish = publish
+        self._executor = ThreadPoolExecutor(size, thread_name_prefix="kombu_rpc-worker")
+        #: Guards :attr:`done` and :attr:`in_flight`; notified when a call finishes.
+        self.cond = threading.Condition()
+        #: Finished calls, in order, for the consuming thread to settle.
+        self.done: deque[Done] = deque()
+        #: Calls submitted and not yet taken from :attr:`done`.
+        self.in_flight = 0
+        self.wake_r: socket.socket | None = None  # a worker finished (one byte per call)
+        self.wake_w: socket.socket | None = None
+        if wake_up:
+            self.wake_r, self.wake_w = socket.socketpair()
+            self.wake_w.setblocking(False)
+
+    def submit(self, message: Message, generation: int, job: Job) -> None:
+        """Run ``job`` in a worker thread."""
+        with self.cond:
+            self.in_flight += 1
+        self._executor.submit(self._work, message, generation, job)
+
+    def _work(self, message: Message, generation: int, job: Job) -> None:
+        # With a wake-up pair (AMQP) the consuming thread publishes the reply, on its
+        # channel, confirmed as it reads; otherwise the worker publishes it.
+        reply = self._run(job)
+        if reply is None:
+            done: Done = (message, generation, None, ACK)
+        elif self.wake_w is not None:
+            done = (message, generation, reply, ACK)
+        else:
+            done = (message, generation, None, self._publish(reply))
+        with self.cond:
+            self.done.append(done)
+            self.cond.notify_all()
+            if self.wake_w is not None:
+                try:
+                    self.wake_w.send(b"\0")
+                except BlockingIOError:  # full: the loop has wake-ups pending anyway
+                    pass
+
+    def take(self) -> Done:
+        """The oldest finished call (:attr:`done` must not be empty)."""
+        with self.cond:
+            done = self.done.popleft()
+            self.in_flight -= 1
+        return done
+
+    def close(self) -> None:
+        """Stop taking calls (those running finish unawaited) and close the socket
+        pair; a call still running then publishes its own reply."""
+        self._executor.shutdown(wait=False)
+        with self.cond:  # a call still running must not write to a closed socket
+            wake_r, wake_w, self.wake_r, self.wake_w = self.wake_r, self.wake_w, None, None
+        for sock in (wake_r, wake_w):
+            if sock is not None:
+                sock.close()
+
+
+class EventLoop:
+    """An asyncio loop in a thread of its own, started on first use, for ``async
+    def`` functions."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coroutine`` on the loop; block until its result (or raise its error)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._event_loop()).result()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=_run_loop, args=(loop,), name="kombu_rpc-asyncio", daemon=True
+                ).start()
+                self._loop = loop
+            return self._loop
+
+    def stop(self) -> None:
+        """Stop the loop, if it runs; the next call starts another."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()

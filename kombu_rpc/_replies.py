@@ -1,0 +1,209 @@
+"""The server's reply publisher, and how a handled request is settled.
+
+:meth:`ReplyPublisher.publish_reply` sends a reply and returns a :class:`Settlement`:
+what must become of its request. The consuming thread replies on the channel it
+consumes from; in confirm mode (AMQP with publisher confirms) the request is acked
+only once the broker confirmed the reply (:attr:`Settlement.ACK_AFTER_CONFIRM`), and
+requeued if the broker refused it. Worker threads reply on connections of their own.
+:meth:`ReplyPublisher.settle` carries a settlement out; only the consuming thread
+settles.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from threading import get_ident
+from time import monotonic
+from typing import Any
+
+from kombu import Connection, Producer
+from kombu.entity import PERSISTENT_DELIVERY_MODE
+from kombu.message import Message
+
+from . import protocol
+from ._dispatch import Reply
+from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, take_confirmed
+
+logger = logging.getLogger("kombu_rpc.server")
+
+
+class Settlement(enum.Enum):
+    """What becomes of a request once its reply was published (or not)."""
+
+    #: Ack it now: its reply was sent (or it needs none).
+    ACK = "ack"
+    #: Requeue it: its reply could not be sent; the broker delivers it again.
+    REQUEUE = "requeue"
+    #: Ack it once the broker confirms its reply (requeue it if the broker refuses).
+    ACK_AFTER_CONFIRM = "ack-after-confirm"
+
+
+ACK, REQUEUE, ACK_AFTER_CONFIRM = Settlement.ACK, Settlement.REQUEUE, Settlement.ACK_AFTER_CONFIRM
+
+
+class ReplyPublisher:
+    """Publishes a server's replies and settles its requests.
+
+    Args:
+        connection: The server's connection, cloned for the worker threads' replies.
+        retry_policy: The retry policy of the worker threads' publishes.
+        confirm_publish: Whether the worker threads publish with confirms.
+    """
+
+    def __init__(self, connection: Connection, retry_policy: dict[str, Any], confirm_publish: bool) -> None:
+        self._connection = connection
+        self._retry_policy = retry_policy
+        self._confirm_publish = confirm_publish
+        #: The exceptions that mean the connection was lost (set for each run): a
+        #: settle failing with one of them raises it, for the consume loop to reconnect.
+        self.connection_errors: tuple[type[BaseException], ...] = ()
+        self._local = threading.local()
+        self._producers: list[Producer] = []  # every worker thread's reply producer
+        self._producers_lock = threading.Lock()
+        # The consuming thread replies on the channel it consumes from.
+        self._consuming_thread: int | None = None
+        self._channel: Any = None
+        self._confirming = False
+        #: Delivery tag of the last reply published on that channel.
+        self.reply_tag = 0
+        #: Reply delivery tag -> the request to ack once the broker confirms the reply.
+        self.unconfirmed: dict[int, Message] = {}
+
+    def start(self, connection_errors: tuple[type[BaseException], ...]) -> None:
+        """Begin a run: worker threads make new producers on their first reply."""
+        self.connection_errors = connection_errors
+        self._local = threading.local()
+
+    def bind(self, channel: Any, confirming: bool) -> None:
+        """Have the calling (consuming) thread reply on ``channel``, in confirm mode if
+        ``confirming``."""
+        self._consuming_thread = get_ident()
+        self._channel = channel
+        self._confirming = confirming
+        self.reply_tag = 0
+        self.unconfirmed = {}  # a lost channel's requests are redelivered anyway
+        if confirming:
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_reply_confirmed)
+            channel.events["basic_nack"].add(self._on_reply_refused)
+
+    def publish_reply(self, reply: Reply) -> Settlement:
+        """Publish ``reply``; returns what becomes of its request: :data:`REQUEUE`
+        when the broker did not take it, :data:`ACK_AFTER_CONFIRM` when its confirm
+        is still to come (under :attr:`reply_tag`), else :data:`ACK`."""
+        address, encoded, headers = reply
+        channel = self._channel
+        on_channel = channel is not None and get_ident() == self._consuming_thread
+        try:
+            if on_channel:  # a lost connection is the consume loop's to handle: no retry
+                publish_on_channel(channel, address, encoded, headers)
+            else:
+                publish(
+                    self._worker_producer(),
+                    self._retry_policy,
+                    body=encoded.payload,
+                    exchange="",
+                    routing_key=address.reply_to,
+                    correlation_id=address.correlation_id,
+                    headers=headers,
+                    content_type=encoded.content_type,
+                    content_encoding=encoded.content_encoding,
+                    timeout=PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
+                )
+        except Exception as exc:
+            logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
+            return REQUEUE
+        if on_channel and self._confirming:
+            self.reply_tag += 1
+            return ACK_AFTER_CONFIRM
+        return ACK
+
+    def settle(self, message: Message, settlement: Settlement) -> None:
+        """Ack or requeue a handled request (from the consuming thread only); with
+        :data:`ACK_AFTER_CONFIRM`, the ack waits for the confirm of the reply just
+        published.
+
+        Raises:
+            Exception: One of :attr:`connection_errors`: the connection is lost.
+        """
+        if settlement is ACK_AFTER_CONFIRM:
+            self.unconfirmed[self.reply_tag] = message
+            return
+        try:
+            if settlement is ACK:
+                message.ack()
+            else:
+                message.requeue()
+        except self.connection_errors as exc:
+            # The first sign of a lost connection may come here: let the consume loop
+            # reconnect (the broker redelivers the request) instead of polling on.
+            logger.warning("could not settle a request: %s", exc)
+            raise
+        except Exception as exc:  # the channel died; the broker redelivers
+            logger.warning("could not settle a request: %s", exc)
+
+    def _on_reply_confirmed(self, delivery_tag: int, multiple: bool) -> None:
+        for message in take_confirmed(self.unconfirmed, delivery_tag, multiple):
+            self.settle(message, ACK)
+
+    def _on_reply_refused(self, delivery_tag: int, multiple: bool) -> None:
+        for message in take_confirmed(self.unconfirmed, delivery_tag, multiple):
+            logger.error("the broker refused a reply; requeueing its request")
+            self.settle(message, REQUEUE)
+
+    def await_confirms(self, conn: Connection, timeout: float, idle_wait: float) -> None:
+        """Read the confirms of replies already sent, so that their requests are acked
+        rather than redelivered (up to ``timeout`` seconds, reading at most
+        ``idle_wait`` at a time)."""
+        deadline = monotonic() + timeout
+        while self.unconfirmed and (remaining := deadline - monotonic()) > 0:
+            try:
+                conn.drain_events(timeout=min(remaining, idle_wait))
+            except TimeoutError:
+                pass
+
+    def _worker_producer(self) -> Producer:
+        """This worker thread's reply producer, on a connection of its own made on its
+        first reply."""
+        producer: Producer | None = getattr(self._local, "producer", None)
+        if producer is None:
+            conn = publishing_clone(self._connection, self._confirm_publish)
+            producer = self._local.producer = Producer(conn, auto_declare=False)
+            with self._producers_lock:
+                self._producers.append(producer)
+        return producer
+
+    def close(self) -> None:
+        """Release the worker threads' connections."""
+        with self._producers_lock:
+            producers, self._producers = self._producers, []
+        for producer in producers:
+            producer.connection.release()
+
+
+def publish_on_channel(
+    channel: Any, address: protocol.ReplyAddress, encoded: protocol.Encoded, headers: dict[str, Any]
+) -> None:
+    """Publish a reply on ``channel``: the message ``Producer(channel).publish(...)``
+    sends with the keywords of the worker threads' replies (``exchange=""``, persistent
+    as kombu's default exchange makes it), without the steps a reply never takes
+    (serializing, compressing, declaring, retrying, batching), which cost as much per
+    reply as building and sending the message."""
+    body, content_encoding = encoded.payload, encoded.content_encoding
+    if isinstance(body, str):  # as Producer._prepare does
+        content_encoding = content_encoding or "utf-8"
+        body = body.encode(content_encoding)
+    elif not content_encoding:
+        content_encoding = "binary"
+    properties = {"correlation_id": address.correlation_id, "delivery_mode": PERSISTENT_DELIVERY_MODE}
+    message = channel.prepare_message(body, 0, encoded.content_type, content_encoding, headers, properties)
+    channel.basic_publish(
+        message,
+        exchange="",
+        routing_key=address.reply_to,
+        mandatory=False,
+        immediate=False,
+        timeout=PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
+    )
