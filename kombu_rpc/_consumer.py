@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
-from . import protocol
+from . import metrics, protocol
 from ._dispatch import Dispatcher, Disposal, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, ReplyPublisher
@@ -90,7 +90,7 @@ class ConsumeLoop:
         self._confirm_publish = confirm_publish
         self._control_queue = CONTROL_QUEUE_TEMPLATE.format(server_id=self._server_id)
         self._event_loop = event_loop
-        self.publisher = ReplyPublisher(connection, retry_policy, confirm_publish)
+        self.publisher = ReplyPublisher(connection, retry_policy, confirm_publish, self._queue)
         self.stopping = threading.Event()
         # Held by stop() while it wakes the loop (re-entrant: a signal handler may stop
         # the server while its own thread holds it).
@@ -211,6 +211,9 @@ class ConsumeLoop:
                         exc,
                         exc_info=not isinstance(exc, broker_errors(conn)),
                     )
+                    recorder = metrics.recorder
+                    if recorder is not None:
+                        recorder.server_event(self._queue, "reconnects")
                     if monotonic() - began > IDLE_WAIT:
                         delay = 0.0
                     elif self.stopping.wait(delay):
@@ -393,6 +396,9 @@ class ConsumeLoop:
     # -- handling one request (consuming thread) --------------------------------------
 
     def _on_request(self, message: Message) -> None:
+        recorder = metrics.recorder
+        if recorder is not None and (message.delivery_info or {}).get("redelivered"):
+            recorder.server_event(self._queue, "redeliveries")
         try:
             job = self._prepare(message)
         except Refused as refused:

@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 
 from kombu.message import Message
 
-from . import context, protocol
+from . import context, metrics, protocol
 from .codecs import Codec
 from .errors import InvalidArguments, MalformedRequest, MethodNotFound, RemoteError, SerializationError
 from .registry import RESERVED_PREFIX, Procedure, Registry
@@ -168,6 +168,7 @@ class Dispatcher:
                 call.call_id,
                 request.method,
             )
+            self._count_refused(request.method)
             raise Refused(Disposal.ACK, None)
         serializer = protocol.serializer_for(message.content_type, self.accept)
         procedure = self.builtins.get(request.method) or self.registry.get(request.method)
@@ -181,6 +182,7 @@ class Dispatcher:
                 refusal = InvalidArguments("TypeError", f"{request.method}(): {exc}")
         if refusal is not None:
             logger.info("call %s: refused a call to %r: %s", call.call_id, request.method, refusal)
+            self._count_refused(request.method)
             raise Refused(
                 Disposal.SETTLE,
                 None
@@ -197,6 +199,7 @@ class Dispatcher:
         requeued), answered in JSON if it has a reply address."""
         call_id = (message.properties or {}).get("correlation_id")
         logger.warning("call %s: rejected a malformed request on %r: %s", call_id or "-", self.queue, error)
+        self._count_refused("")
         address = protocol.reply_address(message)
         reply = (
             None
@@ -208,6 +211,11 @@ class Dispatcher:
     def undecodable(self, message: Message, exc: Exception) -> Refused:
         """The refusal of a message kombu could not decode."""
         return self.malformed(message, MalformedRequest("DecodeError", f"body could not be decoded: {exc}"))
+
+    def _count_refused(self, method: str) -> None:
+        recorder = metrics.recorder
+        if recorder is not None:
+            recorder.server_call_refused(self.queue, method)
 
     def _check_signature(self, message: Message, secret: bytes) -> None:
         protocol.check_signature(message, secret, self.signature_window)
@@ -226,6 +234,9 @@ class Dispatcher:
         """Run the function as the current call; returns its reply, encoded for
         publishing (``None`` for a cast). Whatever the function raises is answered."""
         procedure, request, call, address, serializer, headers = job
+        recorder = metrics.recorder
+        if recorder is not None:
+            recorder.server_call_started(self.queue)
         started = monotonic()
         with context.server_span(call, self.queue, headers) as span:
             try:
@@ -245,6 +256,14 @@ class Dispatcher:
                     )
                 else:
                     logger.error("call %s: %s %s failed", call.call_id, what, request.method, exc_info=exc)
+        if recorder is not None:
+            recorder.server_call_ended(
+                self.queue,
+                request.method,
+                "ok" if outcome == "ok" else "error",
+                monotonic() - started,
+                protocol.queue_wait(headers),
+            )
         logger.debug(
             "call %s %s%s -> %s in %.1f ms",
             call.call_id,

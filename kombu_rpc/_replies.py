@@ -22,7 +22,7 @@ from kombu import Connection, Producer
 from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.message import Message
 
-from . import protocol
+from . import metrics, protocol
 from ._dispatch import Reply
 from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, take_confirmed
 
@@ -50,10 +50,14 @@ class ReplyPublisher:
         connection: The server's connection, cloned for the worker threads' replies.
         retry_policy: The retry policy of the worker threads' publishes.
         confirm_publish: Whether the worker threads publish with confirms.
+        queue: The request queue (for metrics).
     """
 
-    def __init__(self, connection: Connection, retry_policy: dict[str, Any], confirm_publish: bool) -> None:
+    def __init__(
+        self, connection: Connection, retry_policy: dict[str, Any], confirm_publish: bool, queue: str = ""
+    ) -> None:
         self._connection = connection
+        self._queue = queue
         self._retry_policy = retry_policy
         self._confirm_publish = confirm_publish
         #: The exceptions that mean the connection was lost (set for each run): a
@@ -151,6 +155,9 @@ class ReplyPublisher:
     def _on_reply_refused(self, delivery_tag: int, multiple: bool) -> None:
         for message in take_confirmed(self.unconfirmed, delivery_tag, multiple):
             logger.error("the broker refused a reply; requeueing its request")
+            recorder = metrics.recorder
+            if recorder is not None:
+                recorder.server_event(self._queue, "reply_nacks")
             self.settle(message, REQUEUE)
 
     def await_confirms(self, conn: Connection, timeout: float, idle_wait: float) -> None:

@@ -96,6 +96,9 @@ class Recorder:
         """A call a server ran (or refused) ended: ``outcome`` is ``ok``, ``error`` or
         ``refused``; ``seconds`` it ran; ``queue_wait`` from publishing to running."""
 
+    def server_call_refused(self, queue: str, method: str) -> None:
+        """A server refused a request (``method`` is ``""`` if it could not be read)."""
+
     def server_event(self, queue: str, event: str) -> None:
         """One of ``redeliveries``, ``reconnects`` or ``reply_nacks`` on a server of
         ``queue``."""
@@ -182,6 +185,9 @@ class _Prometheus(Recorder):
         if queue_wait is not None:
             self.server_wait.labels(queue).observe(max(queue_wait, 0.0))
 
+    def server_call_refused(self, queue: str, method: str) -> None:
+        self.server_calls.labels(queue, method, "refused").inc()
+
     def server_event(self, queue: str, event: str) -> None:
         self.server_events[event].labels(queue).inc()
 
@@ -266,6 +272,9 @@ class _OpenTelemetry(Recorder):
         if queue_wait is not None:
             self.server_wait.record(max(queue_wait, 0.0), {"queue": queue})
 
+    def server_call_refused(self, queue: str, method: str) -> None:
+        self.server_calls.add(1, {"queue": queue, "method": method, "outcome": "refused"})
+
     def server_event(self, queue: str, event: str) -> None:
         self.server_events[event].add(1, {"queue": queue})
 
@@ -294,6 +303,10 @@ class _Both(Recorder):
     ) -> None:
         for r in self.recorders:
             r.server_call_ended(queue, method, outcome, seconds, queue_wait)
+
+    def server_call_refused(self, queue: str, method: str) -> None:
+        for r in self.recorders:
+            r.server_call_refused(queue, method)
 
     def server_event(self, queue: str, event: str) -> None:
         for r in self.recorders:

@@ -11,6 +11,7 @@ import math
 import re
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,9 @@ from .topology import DIRECT_REPLY_TO
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 #: Header holding the caller's deadline as seconds since the epoch (a float).
 DEADLINE_HEADER = "x-rpc-deadline"
+#: Header holding when the request was published, as seconds since the epoch (a float):
+#: the server's queue-wait metric (:mod:`kombu_rpc.metrics`). Informational only.
+SENT_AT_HEADER = "x-rpc-sent-at"
 #: Seconds a signature stays valid, either way (for clock skew).
 SIGNATURE_WINDOW = 60.0
 #: Reply header naming the server that sent the reply.
@@ -211,6 +215,15 @@ def request_body(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 def deadline_after(timeout: float | None) -> float | None:
     """The wall-clock deadline stamped on a request sent now with ``timeout``."""
     return None if timeout is None else time.time() + timeout
+
+
+def queue_wait(headers: Mapping[str, Any] | None) -> float | None:
+    """Seconds since a request was published, from its :data:`SENT_AT_HEADER`
+    (``None`` without one); by two hosts' clocks, so it may be a little off."""
+    sent = (headers or {}).get(SENT_AT_HEADER)
+    if isinstance(sent, (int, float)) and not isinstance(sent, bool):
+        return time.time() - sent
+    return None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ def test_server_reports_count_into_prometheus(registry: CollectorRegistry) -> No
     recorder.server_call_started("q")
     recorder.server_call_ended("q", "fib", "error", 0.5, None)
     recorder.server_event("q", "redeliveries")
+    recorder.server_call_refused("q", "nope")
     value = registry.get_sample_value
     assert value("kombu_rpc_server_calls_in_flight", {"queue": "q"}) == 0
     assert value("kombu_rpc_server_calls_total", {"queue": "q", "method": "fib", "outcome": "ok"}) == 1
@@ -38,6 +39,7 @@ def test_server_reports_count_into_prometheus(registry: CollectorRegistry) -> No
     assert value("kombu_rpc_server_call_duration_seconds_sum", {"queue": "q", "method": "fib"}) == 0.503
     assert value("kombu_rpc_server_queue_wait_seconds_count", {"queue": "q"}) == 1
     assert value("kombu_rpc_server_queue_wait_seconds_bucket", {"queue": "q", "le": "0.025"}) == 1
+    assert value("kombu_rpc_server_calls_total", {"queue": "q", "method": "nope", "outcome": "refused"}) == 1
     assert value("kombu_rpc_server_redeliveries_total", {"queue": "q"}) == 1
     assert value("kombu_rpc_server_reconnects_total", {"queue": "q"}) is None  # none yet
 
