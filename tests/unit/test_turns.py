@@ -145,7 +145,12 @@ def test_one_caller_reads_while_the_others_follow(turns: Turns, reader: FakeRead
     first = leader(turns, reader, "first")
     others = [caller(turns, f"other-{i}") for i in range(4)]
     everyone = [first, *others]
-    reader.post(lambda: [thread.call.set() for thread in everyone])
+
+    def all_replies() -> None:
+        for thread in everyone:
+            thread.call.set()
+
+    reader.post(all_replies)
     for thread in everyone:
         assert thread.returned.wait(SOON) and thread.error is None
     assert reader.most_active == 1
