@@ -119,7 +119,7 @@ def _always(frames: list[str]) -> bool:
 RULES: dict[str, list[Rule]] = {
     "caller (MainThread)": [
         ("idle: wait for the reply (Future.result)", _any("Future.result")),
-        ("idle: wait for a reply or confirm (select)", _leaf("AmqpLink._read")),
+        ("idle: wait for a reply or confirm (select)", _leaf("AmqpLink.read")),
         ("demux: decode reply, match id, complete future", _any("Client._on_reply")),
         ("read: confirms", _any("AmqpLink._on_ack")),
         ("read: AMQP frames, kombu message conversion", _any("Connection.drain_events")),
@@ -128,12 +128,12 @@ RULES: dict[str, list[Rule]] = {
         ("serialize the request (kombu dumps, JSON)", _any("encode", "dumps")),
         ("build the request (uuid4, headers, deadline)", _any("Client._request", "new_id", "uuid4")),
         ("pending-call bookkeeping (future, deadline heap)", _any("PendingCalls.add")),
-        ("leader/follower bookkeeping", _any("AmqpLink.wait")),
+        ("leader/follower bookkeeping", _any("Turns.wait")),
         ("queue for the publisher thread (Redis)", _any("Client.call", "Client._start")),
         ("proxy layer (MethodProxy, name check)", _always),
     ],
     "kombu_rpc-publisher": [  # Redis
-        ("idle: wait for the next request", _leaf("Client._publish_loop")),
+        ("idle: wait for the next request", _leaf("PollingLink._publish_loop")),
         (
             "idle: wait for the publisher confirm",
             _all(_any("Channel.basic_publish_confirm"), _any("AbstractChannel.wait")),

@@ -1,13 +1,10 @@
-"""The calling side's machinery: pending calls, replies, and how requests are published.
+"""The calling side's machinery: encoding requests, pending calls, broadcasts, and
+routing the replies.
 
-Replies are read through a link (see :mod:`kombu_rpc.link`): the waiting callers read
-the reply queue themselves, in turn, and the link's thread reads for calls nobody waits
-on. On RabbitMQ, ``AmqpLink`` also publishes the requests, from the calling threads, on
-the connection it reads. On memory://, callers publish inline (a put cannot stall). On
-Redis and the polling transports, a publisher thread with a connection of its own
-publishes the requests that callers queue for it, in order: a publish there waits for
-the broker's answer, which a stalled connection can hold back until the socket timeout.
-Either way no broker I/O ever blocks a caller past its deadline.
+Requests are published and replies read through a link (see ``kombu_rpc._links``),
+chosen once for the transport: the waiting callers read the reply queue themselves, in
+turn, and the link's thread reads for calls nobody waits on. Either way no broker I/O
+ever blocks a caller past its deadline.
 """
 
 from __future__ import annotations
@@ -18,45 +15,27 @@ import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
-from queue import SimpleQueue
 from time import monotonic
 from typing import Any
 
-from kombu import Connection, Exchange, Producer
+from kombu import Connection, Exchange
 from kombu.message import Message
 
 from . import context, protocol
+from ._links import open_link
 from .codecs import Codec, Plain
-from .connection import PUBLISH_TIMEOUT, broker_errors, publish, publishing_clone, safe_uri
+from .connection import PUBLISH_TIMEOUT, broker_errors, safe_uri
 from .errors import (
     CallError,
-    ConfigurationError,
     ConnectionLostError,
     NoServerError,
     RemoteError,
-    RPCError,
 )
-from .link import AmqpLink, MemoryLink, PollingLink, RedisLink
 from .options import ProxyOptions
 from .pending import PendingCalls, _Outgoing
-from .topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, broadcast_exchange, new_id
-from .transports import Kind, kind
+from .topology import broadcast_exchange, new_id
 
 logger = logging.getLogger(__name__)
-
-#: How many of the newest messages of a Redis request queue are searched for an
-#: unanswered request to take back (see ``_Withdrawal``).
-WITHDRAW_SCAN = 1000
-#: Remove the first of the ARGV[2] newest messages of list KEYS[1] that holds the text
-#: ARGV[1] (a correlation id), inside Redis: no message crosses the network.
-_WITHDRAW_SCRIPT = """
-for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
-    if string.find(item, ARGV[1], 1, true) then
-        return redis.call('LREM', KEYS[1], 1, item)
-    end
-end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -110,26 +89,6 @@ class _Gathering:
             return list(self.replies)
 
 
-@dataclass(frozen=True)
-class _Withdrawal:
-    """Take back, on Redis, the request of a call that ended unanswered (at its
-    deadline, or at close) if it still waits in its queue: kombu's Redis transport
-    has no per-message expiry, so it would otherwise stay there until a server comes
-    (which drops it as expired), or forever."""
-
-    queue: str
-    correlation_id: str
-
-    def run(self, channel: Any) -> None:
-        """Remove the request from the first :data:`WITHDRAW_SCAN` messages of its
-        queue (kombu's Redis list, newest first), if it is there (best effort)."""
-        try:
-            if channel.client.eval(_WITHDRAW_SCRIPT, 1, self.queue, self.correlation_id, WITHDRAW_SCAN):
-                logger.debug("took back the unanswered request %s from %r", self.correlation_id, self.queue)
-        except Exception as exc:  # the request expires at the server anyway
-            logger.debug("could not take back the request %s: %s", self.correlation_id, exc)
-
-
 class Client:
     """Sends requests and routes replies for one :class:`~kombu_rpc.RPCProxy`.
 
@@ -152,9 +111,6 @@ class Client:
     """
 
     def __init__(self, connection: Connection, options: ProxyOptions) -> None:
-        self._kind = kind(connection)
-        if options.direct_reply_to and self._kind is not Kind.AMQP:
-            raise ConfigurationError("direct_reply_to is a RabbitMQ feature: it needs an amqp:// broker")
         assert options.codec is not None and options.retry_policy is not None
         self._direct = options.direct_reply_to
         self._connection = connection
@@ -172,45 +128,25 @@ class Client:
         (the parent's threads did not survive the fork, and on AMQP its exclusive reply
         queue belongs to the parent's connection)."""
         self._pid = os.getpid()
-        reply_queue = DIRECT_REPLY_TO if self._direct else REPLY_QUEUE_TEMPLATE.format(uid=new_id())
-        self._pending = PendingCalls(self._withdraw if self._kind is Kind.REDIS else None)
+        self._pending = PendingCalls(self._expired)
         self._lock = threading.Lock()  # guards starting and closing
-        self._link: AmqpLink | MemoryLink | PollingLink
         self._link_started = False
-        link_args = (
+        self._link = open_link(
             self._connection,
-            reply_queue,
-            self._retry_policy,
-            self._pending,
-            self._on_reply,
-            self._accept,
+            direct_reply_to=self._direct,
+            retry_policy=self._retry_policy,
+            pending=self._pending,
+            on_reply=self._on_reply,
+            accept=self._accept,
+            confirm=self._confirm_publish,
         )
-        if self._kind is Kind.AMQP:
-            self._link = AmqpLink(*link_args, confirm=self._confirm_publish)
-        elif self._kind is Kind.MEMORY:
-            self._link = MemoryLink(*link_args)
-        elif self._kind is Kind.REDIS:
-            self._link = RedisLink(*link_args)
-        else:
-            self._link = PollingLink(*link_args)
-        self._outbox: SimpleQueue[_Outgoing | _Withdrawal | None] = SimpleQueue()
         self._broadcasts: dict[str, _Gathering] = {}
-        self._publisher: threading.Thread | None = None
-        self._producer: Producer | None = None  # the inline publisher's
-        self._inline_lock = threading.Lock()
 
     @property
     def reply_queue(self) -> str:
         """The reply queue's name. On AMQP a new one replaces it after a lost
         connection: the old one went with the connection."""
         return self._link.reply_queue
-
-    @property
-    def _threaded(self) -> bool:
-        """True if requests go through the publisher thread (a publish may block past
-        a caller's deadline: Redis and polling transports), not through the AMQP link
-        or inline (memory://, where a put cannot stall)."""
-        return self._kind is Kind.REDIS or self._kind is Kind.POLLING
 
     # -- public --------------------------------------------------------------------
 
@@ -249,7 +185,7 @@ class Client:
             encoded, queue, headers, properties, deadline, correlation_id, retry=retry, secret=self._secret
         )
         future = self._pending.add(correlation_id, method, timeout, span, queue, job)
-        self._submit(job, attended)
+        self._link.submit(job, attended)
         return future
 
     def wait(self, future: Future[Any], timeout: float | None) -> None:
@@ -271,7 +207,7 @@ class Client:
             encoded, headers = self._request(method, args, kwargs, correlation_id, "", None)
             self._start()
             sent: Future[None] = Future()
-            self._submit(
+            self._link.submit(
                 _Outgoing(encoded, queue, headers, {"correlation_id": correlation_id}, None, sent=sent),
                 attended=True,
             )
@@ -308,7 +244,7 @@ class Client:
                 "expiration": timeout,
             }
             try:
-                self._submit(
+                self._link.submit(
                     _Outgoing(encoded, queue, headers, properties, deadline, sent=sent, exchange=exchange),
                     attended=True,
                 )
@@ -332,7 +268,7 @@ class Client:
         transports keep no exchanges on the broker, and a failed check lets the
         broadcast go on: its publish reports what is wrong.
         """
-        if self._kind is not Kind.AMQP and self._kind is not Kind.MEMORY:
+        if not self._link.keeps_exchanges:
             return True
         try:
             with self._connection.clone(connect_timeout=min(timeout, PUBLISH_TIMEOUT)) as conn:
@@ -346,27 +282,15 @@ class Client:
         return True
 
     def close(self) -> None:
-        """Stop the link and the publisher thread, delete the reply queue, fail calls
-        still pending."""
+        """Close the link (it deletes the reply queue and fails the calls still
+        pending)."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-            publisher, link = self._publisher, self._link
+            link = self._link
         if self._link_started:
             link.close()
-        withdrawn = self._pending.fail_all(CallError, "proxy closed before the reply arrived")
-        if publisher is not None:
-            for queue, correlation_id in withdrawn if self._kind is Kind.REDIS else ():
-                self._withdraw(queue, correlation_id)
-            self._outbox.put(None)
-            publisher.join(PUBLISH_TIMEOUT)
-            if publisher.is_alive():
-                logger.warning("the publisher is stuck on a dead connection; leaving it behind")
-        with self._inline_lock:
-            if self._producer is not None:
-                self._producer.connection.release()
-                self._producer = None
         link.wake_waiters()
         self._pending.close()
 
@@ -401,7 +325,7 @@ class Client:
         return encoded, headers
 
     def _start(self) -> None:
-        """Start the link, and on Redis the publisher thread, unless running."""
+        """Start the link unless running."""
         if self._link_started and not self._closing and self._pid == os.getpid():
             return
         if self._pid != os.getpid():
@@ -416,35 +340,10 @@ class Client:
             except Exception as exc:
                 raise ConnectionLostError(f"cannot connect to {safe_uri(self._connection)}: {exc}") from exc
             self._link_started = True
-            if self._threaded:
-                self._publisher = threading.Thread(
-                    target=self._publish_loop, name="kombu_rpc-publisher", daemon=True
-                )
-                self._publisher.start()
 
-    # -- publishing, and the publisher thread ----------------------------------------------
-
-    def _submit(self, job: _Outgoing, attended: bool) -> None:
-        """Have ``job`` published: through the AMQP link, by the publisher thread (Redis),
-        or right here on memory://, where a publish cannot stall (it saves a thread
-        hand-off per call). ``attended``: the caller waits for the outcome itself."""
-        if isinstance(self._link, AmqpLink):
-            self._link.submit(job, attended)
-            return
-        if not self._threaded:
-            with self._inline_lock:
-                if self._producer is None:
-                    self._producer = self._new_producer()
-                self._send(self._producer, job)
-        else:
-            self._outbox.put(job)
-        if not attended:
-            self._link.unattended()
-
-    def _withdraw(self, queue: str, correlation_id: str) -> None:
-        """Have the publisher thread take back an unanswered request (Redis)."""
-        if queue:
-            self._outbox.put(_Withdrawal(queue, correlation_id))
+    def _expired(self, queue: str, correlation_id: str) -> None:
+        """A call ended at its deadline: have the link take its request back, if it can."""
+        self._link.withdraw(queue, correlation_id)
 
     def _wait_sent(self, sent: Future[None], timeout: float, what: str) -> None:
         """Wait until a request was sent (confirmed on AMQP); raise what publishing raised.
@@ -454,11 +353,7 @@ class Client:
                 unless its publish had already begun).
         """
         try:
-            if self._threaded:  # the publisher thread sends it: no reading
-                sent.result(timeout)
-            else:
-                self._link.wait(sent.done, timeout)
-                sent.result(0)
+            self._link.wait_sent(sent, timeout)
         except FuturesTimeout:  # not the builtin TimeoutError before Python 3.11
             if sent.cancel():
                 raise ConnectionLostError(
@@ -467,47 +362,6 @@ class Client:
             raise ConnectionLostError(
                 f"{what} may not have been sent: publishing it took over {timeout}s"
             ) from None
-
-    def _new_producer(self) -> Producer:
-        return Producer(publishing_clone(self._connection, self._confirm_publish), auto_declare=False)
-
-    def _publish_loop(self) -> None:
-        """Publish queued requests in order, skipping those whose caller gave up.
-
-        Publishing runs here rather than in the calling thread so that a stalled
-        connection, which can block a publish until its socket timeout, never holds a
-        caller past its deadline: the caller waits on its future, which the deadline
-        thread fails on time.
-        """
-        producer = self._new_producer()
-        try:
-            while (job := self._outbox.get()) is not None:
-                if isinstance(job, _Withdrawal):
-                    job.run(producer.channel)
-                else:
-                    self._send(producer, job)
-        finally:
-            producer.connection.release()
-
-    def _send(self, producer: Producer, job: _Outgoing) -> None:
-        """Publish one request unless its caller gave up, and report how it went."""
-        if not job.claim(self._pending):
-            return
-        try:
-            self._publish(producer, job)
-        except RPCError as exc:
-            job.fail(self._pending, exc)
-        except Exception as exc:  # never let one request kill the publisher
-            logger.exception("unexpected error publishing to %r", job.queue)
-            job.fail(self._pending, ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}"))
-        else:
-            job.done()
-
-    def _publish(self, producer: Producer, job: _Outgoing) -> None:
-        try:
-            publish(producer, self._retry_policy, **job.publish_args(self._confirm_publish))
-        except broker_errors(producer.connection, operational=True, os_errors=True) as exc:
-            raise ConnectionLostError(f"cannot publish to {job.queue!r}: {exc}") from exc
 
     # -- replies ---------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 :class:`PendingCalls` holds the calls waiting for a reply, by correlation id, and fails
 each at its deadline; an ``_Outgoing`` is one request on its way to the broker. Both
-are shared by :mod:`kombu_rpc.client`, which makes them, and :mod:`kombu_rpc.link`,
+are shared by :mod:`kombu_rpc.client`, which makes them, and its link (``kombu_rpc._links``),
 which publishes the requests and completes the calls with the replies it reads.
 """
 

@@ -12,7 +12,7 @@ import pytest
 from kombu import Connection, Queue
 
 from kombu_rpc import ConnectionLostError, RPCProxy, RPCServer
-from kombu_rpc import link as link_module
+from kombu_rpc._links import amqp as link_module
 
 pytestmark = pytest.mark.timeout(60)
 AMQP_ONLY = True

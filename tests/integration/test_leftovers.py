@@ -12,7 +12,7 @@ import redis
 from kombu import Connection
 
 from kombu_rpc import CallError, Registry, RPCProxy, RPCServer, RPCTimeout
-from kombu_rpc.link import LATE_REPLY_WINDOW, TOMBSTONE
+from kombu_rpc._links.polling import LATE_REPLY_WINDOW, TOMBSTONE
 from kombu_rpc.topology import (
     BROADCAST_EXCHANGE_TEMPLATE,
     BROADCAST_QUEUE_TEMPLATE,

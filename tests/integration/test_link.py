@@ -23,16 +23,16 @@ def test_the_links_thread_survives_an_unexpected_error(
     proxy = proxies(timeout=30)
     assert proxy.echo("warm") == "warm"  # connected, link thread running
     link = proxy._client._link
-    work = type(link)._work
+    work = type(link).work
     failures: list[int] = []
 
-    def fail_once(self: Any, busy: bool) -> None:
-        if self is link and busy and not failures:
+    def fail_once(self: Any, timeout: float) -> None:
+        if self is link and timeout and not failures:
             failures.append(1)
             raise RuntimeError("a bug in the link")
-        work(self, busy)
+        work(self, timeout)
 
-    monkeypatch.setattr(type(link), "_work", fail_once)
+    monkeypatch.setattr(type(link), "work", fail_once)
     failed = log_waiter("the link's thread failed")
     # nobody waits on the call: only the link's thread can read its reply, after its
     # failure (a dead thread would leave the future pending until its 30 s timeout)

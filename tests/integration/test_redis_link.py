@@ -13,7 +13,7 @@ import pytest
 from kombu import Connection
 
 from kombu_rpc import CallError, RPCProxy, RPCServer, RPCTimeout
-from kombu_rpc import link as link_module
+from kombu_rpc._links import turns
 from kombu_rpc.client import Client
 
 from ..conftest import Gate
@@ -70,7 +70,7 @@ def test_close_wakes_the_reading_thread_at_once(
 ) -> None:
     # No read ends by itself within the test: close returns quickly only if it wakes
     # the link's thread, which reads for the held call.
-    monkeypatch.setattr(link_module, "IDLE_WAIT", 3600.0)
+    monkeypatch.setattr(turns, "IDLE_WAIT", 3600.0)
     serve()
     proxy = proxies(timeout=30)
     held = proxy.held.call_async("held")
