@@ -15,13 +15,13 @@ import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
-from time import monotonic
+from time import monotonic, time
 from typing import Any
 
 from kombu import Connection, Exchange
 from kombu.message import Message
 
-from . import context, protocol
+from . import context, metrics, protocol
 from ._links import open_link
 from .codecs import Codec, Plain
 from .connection import PUBLISH_TIMEOUT, broker_errors, safe_uri
@@ -185,6 +185,9 @@ class Client:
             encoded, queue, headers, properties, deadline, correlation_id, retry=retry, secret=self._secret
         )
         future = self._pending.add(correlation_id, method, timeout, span, queue, job)
+        recorder = metrics.recorder
+        if recorder is not None:
+            _measure(recorder, future, queue, method)
         self._link.submit(job, attended)
         return future
 
@@ -316,6 +319,7 @@ class Client:
         headers = context.outgoing_headers(correlation_id)
         if deadline is not None:
             headers[protocol.DEADLINE_HEADER] = deadline
+        headers[protocol.SENT_AT_HEADER] = time()
         if self._secret is not None:
             headers.update(
                 protocol.signature_headers(
@@ -370,6 +374,7 @@ class Client:
         if not isinstance(correlation_id, str):
             if protocol.CONTROL_HEADER not in (message.headers or {}):
                 logger.warning("dropped a reply without correlation_id on %s", self.reply_queue)
+                _count_dropped("unknown")
             return
         gathering = self._broadcasts.get(correlation_id)
         if gathering is not None:
@@ -382,6 +387,7 @@ class Client:
         pending = self._pending.pop(correlation_id)
         if pending is None:
             logger.warning("dropped a late or duplicate reply %s", correlation_id)
+            _count_dropped("late")
             return
         try:
             result = self._read_reply(message, decode_error)
@@ -406,3 +412,21 @@ class Client:
             if message.content_type == "text/plain" and not isinstance(self._codec, Plain):
                 hint = "; the server answers in the plain format: call it with RPCProxy(..., codec=Plain())"
             raise RemoteError("MalformedReply", f"reply could not be decoded: {exc}{hint}") from exc
+
+
+def _measure(recorder: metrics.Recorder, future: Future[Any], queue: str, method: str) -> None:
+    """Report a call to ``recorder`` now, and its outcome when its future is done."""
+    recorder.client_call_started(queue)
+    started = monotonic()
+
+    def ended(done: Future[Any]) -> None:
+        exc = None if done.cancelled() else done.exception()
+        recorder.client_call_ended(queue, method, metrics.client_outcome(exc), monotonic() - started)
+
+    future.add_done_callback(ended)
+
+
+def _count_dropped(reason: str) -> None:
+    recorder = metrics.recorder
+    if recorder is not None:
+        recorder.client_event("dropped_replies", reason)

@@ -325,6 +325,13 @@ class _Both(Recorder):
             r.client_event(event, label)
 
 
+def count_event(event: str, label: str = "") -> None:
+    """Report a proxy's ``event`` (:meth:`Recorder.client_event`), if metrics are on."""
+    current = recorder
+    if current is not None:
+        current.client_event(event, label)
+
+
 def enable(
     registry: CollectorRegistry | None = None,
     *,

@@ -22,6 +22,7 @@ from kombu import Producer
 
 from ..connection import broker_errors, reconnect, take_confirmed
 from ..errors import ConnectionLostError, NoServerError
+from ..metrics import count_event
 from ..pending import _Outgoing
 from ..topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, discard_queue, new_id
 from ..transports import unread
@@ -181,6 +182,7 @@ class AmqpLink(Link):
         row the channel may be one the broker will never take a message on again (it
         was opened before a new leader was elected): reconnect."""
         self._nacks += 1
+        count_event("publish_nacks")
         for job in self._confirmed(delivery_tag, multiple):
             job.written = False  # refused: no server got it
             job.nacks += 1
@@ -253,6 +255,7 @@ class AmqpLink(Link):
         """Note a lost connection (under the I/O lock); the link's thread reconnects."""
         if self._broken is None:
             logger.warning("the proxy lost its connection (%s); reconnecting", exc)
+            count_event("reconnects")
             self._broken = exc
         self.wake()
         self._turns.notify_thread()

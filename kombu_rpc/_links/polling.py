@@ -29,6 +29,7 @@ from typing import Any
 from kombu import Connection, Consumer, Producer
 
 from ..connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
+from ..metrics import count_event
 from ..pending import _Outgoing
 from ..protocol import WAKE_HEADERS, WAKE_UP
 from ..topology import discard_queue
@@ -204,6 +205,7 @@ class PollingLink(Link):
         except self._lost_errors() as exc:
             if self._broken is None and not self._turns.closing:
                 logger.warning("the proxy lost its reply connection (%s); reconnecting", exc)
+                count_event("reconnects")
             self._broken = exc  # the leader leaves next, waking the link's thread
 
     def _drain_timeout(self, timeout: float) -> float:
