@@ -70,12 +70,13 @@ myst_heading_anchors = 3
 nitpicky = True
 nitpick_ignore = [
     # Private helpers that appear in public signatures but are not part of the API.
-    ("py:class", "kombu_rpc.pending._Pending"),  # PendingCalls.pop() -> _Pending | None
-    ("py:class", "kombu_rpc.pending._Outgoing"),  # PendingCalls.lose_replies() -> list[_Outgoing]
+    ("py:class", "kombu_rpc._pending._Pending"),  # PendingCalls.pop() -> _Pending | None
+    ("py:class", "kombu_rpc._pending._Outgoing"),  # PendingCalls.lose_replies() -> list[_Outgoing]
     ("py:class", "kombu_rpc.registry.F"),  # the TypeVar of the @remote overloads
     ("py:class", "kombu_rpc.proxy._T"),  # the interface of typed()
     ("py:class", "kombu_rpc.aio._T"),
     ("py:class", "kombu_rpc.interfaces._R"),  # the result of call_async()
+    ("py:class", "CollectorRegistry"),  # prometheus_client's, in metrics.enable()
 ]
 nitpick_ignore_regex = [
     (r"py:.*", r"(kombu|amqp)\..*"),  # kombu.Connection, kombu.Queue, amqp.transport.TCPTransport, ...
@@ -89,7 +90,7 @@ def _resolve_imported_names(app: Any, env: Any, node: Any, contnode: Any) -> Any
     """Resolve a reference to a kombu_rpc object through the name it is imported under.
 
     Docstrings name objects as Python code sees them: ``RPCTimeout`` in
-    ``kombu_rpc.client`` (imported from ``kombu_rpc.errors``) or ``kombu_rpc.RPCServer``
+    ``kombu_rpc._client`` (imported from ``kombu_rpc.errors``) or ``kombu_rpc.RPCServer``
     (re-exported by the package). Each object is documented once, in the module that
     defines it; this finds that module and resolves the reference there.
     """

@@ -5,8 +5,8 @@ plugin is loaded through an entry point, and pytest would otherwise warn when a 
 session starts an inner pytest run (pytester) after kombu_rpc was imported.
 """
 
+from ._client import BroadcastReply
 from .aio import AsyncRPCProxy
-from .client import BroadcastReply
 from .codecs import Codec, Envelope, Plain
 from .context import CallContext, CallIdFilter, current_call
 from .errors import (

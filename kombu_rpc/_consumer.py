@@ -23,10 +23,10 @@ from . import metrics, protocol
 from ._dispatch import Dispatcher, Disposal, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, ReplyPublisher
+from ._transports import Kind, kind, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError
 from .topology import CONTROL_QUEUE_TEMPLATE, broadcast_queue, discard_queue, private_queue, request_queue
-from .transports import Kind, kind, unread
 
 logger = logging.getLogger("kombu_rpc.server")
 

@@ -1,7 +1,7 @@
 """AsyncRPCProxy: remote calls awaited from asyncio code (owns no broker code).
 
 kombu is synchronous, so the async proxy drives the same machinery as
-:class:`~kombu_rpc.proxy.RPCProxy`: one :class:`~kombu_rpc.client.Client` with one
+:class:`~kombu_rpc.proxy.RPCProxy`: one ``kombu_rpc._client.Client`` with one
 reply queue, read by a thread of the client that completes a
 :class:`concurrent.futures.Future` per call by correlation id. Each of these
 futures is bridged to the event loop with ``asyncio.wrap_future``.
@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from .client import BroadcastReply
+from ._client import BroadcastReply
 from .codecs import Codec
 from .connection import Broker
 from .errors import CallError, ConfigurationError

@@ -12,8 +12,8 @@ from kombu import Connection, Producer
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
+from ._transports import Kind, kind, open_connection
 from .errors import ConfigurationError
-from .transports import Kind, kind, open_connection
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ PUBLISH_TIMEOUT = 10.0
 
 def connect(broker: Broker | None) -> Connection:
     """Return a new, not yet connected :class:`kombu.Connection` for ``broker``, on the
-    transport kombu_rpc uses for its URL (see :mod:`kombu_rpc.transports`). ``broker``
+    transport kombu_rpc uses for its URL (see ``kombu_rpc._transports``). ``broker``
     itself is never changed; ``None`` takes the URL in the environment variable
     :data:`BROKER_URL_ENV`. The URLs of a ``;``-separated list are tried in a random
     order, and ``amqp`` URLs ask for heartbeats
-    (:func:`~kombu_rpc.transports.open_connection`).
+    (``kombu_rpc._transports.open_connection``).
 
     Raises:
         ConfigurationError: ``broker`` is not a URL or a Connection (or ``None`` with

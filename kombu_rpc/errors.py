@@ -13,6 +13,8 @@
         ├── MethodNotFound                 no function of that name is served
         ├── InvalidArguments               arguments do not fit the signature
         └── MalformedRequest               the server could not read the request
+
+    TransportFallbackWarning (RuntimeWarning)  kombu's own transport is used instead of ours
 """
 
 from __future__ import annotations
@@ -117,3 +119,9 @@ def remote_error_from_wire(error: Any) -> RemoteError:
     return cls(
         str(error.get("type", "Exception")), str(error.get("message", "")), str(error.get("traceback", ""))
     )
+
+
+class TransportFallbackWarning(RuntimeWarning):
+    """kombu_rpc's own transport for a URL cannot run on the installed kombu or
+    py-amqp, so kombu's stock transport is used (correct, only slower). Silence it
+    with ``warnings.filterwarnings("ignore", category=TransportFallbackWarning)``."""

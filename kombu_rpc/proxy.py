@@ -10,7 +10,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from .client import BroadcastReply, Client
+from ._client import BroadcastReply, Client
 from .codecs import Codec
 from .connection import Broker, connect
 from .errors import ConfigurationError, RemoteError, RPCTimeout
@@ -295,7 +295,7 @@ class MethodProxy:
 
         The request goes through the queue's fanout exchange to a queue each server
         binds to it, not through the shared request queue. A server that fails answers
-        with a :class:`~kombu_rpc.client.BroadcastReply` whose ``error`` is set. With no
+        with a :class:`~kombu_rpc.BroadcastReply` whose ``error`` is set. With no
         server running the list is empty (at once on AMQP).
 
         Args:

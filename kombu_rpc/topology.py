@@ -7,9 +7,9 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
+from ._transports import REPLY_QUEUE_PREFIX
 from .connection import broker_errors
 from .errors import ConfigurationError
-from .transports import REPLY_QUEUE_PREFIX
 
 #: The request queue used when none is given.
 DEFAULT_QUEUE = "rpc_queue"

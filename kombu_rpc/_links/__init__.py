@@ -24,10 +24,10 @@ from typing import Any
 
 from kombu import Connection
 
+from .._pending import PendingCalls
+from .._transports import Kind, kind
 from ..errors import ConfigurationError
-from ..pending import PendingCalls
 from ..topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, new_id
-from ..transports import Kind, kind
 from .amqp import AmqpLink
 from .base import Link
 from .memory import MemoryLink

@@ -20,12 +20,12 @@ from typing import Any
 
 from kombu import Producer
 
+from .._pending import _Outgoing
+from .._transports import unread
 from ..connection import broker_errors, reconnect, take_confirmed
 from ..errors import ConnectionLostError, NoServerError
 from ..metrics import count_event
-from ..pending import _Outgoing
 from ..topology import DIRECT_REPLY_TO, REPLY_QUEUE_TEMPLATE, discard_queue, new_id
-from ..transports import unread
 from .base import FRAME_WAIT, Link, consume_replies
 from .turns import IDLE_WAIT, Closed
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from kombu import Connection, Consumer, Producer, Queue
 
+from .._pending import PendingCalls, _Outgoing
 from ..connection import broker_errors, publish
 from ..errors import CallError, ConnectionLostError, RPCError
-from ..pending import PendingCalls, _Outgoing
 from ..topology import DIRECT_REPLY_TO, private_queue
 from .turns import Turns
 

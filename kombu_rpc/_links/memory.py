@@ -8,8 +8,8 @@ from typing import Any
 
 from kombu import Producer
 
+from .._pending import _Outgoing
 from ..connection import publishing_clone
-from ..pending import _Outgoing
 from ..topology import discard_queue
 from .base import Link, consume_replies, send
 

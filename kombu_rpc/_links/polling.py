@@ -28,9 +28,9 @@ from typing import Any
 
 from kombu import Connection, Consumer, Producer
 
+from .._pending import _Outgoing
 from ..connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from ..metrics import count_event
-from ..pending import _Outgoing
 from ..protocol import WAKE_HEADERS, WAKE_UP
 from ..topology import discard_queue
 from .base import FRAME_WAIT, Link, consume_replies, send

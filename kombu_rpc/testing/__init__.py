@@ -150,14 +150,14 @@ def reset_memory_transport() -> None:
     """Empty the process-wide state of the ``memory://`` broker.
 
     kombu keeps every memory queue, exchange and binding in class attributes shared by
-    all memory connections of the process (kombu_rpc's :mod:`~kombu_rpc.transports.memory`
+    all memory connections of the process (kombu_rpc's ``kombu_rpc._transports.memory``
     transport shares them too), so they outlive the connections that made them. This
     drops all of them, with the messages they hold.
 
     Call it only while no ``memory://`` server or proxy is running: their queues would
     vanish under them.
     """
-    from ..transports import memory  # here: importing kombu_rpc.testing loads no transport
+    from .._transports import memory  # here: importing kombu_rpc.testing loads no transport
 
     for channel in (kombu_memory.Channel, memory.Channel):
         channel.queues.clear()

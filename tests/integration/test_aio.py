@@ -28,8 +28,8 @@ from kombu_rpc import (
     RPCTimeout,
     SerializationError,
 )
-from kombu_rpc import client as client_module
-from kombu_rpc.client import Client
+from kombu_rpc import _client as client_module
+from kombu_rpc._client import Client
 
 from ..conftest import Gate, Recorder
 

@@ -13,12 +13,12 @@ from kombu import Connection
 
 from kombu_rpc import CallError, Registry, RPCProxy, RPCServer, RPCTimeout
 from kombu_rpc._links.polling import LATE_REPLY_WINDOW, TOMBSTONE
+from kombu_rpc._transports import memory as memory_transport
 from kombu_rpc.topology import (
     BROADCAST_EXCHANGE_TEMPLATE,
     BROADCAST_QUEUE_TEMPLATE,
     CONTROL_QUEUE_TEMPLATE,
 )
-from kombu_rpc.transports import memory as memory_transport
 
 from ..conftest import MEMORY, Gate
 

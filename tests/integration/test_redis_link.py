@@ -13,8 +13,8 @@ import pytest
 from kombu import Connection
 
 from kombu_rpc import CallError, RPCProxy, RPCServer, RPCTimeout
+from kombu_rpc._client import Client
 from kombu_rpc._links import turns
-from kombu_rpc.client import Client
 
 from ..conftest import Gate
 from .tcpproxy import TCPProxy

@@ -1,4 +1,4 @@
-"""kombu_rpc.transports.redis on a real Redis: one command client per channel, and
+"""kombu_rpc._transports.redis on a real Redis: one command client per channel, and
 kombu's keys, ack emulation, fanout and reconnection unchanged (plain kombu processes
 share the queues)."""
 
@@ -17,10 +17,10 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from kombu_rpc import RPCProxy, RPCServer, RPCTimeout
+from kombu_rpc._transports import redis as redis_transport
 from kombu_rpc.connection import connect, safe_uri
 from kombu_rpc.testing import make_registry, unique_queue_name
 from kombu_rpc.topology import new_id
-from kombu_rpc.transports import redis as redis_transport
 
 from ..brokers import PrivateRedis
 

@@ -3,12 +3,12 @@ SQLAlchemy on SQLite and SQLAlchemy on PostgreSQL.
 
 Each transport gets one server in a process of its own (``transport_server.py``), shared
 by the transport's tests; the tests call it from this process. kombu polls every queue
-on these transports, every :data:`kombu_rpc.transports.POLLING_INTERVAL` seconds as
+on these transports, every :data:`kombu_rpc._transports.POLLING_INTERVAL` seconds as
 kombu_rpc sets it, so a call waits about half a poll for the request and half a poll
 for the reply.
 
 ``filesystem://`` gets kombu_rpc's filesystem transport
-(:mod:`kombu_rpc.transports.filesystem`): kombu's own loses a message now and then to a
+(:mod:`kombu_rpc._transports.filesystem`): kombu's own loses a message now and then to a
 consumer that reads its file before the producer has written it.
 
 PostgreSQL is ``KOMBU_RPC_TEST_POSTGRES_URL`` (default :data:`DEFAULT_POSTGRES_URL`). If

@@ -17,11 +17,11 @@ import pytest
 from kombu import Connection
 
 from kombu_rpc import RPCProxy
+from kombu_rpc._transports import Kind, PinnedConnection, kind
+from kombu_rpc._transports import amqp as fast_amqp
+from kombu_rpc._transports import redis as fast_redis
 from kombu_rpc.connection import connect
 from kombu_rpc.testing import running_server, unique_queue_name
-from kombu_rpc.transports import Kind, PinnedConnection, kind
-from kombu_rpc.transports import amqp as fast_amqp
-from kombu_rpc.transports import redis as fast_redis
 
 pytestmark = pytest.mark.timeout(60)
 

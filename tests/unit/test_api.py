@@ -126,7 +126,7 @@ def test_max_message_size_must_be_a_positive_int(size: object) -> None:
 def test_a_blocking_call_cannot_outlive_its_timeout_even_if_the_deadline_thread_fails(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from kombu_rpc.pending import PendingCalls
+    from kombu_rpc._pending import PendingCalls
 
     monkeypatch.setattr(PendingCalls, "_watch", lambda self: None)  # a deadline thread that never fires
     with RPCProxy("memory://", queue="test.nobody-serves-this", timeout=0.1) as proxy:
@@ -136,7 +136,7 @@ def test_a_blocking_call_cannot_outlive_its_timeout_even_if_the_deadline_thread_
 
 
 def test_finished_calls_do_not_keep_their_deadlines() -> None:
-    from kombu_rpc.pending import PendingCalls
+    from kombu_rpc._pending import PendingCalls
 
     pending = PendingCalls()
     try:
@@ -156,7 +156,7 @@ def test_pending_calls_know_until_when_a_reply_may_come() -> None:
     import math
     from time import monotonic
 
-    from kombu_rpc.pending import PendingCalls
+    from kombu_rpc._pending import PendingCalls
 
     pending = PendingCalls()
     try:
@@ -220,3 +220,28 @@ def test_urls_are_shown_as_written_with_the_password_masked(url: str, shown: str
     if url.startswith("sqla") and importlib.util.find_spec("sqlalchemy") is None:
         pytest.skip("SQLAlchemy is not installed")
     assert safe_uri(connect(url)) == shown
+
+
+def test_the_reference_documents_exactly_the_public_modules() -> None:
+    """Internal modules start with ``_`` and have no reference page; every other
+    module of the package has one (docs/reference)."""
+    import pkgutil
+    import re
+    from pathlib import Path
+
+    import kombu_rpc
+
+    package = Path(kombu_rpc.__file__).parent
+    public = {"kombu_rpc"} | {
+        info.name
+        for info in pkgutil.walk_packages([str(package)], "kombu_rpc.", onerror=lambda name: None)
+        if not any(part.startswith("_") for part in info.name.split("."))
+    }
+    public.discard("kombu_rpc.contrib")  # a namespace for the integrations, nothing of its own
+    reference = package.parent / "docs" / "reference"
+    documented = {
+        name
+        for page in reference.glob("*.rst")
+        for name in re.findall(r"^\.\. automodule:: (\S+)", page.read_text(), re.M)
+    }
+    assert documented == public

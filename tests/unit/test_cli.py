@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 import kombu_rpc
-from kombu_rpc.cli import build_parser, main, to_json
+from kombu_rpc._cli import build_parser, main, to_json
 
 
 def test_demo_on_memory_prints_fib_and_a_rate(capsys: pytest.CaptureFixture[str]) -> None:

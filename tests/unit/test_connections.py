@@ -13,12 +13,12 @@ import pytest
 from kombu import Connection
 from kombu.transport import pyamqp as kombu_pyamqp
 
-from kombu_rpc import transports as seam
+from kombu_rpc import _transports as seam
+from kombu_rpc._transports import AMQP_HEARTBEAT, Kind, PinnedConnection, PollingConnection, kind
+from kombu_rpc._transports import amqp as fast_amqp
+from kombu_rpc._transports import filesystem as fast_filesystem
+from kombu_rpc._transports import redis as fast_redis
 from kombu_rpc.connection import Heartbeater, connect, publishing_clone
-from kombu_rpc.transports import AMQP_HEARTBEAT, Kind, PinnedConnection, PollingConnection, kind
-from kombu_rpc.transports import amqp as fast_amqp
-from kombu_rpc.transports import filesystem as fast_filesystem
-from kombu_rpc.transports import redis as fast_redis
 
 pytestmark = pytest.mark.timeout(30)
 

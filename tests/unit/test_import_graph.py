@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(30)
 
 PACKAGE = Path(kombu_rpc.__file__).parent
 #: Layers outside the core, which the core never imports.
-OUTER = ("kombu_rpc.contrib", "kombu_rpc.testing", "kombu_rpc.cli", "kombu_rpc.__main__")
+OUTER = ("kombu_rpc.contrib", "kombu_rpc.testing", "kombu_rpc._cli", "kombu_rpc.__main__")
 
 
 def module_name(path: Path) -> str:
@@ -69,8 +69,8 @@ def is_outer(name: str) -> bool:
 def test_the_graph_sees_every_kind_of_import() -> None:
     edges = graph()
     assert "kombu_rpc.proxy" in edges["kombu_rpc.aio"]  # module level, relative
-    assert "kombu_rpc.server" in edges["kombu_rpc.cli"]  # in a function, and TYPE_CHECKING
-    assert "kombu_rpc.transports.memory" in edges["kombu_rpc.testing"]  # from ..transports import memory
+    assert "kombu_rpc.server" in edges["kombu_rpc._cli"]  # in a function, and TYPE_CHECKING
+    assert "kombu_rpc._transports.memory" in edges["kombu_rpc.testing"]  # from .._transports import memory
     assert "kombu_rpc.protocol" in edges["kombu_rpc.codecs"]  # from . import protocol
     assert "kombu_rpc.registry" in edges["kombu_rpc.testing.pytest_plugin"]  # absolute
 
@@ -117,9 +117,9 @@ def test_the_core_reaches_transports_through_their_seam_only() -> None:
     offenders = {
         (name, target)
         for name, targets in graph().items()
-        if not name.startswith("kombu_rpc.transports") and not is_outer(name)
+        if not name.startswith("kombu_rpc._transports") and not is_outer(name)
         for target in targets
-        if target.startswith("kombu_rpc.transports.")
+        if target.startswith("kombu_rpc._transports.")
     }
     assert not offenders
 
@@ -128,8 +128,8 @@ def test_transports_import_nothing_of_the_core_but_its_errors() -> None:
     offenders = {
         (name, target)
         for name, targets in graph().items()
-        if name.startswith("kombu_rpc.transports")
+        if name.startswith("kombu_rpc._transports")
         for target in targets
-        if not target.startswith("kombu_rpc.transports") and target != "kombu_rpc.errors"
+        if not target.startswith("kombu_rpc._transports") and target != "kombu_rpc.errors"
     }
     assert not offenders

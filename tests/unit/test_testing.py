@@ -10,6 +10,7 @@ from kombu import Connection
 from kombu.transport import memory as kombu_memory
 
 from kombu_rpc import ConfigurationError, MethodNotFound, Registry, RemoteError, default_registry, testing
+from kombu_rpc._transports import memory as rpc_memory
 from kombu_rpc.connection import connect
 from kombu_rpc.testing import (
     Served,
@@ -21,7 +22,6 @@ from kombu_rpc.testing import (
     serving,
     unique_queue_name,
 )
-from kombu_rpc.transports import memory as rpc_memory
 
 
 def add(a: int, b: int) -> int:

@@ -1,4 +1,4 @@
-"""kombu_rpc.transports.amqp: frames cut out of a read-ahead buffer, over a socket pair."""
+"""kombu_rpc._transports.amqp: frames cut out of a read-ahead buffer, over a socket pair."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from amqp.exceptions import UnexpectedFrame
 from kombu import Connection
 
+from kombu_rpc._transports import unread
+from kombu_rpc._transports.amqp import BufferedTCPTransport, Transport
 from kombu_rpc.connection import connect, safe_uri
-from kombu_rpc.transports import unread
-from kombu_rpc.transports.amqp import BufferedTCPTransport, Transport
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from kombu_rpc._transports import memory
 from kombu_rpc.testing import unique_queue_name
-from kombu_rpc.transports import memory
 
 #: Seconds between a consumer's polls: far longer than any test waits for a wake-up.
 POLL = 30.0

@@ -1,4 +1,4 @@
-"""kombu_rpc.transports: which transport a URL gets, the checks of kombu's internals and
+"""kombu_rpc._transports: which transport a URL gets, the checks of kombu's internals and
 the fallback to kombu's own transports, and connections that leave the caller's alone."""
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from kombu.transport import pyamqp as kombu_pyamqp
 from kombu.transport import redis as kombu_redis
 
 from kombu_rpc import ConfigurationError, RPCProxy, RPCServer
-from kombu_rpc import transports as seam
+from kombu_rpc import _transports as seam
+from kombu_rpc._transports import Kind, kind
+from kombu_rpc._transports import amqp as fast_amqp
+from kombu_rpc._transports import filesystem as fast_filesystem
+from kombu_rpc._transports import memory as fast_memory
+from kombu_rpc._transports import redis as fast_redis
 from kombu_rpc.connection import connect, safe_uri
+from kombu_rpc.errors import TransportFallbackWarning
 from kombu_rpc.testing import make_registry, unique_queue_name
-from kombu_rpc.transports import Kind, TransportFallbackWarning, kind
-from kombu_rpc.transports import amqp as fast_amqp
-from kombu_rpc.transports import filesystem as fast_filesystem
-from kombu_rpc.transports import memory as fast_memory
-from kombu_rpc.transports import redis as fast_redis
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,5 +1,5 @@
 """kombu's py-amqp transport, reading the socket a chunk at a time (used for ``amqp://``
-unless :func:`check` finds that py-amqp changed; see :mod:`kombu_rpc.transports`).
+unless :func:`check` finds that py-amqp changed; see :mod:`kombu_rpc._transports`).
 
 py-amqp reads every frame with three exact-size ``recv`` calls (header, payload, end
 octet), each under a socket timeout it sets and restores, so a reply (three frames)
@@ -9,7 +9,7 @@ costs nine reads and six ``settimeout`` calls. :class:`Transport` is kombu's
 handed over without touching the socket. TLS connections are left to py-amqp.
 
 A whole frame waiting in the buffer is invisible to ``select()``: code that waits on
-the socket asks :func:`kombu_rpc.transports.unread` first.
+the socket asks :func:`kombu_rpc._transports.unread` first.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ kinds:
   connection's ``transport_options`` set it), and any error of the transport counts
   as a lost connection: the server and the proxy reconnect.
 
-kombu_rpc's own transports (:mod:`~kombu_rpc.transports.amqp`,
-:mod:`~kombu_rpc.transports.redis`, :mod:`~kombu_rpc.transports.memory`) are
+kombu_rpc's own transports (:mod:`~kombu_rpc._transports.amqp`,
+:mod:`~kombu_rpc._transports.redis`, :mod:`~kombu_rpc._transports.memory`) are
 subclasses of kombu's that are faster on a call's hot path;
-:mod:`~kombu_rpc.transports.filesystem` is one that does not lose messages. They
+:mod:`~kombu_rpc._transports.filesystem` is one that does not lose messages. They
 override private kombu and py-amqp methods, so each is imported only when its URL is
 used, checks at import that those internals are there and behave as it expects, and
 if not, kombu's own transport is used instead, with one warning. Setting the environment variable
@@ -49,7 +49,7 @@ from kombu import Connection
 from kombu.transport import resolve_transport, virtual
 from kombu.utils.imports import symbol_by_name
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, TransportFallbackWarning
 
 __all__ = [
     "FAST_TRANSPORTS_ENV",
@@ -59,7 +59,6 @@ __all__ = [
     "kind",
     "open_connection",
     "fast_module",
-    "TransportFallbackWarning",
     "PinnedConnection",
     "PollingConnection",
     "unread",
@@ -100,13 +99,8 @@ class Kind(str, enum.Enum):
     POLLING = "polling"
 
 
-class TransportFallbackWarning(RuntimeWarning):
-    """kombu_rpc's own transport for a URL cannot run on the installed kombu or
-    py-amqp, so kombu's stock transport is used (correct, only slower)."""
-
-
 #: kombu's transport aliases that kombu_rpc has a transport of its own for, and the
-#: module of :mod:`kombu_rpc.transports` holding it.
+#: module of :mod:`kombu_rpc._transports` holding it.
 _FAST_MODULES = {
     "amqp": "amqp",
     "pyamqp": "amqp",
@@ -328,7 +322,7 @@ def kind(conn: Connection) -> Kind:
 def unread(connection: Any) -> bool:
     """True if the py-amqp ``connection`` holds received bytes that ``select()`` on its
     socket cannot see: a whole frame in the read-ahead buffer of
-    :class:`kombu_rpc.transports.amqp.BufferedTCPTransport`, or decrypted bytes in a
+    :class:`kombu_rpc._transports.amqp.BufferedTCPTransport`, or decrypted bytes in a
     TLS socket."""
     transport = connection.transport
     frame_ready = getattr(transport, "frame_ready", None)

@@ -1,6 +1,6 @@
 """An event-driven ``memory://`` transport: consumers sleep until a message is put
 (used for ``memory://`` unless :func:`check` finds that kombu changed; see
-:mod:`kombu_rpc.transports`).
+:mod:`kombu_rpc._transports`).
 
 kombu's virtual transports poll: an idle ``drain_events`` sleeps
 ``polling_interval`` (1 s by default) between empty reads, so memory:// is either

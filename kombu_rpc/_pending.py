@@ -2,7 +2,7 @@
 
 :class:`PendingCalls` holds the calls waiting for a reply, by correlation id, and fails
 each at its deadline; an ``_Outgoing`` is one request on its way to the broker. Both
-are shared by :mod:`kombu_rpc.client`, which makes them, and its link (``kombu_rpc._links``),
+are shared by :mod:`kombu_rpc._client`, which makes them, and its link (``kombu_rpc._links``),
 which publishes the requests and completes the calls with the replies it reads.
 """
 
@@ -24,7 +24,7 @@ from . import context, protocol
 from .connection import PUBLISH_TIMEOUT
 from .errors import ConnectionLostError, RPCError, RPCTimeout
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kombu_rpc.client")  # the calling side logs as one
 
 
 @dataclass

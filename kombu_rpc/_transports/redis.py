@@ -1,6 +1,6 @@
 """kombu's Redis transport, with one command client per channel (used for ``redis://``
 and ``redis+socket://`` unless :func:`check` finds that kombu changed; see
-:mod:`kombu_rpc.transports`).
+:mod:`kombu_rpc._transports`).
 
 kombu's Redis channel runs every command outside its poller (a publish, the
 unacked-index update of a delivery, an ack, a restore) on a ``redis.Redis`` client it

@@ -1,6 +1,6 @@
 """kombu's ``filesystem://`` transport, with message files that appear only once whole
 (used for ``filesystem://`` unless :func:`check` finds that kombu changed; see
-:mod:`kombu_rpc.transports`).
+:mod:`kombu_rpc._transports`).
 
 kombu's channel creates a message file under its final name and then writes it, and a
 consumer reads files without a lock, so a consumer in another process can take the file

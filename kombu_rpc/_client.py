@@ -23,6 +23,7 @@ from kombu.message import Message
 
 from . import context, metrics, protocol
 from ._links import open_link
+from ._pending import PendingCalls, _Outgoing
 from .codecs import Codec, Plain
 from .connection import PUBLISH_TIMEOUT, broker_errors, safe_uri
 from .errors import (
@@ -32,10 +33,9 @@ from .errors import (
     RemoteError,
 )
 from .options import ProxyOptions
-from .pending import PendingCalls, _Outgoing
 from .topology import broadcast_exchange, new_id
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kombu_rpc.client")  # the name the guide documents
 
 
 @dataclass(frozen=True)
