@@ -122,6 +122,7 @@ def implementations(broker: Broker, settings: Settings) -> list[Implementation]:
         impls.append(RawKombu(broker, timeout, confirms=True))
         impls.append(PikaTutorial(broker, timeout))
     impls.append(KombuRPC(broker, timeout))
+    impls.append(KombuRPC(broker, timeout, metrics=True))
     if broker.name == "amqp":
         impls.append(KombuRPC(broker, timeout, confirm_publish=False))
     return impls

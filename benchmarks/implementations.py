@@ -99,14 +99,22 @@ class KombuRPC(Implementation):
 
     is_kombu_rpc = True
 
-    def __init__(self, broker: Broker, call_timeout: float, confirm_publish: bool = True) -> None:
+    def __init__(
+        self, broker: Broker, call_timeout: float, confirm_publish: bool = True, metrics: bool = False
+    ) -> None:
         super().__init__(broker, call_timeout)
         self.confirm_publish = confirm_publish
+        self.metrics = metrics
         self.name = "kombu_rpc" if confirm_publish else "kombu_rpc_noconfirm"
         if broker.name == "memory":
             self.note = "kombu_rpc uses its own event-driven memory:// transport (no polling)"
         elif not confirm_publish:
             self.note = "kombu_rpc_noconfirm: proxy and server with confirm_publish=False"
+        if metrics:
+            self.name = "kombu_rpc_metrics"
+            self.note = (
+                "kombu_rpc_metrics: kombu_rpc with kombu_rpc.metrics on (Prometheus), proxy and server"
+            )
 
     def proxy(self, queue: str) -> RPCProxy:
         """A proxy for ``queue`` with this implementation's settings."""
@@ -128,11 +136,19 @@ class KombuRPC(Implementation):
             concurrency=concurrency,
             confirm_publish=self.confirm_publish,
         )
+        if self.metrics:
+            from prometheus_client import CollectorRegistry
+
+            from kombu_rpc import metrics
+
+            metrics.enable(CollectorRegistry())
         try:
             with server.running(), self.proxy(queue) as proxy:
                 client = KombuRPCClient(proxy, self.call_timeout)
                 yield Session(client, lambda: client)
         finally:
+            if self.metrics:
+                metrics.disable()
             delete_queues(self.broker, [queue])
 
 

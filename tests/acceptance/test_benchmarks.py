@@ -31,9 +31,16 @@ COMPARED = [
 ]
 #: The implementations compared on each kind of broker.
 IMPLS = {
-    "memory": ["raw_kombu", "raw_kombu_busypoll", "kombu_rpc"],
-    "amqp": ["raw_kombu", "raw_kombu_confirms", "pika", "kombu_rpc", "kombu_rpc_noconfirm"],
-    "redis": ["raw_kombu", "kombu_rpc"],
+    "memory": ["raw_kombu", "raw_kombu_busypoll", "kombu_rpc", "kombu_rpc_metrics"],
+    "amqp": [
+        "raw_kombu",
+        "raw_kombu_confirms",
+        "pika",
+        "kombu_rpc",
+        "kombu_rpc_metrics",
+        "kombu_rpc_noconfirm",
+    ],
+    "redis": ["raw_kombu", "kombu_rpc", "kombu_rpc_metrics"],
 }
 KINDS = {"memory": "memory", "amqp": "amqp", "pyamqp": "amqp", "redis": "redis"}
 
