@@ -70,8 +70,6 @@ myst_heading_anchors = 3
 nitpicky = True
 nitpick_ignore = [
     # Private helpers that appear in public signatures but are not part of the API.
-    ("py:class", "kombu_rpc._pending._Pending"),  # PendingCalls.pop() -> _Pending | None
-    ("py:class", "kombu_rpc._pending._Outgoing"),  # PendingCalls.lose_replies() -> list[_Outgoing]
     ("py:class", "kombu_rpc.registry.F"),  # the TypeVar of the @remote overloads
     ("py:class", "kombu_rpc.proxy._T"),  # the interface of typed()
     ("py:class", "kombu_rpc.aio._T"),

@@ -246,8 +246,9 @@ def _start_endpoints(args: argparse.Namespace, ready: Callable[[], bool], stack:
     if args.metrics_port is not None:
         from . import metrics
 
-        metrics.enable()
-        stack.callback(metrics.disable)
+        if metrics.prometheus_registry() is None:  # unless the served module enabled them
+            metrics.enable()
+            stack.callback(metrics.disable)
         ports[args.metrics_port] = True
     if not ports:
         return []
@@ -262,7 +263,7 @@ def _start_endpoints(args: argparse.Namespace, ready: Callable[[], bool], stack:
             what = "metrics" if with_metrics else "health probes"
             raise ConfigurationError(f"cannot answer {what} on {where}: {exc.strerror or exc}") from exc
         stack.callback(endpoint.close)
-        if port == args.health_port or (len(ports) == 1 and args.health_port is not None):
+        if port == args.health_port:
             lines.append(f"health: {endpoint.url}/livez {endpoint.url}/readyz")
         if with_metrics:
             lines.append(f"metrics: {endpoint.url}/metrics")

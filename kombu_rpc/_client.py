@@ -188,7 +188,13 @@ class Client:
         recorder = metrics.recorder
         if recorder is not None:
             _measure(recorder, future, queue, method)
-        self._link.submit(job, attended)
+        try:
+            self._link.submit(job, attended)
+        except BaseException as exc:  # a failure the link did not turn into the call's outcome
+            pending = self._pending.pop(correlation_id)
+            if pending is not None:
+                pending.reject(exc)  # the call ends here: no deadline, no count left open
+            raise
         return future
 
     def wait(self, future: Future[Any], timeout: float | None) -> None:
@@ -374,7 +380,7 @@ class Client:
         if not isinstance(correlation_id, str):
             if protocol.CONTROL_HEADER not in (message.headers or {}):
                 logger.warning("dropped a reply without correlation_id on %s", self.reply_queue)
-                _count_dropped("unknown")
+                metrics.count_event("dropped_replies", "unknown")
             return
         gathering = self._broadcasts.get(correlation_id)
         if gathering is not None:
@@ -387,7 +393,7 @@ class Client:
         pending = self._pending.pop(correlation_id)
         if pending is None:
             logger.warning("dropped a late or duplicate reply %s", correlation_id)
-            _count_dropped("late")
+            metrics.count_event("dropped_replies", "late")
             return
         try:
             result = self._read_reply(message, decode_error)
@@ -424,9 +430,3 @@ def _measure(recorder: metrics.Recorder, future: Future[Any], queue: str, method
         recorder.client_call_ended(queue, method, metrics.client_outcome(exc), monotonic() - started)
 
     future.add_done_callback(ended)
-
-
-def _count_dropped(reason: str) -> None:
-    recorder = metrics.recorder
-    if recorder is not None:
-        recorder.client_event("dropped_replies", reason)

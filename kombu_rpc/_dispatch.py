@@ -214,8 +214,9 @@ class Dispatcher:
 
     def _count_refused(self, method: str) -> None:
         recorder = metrics.recorder
-        if recorder is not None:
-            recorder.server_call_refused(self.queue, method)
+        if recorder is not None:  # a name nobody serves is no label: callers choose it
+            served = method in self.builtins or self.registry.get(method) is not None
+            recorder.server_call_refused(self.queue, method if served else "")
 
     def _check_signature(self, message: Message, secret: bytes) -> None:
         protocol.check_signature(message, secret, self.signature_window)
@@ -237,6 +238,7 @@ class Dispatcher:
         recorder = metrics.recorder
         if recorder is not None:
             recorder.server_call_started(self.queue)
+            queue_wait = protocol.queue_wait(headers)
         started = monotonic()
         with context.server_span(call, self.queue, headers) as span:
             try:
@@ -262,7 +264,7 @@ class Dispatcher:
                 request.method,
                 "ok" if outcome == "ok" else "error",
                 monotonic() - started,
-                protocol.queue_wait(headers),
+                queue_wait,
             )
         logger.debug(
             "call %s %s%s -> %s in %.1f ms",

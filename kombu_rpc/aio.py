@@ -27,7 +27,7 @@ from ._client import BroadcastReply
 from .codecs import Codec
 from .connection import Broker
 from .errors import CallError, ConfigurationError
-from .interfaces import TypedProxy, interface_methods, mismatches
+from .interfaces import interface_methods, mismatches, typed_view
 from .options import ProxyOptions
 from .proxy import _UNSET, RPCProxy, _not_as_declared
 from .registry import RESERVED_PREFIX
@@ -165,9 +165,7 @@ class AsyncRPCProxy:
             ConfigurationError: ``interface`` is not a class, declares no method, or
                 declares one with plain ``def``, or ``prefix`` is not a dotted name.
         """
-        methods = interface_methods(interface, prefix, asynchronous=True)
-        assert isinstance(interface, type)
-        return cast(_T, TypedProxy(interface, {name: self[m.remote] for name, m in methods.items()}))
+        return cast(_T, typed_view(interface, prefix, True, self.__getitem__))
 
     async def check_interface(self, interface: Callable[..., Any], *, prefix: str = "") -> None:
         """As :meth:`RPCProxy.check_interface <kombu_rpc.proxy.RPCProxy.check_interface>`,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ def interface_methods(interface: object, prefix: str, asynchronous: bool) -> dic
             has a public attribute that is not a method, or declares its methods
             ``async def`` where plain ``def`` is needed (or the other way around).
     """
+    interface = typing.get_origin(interface) or interface  # Repo[int]: the class Repo
     if not isinstance(interface, type):
         raise ConfigurationError(
             f"typed() takes a class declaring the remote functions (a typing.Protocol), got {interface!r}"
@@ -112,6 +114,18 @@ class TypedProxy:
 
     def __repr__(self) -> str:
         return f"<typed {self._interface.__name__}: {', '.join(sorted(self._methods))}>"
+
+
+def typed_view(interface: object, prefix: str, asynchronous: bool, method: Callable[[str], Any]) -> Any:
+    """A :class:`TypedProxy` of ``interface`` whose methods are ``method(remote name)``.
+
+    Raises:
+        ConfigurationError: As :func:`interface_methods`.
+    """
+    methods = interface_methods(interface, prefix, asynchronous)
+    cls = typing.get_origin(interface) or interface
+    assert isinstance(cls, type)  # interface_methods checked it
+    return TypedProxy(cls, {name: method(m.remote) for name, m in methods.items()})
 
 
 def mismatches(methods: Mapping[str, Method], described: object) -> list[str]:

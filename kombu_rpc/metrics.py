@@ -126,7 +126,10 @@ class _Prometheus(Recorder):
         reg = REGISTRY if registry is None else registry
         labels = ("queue", "method", "outcome")
         self.server_calls = Counter(
-            "kombu_rpc_server_calls", "Calls a server ran, by outcome", labels, registry=reg
+            "kombu_rpc_server_calls",
+            "Calls a server handled (ran or refused), by outcome",
+            labels,
+            registry=reg,
         )
         self.server_duration = Histogram(
             "kombu_rpc_server_call_duration_seconds",
@@ -163,12 +166,7 @@ class _Prometheus(Recorder):
             "kombu_rpc_client_calls_in_flight", "Calls waiting for a reply", ("queue",), registry=reg
         )
         self.client_events = {
-            event: Counter(
-                f"kombu_rpc_client_{event}",
-                text,
-                ("reason",) if event == "dropped_replies" else (),
-                registry=reg,
-            )
+            event: Counter(f"kombu_rpc_client_{event}", text, _labels(event), registry=reg)
             for event, text in CLIENT_EVENTS.items()
         }
         self.registry = reg
@@ -357,13 +355,13 @@ def enable(
     with _lock:
         if recorder is not None:
             raise ConfigurationError("kombu_rpc metrics are already enabled; call metrics.disable() first")
+        if not (prometheus or opentelemetry):
+            raise ConfigurationError("metrics.enable() needs prometheus=True or opentelemetry=True")
         chosen: list[Recorder] = []
+        if opentelemetry:  # first: if it cannot be made, nothing was registered yet
+            chosen.append(_OpenTelemetry(meter_provider))
         if prometheus:
             chosen.append(_Prometheus(registry))
-        if opentelemetry:
-            chosen.append(_OpenTelemetry(meter_provider))
-        if not chosen:
-            raise ConfigurationError("metrics.enable() needs prometheus=True or opentelemetry=True")
         recorder = chosen[0] if len(chosen) == 1 else _Both(*chosen)
 
 

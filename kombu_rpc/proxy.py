@@ -14,7 +14,7 @@ from ._client import BroadcastReply, Client
 from .codecs import Codec
 from .connection import Broker, connect
 from .errors import ConfigurationError, RemoteError, RPCTimeout
-from .interfaces import TypedProxy, interface_methods, mismatches
+from .interfaces import interface_methods, mismatches, typed_view
 from .options import ProxyOptions, check_timeout
 from .protocol import NAME_PATTERN
 from .registry import RESERVED_PREFIX
@@ -158,9 +158,7 @@ class RPCProxy:
                 <kombu_rpc.aio.AsyncRPCProxy.typed>`'s kind), or ``prefix`` is not a
                 dotted name.
         """
-        methods = interface_methods(interface, prefix, asynchronous=False)
-        assert isinstance(interface, type)
-        return cast(_T, TypedProxy(interface, {name: self[m.remote] for name, m in methods.items()}))
+        return cast(_T, typed_view(interface, prefix, False, self.__getitem__))
 
     def check_interface(self, interface: Callable[..., Any], *, prefix: str = "") -> None:
         """Ask a server of the queue (``kombu_rpc.describe``) whether it serves every

@@ -182,8 +182,8 @@ class AmqpLink(Link):
         row the channel may be one the broker will never take a message on again (it
         was opened before a new leader was elected): reconnect."""
         self._nacks += 1
-        count_event("publish_nacks")
         for job in self._confirmed(delivery_tag, multiple):
+            count_event("publish_nacks")
             job.written = False  # refused: no server got it
             job.nacks += 1
             if job.nacks > NACK_LIMIT:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kombu.serialization import loads
 
-from kombu_rpc import Registry, protocol
+from kombu_rpc import Registry, metrics, protocol
 from kombu_rpc._dispatch import Dispatcher, Disposal, Refused, Reply
 from kombu_rpc.codecs import PLAIN_ERROR_HEADER, Codec, Envelope, Plain
 
@@ -217,3 +217,49 @@ def test_the_plain_codec_runs_its_one_function_on_the_bare_body(registry: Regist
     assert reply is not None and reply[1].payload in ("55", b"55")
     failed = handle(dispatch, FakeMessage(b'"x"', content_type="text/plain"))
     assert failed is not None and PLAIN_ERROR_HEADER in failed[2]
+
+
+class Counts(metrics.Recorder):
+    """A recorder that keeps what the dispatcher reports."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str, float | None]] = []
+        self.refused: list[str] = []
+
+    def server_call_ended(
+        self, queue: str, method: str, outcome: str, seconds: float, queue_wait: float | None
+    ) -> None:
+        self.ended.append((method, outcome, queue_wait))
+
+    def server_call_refused(self, queue: str, method: str) -> None:
+        self.refused.append(method)
+
+
+def test_the_queue_wait_ends_when_the_call_starts(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts = Counts()
+    monkeypatch.setattr(metrics, "recorder", counts)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+
+    @registry.remote
+    def slow() -> None:
+        clock[0] += 60  # the call runs a minute: no part of the queue wait
+
+    dispatcher = Dispatcher(registry, Envelope(), "server-1", "q")
+    dispatcher.run(dispatcher.prepare(request("slow", headers={protocol.SENT_AT_HEADER: 998.0})))
+    dispatcher.run(dispatcher.prepare(request("add", 1, 2)))  # no header: no queue wait
+    assert counts.ended == [("slow", "ok", 2.0), ("add", "ok", None)]
+
+
+def test_refusals_are_counted_without_the_callers_names(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts = Counts()
+    monkeypatch.setattr(metrics, "recorder", counts)
+    dispatcher = Dispatcher(registry, Envelope(), "server-1", "q")
+    for message in (request("add", 1), request("no.such.function"), FakeMessage(b"not json")):
+        with pytest.raises(Refused):
+            dispatcher.prepare(message)
+    assert counts.refused == ["add", "", ""]

@@ -104,3 +104,17 @@ def test_parameters_are_compared_by_name_kind_and_default() -> None:
     assert served("(a, b=0, *, scale, **options)") == [f"{declared}, served (a, b=..., *, scale, **options)"]
     assert mismatches(methods, []) == ["add: not served"]
     assert mismatches(methods, "nonsense") == ["the server's description is not a list: 'nonsense'"]
+
+
+def test_a_generic_interface_may_be_given_with_its_type_arguments() -> None:
+    from typing import Generic, TypeVar
+
+    T = TypeVar("T")
+
+    class Repo(Protocol, Generic[T]):
+        def get(self, key: str) -> T: ...
+
+    with RPCProxy("memory://", queue="q") as proxy:
+        repo = proxy.typed(Repo[int])
+        assert repr(repo) == "<typed Repo: get>"
+        assert repr(repo.get) == "<MethodProxy 'get' on 'q'>"

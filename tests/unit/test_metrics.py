@@ -135,3 +135,15 @@ def test_the_same_numbers_in_opentelemetry() -> None:
         reg.get_sample_value("kombu_rpc_server_calls_total", {"queue": "q", "method": "fib", "outcome": "ok"})
         is None
     )
+
+
+def test_an_enable_that_fails_leaves_nothing_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # as if not installed
+    reg = CollectorRegistry()
+    with pytest.raises(ConfigurationError, match="OpenTelemetry metrics need opentelemetry-api"):
+        metrics.enable(reg, opentelemetry=True)
+    assert metrics.recorder is None and list(reg.collect()) == []
+    metrics.enable(reg)  # and it can be enabled afterwards
+    metrics.disable()

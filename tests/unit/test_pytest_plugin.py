@@ -93,7 +93,7 @@ def test_a_failing_remote_call_shows_the_servers_traceback_not_the_librarys_fram
         ]
     )
     failure = result.stdout.str().split("kombu_rpc: the server's traceback")[0]
-    assert "kombu_rpc/client.py" not in failure and "parse_reply" not in failure
+    assert "kombu_rpc/_client.py" not in failure and "parse_reply" not in failure
 
 
 def test_remote_exceptions_surface_as_remote_error(pytester: pytest.Pytester) -> None:
