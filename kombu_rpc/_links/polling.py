@@ -33,6 +33,7 @@ from ..metrics import count_event
 from ..pending import _Outgoing
 from ..protocol import WAKE_HEADERS, WAKE_UP
 from ..topology import discard_queue
+from ..transports import close_channel
 from .base import FRAME_WAIT, Link, consume_replies, send
 from .turns import Closed
 
@@ -229,11 +230,8 @@ class PollingLink(Link):
         """Drop the broken channel, then reconnect and consume the reply queue again,
         retrying (with backoff) until it works or the link closes."""
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                consumer.channel.close()
-            except Exception:  # it is broken; closing is only to free it
-                pass
+        if consumer is not None:  # it is broken; closing is only to free it
+            close_channel(consumer.channel, (Exception,))
         interval = 0.1
         while True:
             try:
