@@ -23,7 +23,7 @@ from . import metrics, protocol
 from ._dispatch import Dispatcher, Disposal, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, ReplyPublisher
-from ._transports import Kind, kind, unread
+from ._transports import Kind, close_channel, kind, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError
 from .topology import CONTROL_QUEUE_TEMPLATE, broadcast_queue, discard_queue, private_queue, request_queue
@@ -313,11 +313,11 @@ class ConsumeLoop:
             self.publisher.await_confirms(conn, self._settings.shutdown_timeout, IDLE_WAIT)
         finally:
             for used in (check, channel):
-                try:
-                    if used is not None:
-                        used.close()  # on Redis, a BRPOP in flight gives back what it took
-                except self._connection_errors:
-                    pass
+                if used is not None:
+                    # on Redis, a BRPOP in flight gives back what it took; a channel
+                    # that cannot close on a lost connection is abandoned, or it would
+                    # keep the next one from reading (see close_channel)
+                    close_channel(used, self._connection_errors)
             self._discard_own_queues(conn)
 
     def _report_consuming(self, conn: Connection) -> None:

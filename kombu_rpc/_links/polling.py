@@ -29,6 +29,7 @@ from typing import Any
 from kombu import Connection, Consumer, Producer
 
 from .._pending import _Outgoing
+from .._transports import close_channel
 from ..connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from ..metrics import count_event
 from ..protocol import WAKE_HEADERS, WAKE_UP
@@ -229,11 +230,8 @@ class PollingLink(Link):
         """Drop the broken channel, then reconnect and consume the reply queue again,
         retrying (with backoff) until it works or the link closes."""
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                consumer.channel.close()
-            except Exception:  # it is broken; closing is only to free it
-                pass
+        if consumer is not None:  # it is broken; closing is only to free it
+            close_channel(consumer.channel, (Exception,))
         interval = 0.1
         while True:
             try:

@@ -62,6 +62,7 @@ __all__ = [
     "PinnedConnection",
     "PollingConnection",
     "unread",
+    "close_channel",
     "REPLY_QUEUE_PREFIX",
 ]
 
@@ -330,3 +331,25 @@ def unread(connection: Any) -> bool:
         return bool(frame_ready())
     pending = getattr(transport.sock, "pending", None)
     return bool(pending is not None and pending())
+
+
+def close_channel(channel: Any, errors: tuple[type[BaseException], ...]) -> None:
+    """Close a channel of a connection that may be lost; ``errors`` (the connection's)
+    are swallowed, as a broken channel is only closed to free it.
+
+    A kombu Redis channel whose ``close()`` failed on a lost connection is left
+    half-closed, still registered in the poller its transport shares with the channel
+    that replaces it, which then never reads a message: it is abandoned
+    (``kombu_rpc._transports.redis.abandon``).
+    """
+    try:
+        channel.close()
+    except errors:
+        if getattr(channel, "connection", None) is None:
+            return  # closed after all
+        from kombu.transport import redis as kombu_redis
+
+        if isinstance(channel, kombu_redis.Channel):
+            from .redis import abandon
+
+            abandon(channel)

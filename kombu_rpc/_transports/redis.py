@@ -22,10 +22,14 @@ log lines keep its scheme.
 from __future__ import annotations
 
 import inspect
+import logging
 from types import TracebackType
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+logger = logging.getLogger("kombu_rpc.transports")
 
 
 class _Lent:
@@ -80,6 +84,58 @@ class SocketTransport(Transport):
     channel reads from the connection's hostname (``socket:///path``)."""
 
     can_parse_url = True
+
+
+def abandon(channel: Any) -> None:
+    """Finish closing a kombu Redis channel (kombu's or :class:`Channel`) whose
+    ``close()`` failed halfway on a lost connection, without waiting on Redis.
+
+    kombu's ``Channel.close`` talks to Redis before it lets go of anything: it reads
+    the reply of a BRPOP in flight, then deletes the bindings of the channel's
+    auto-delete fanout queues (a server's broadcast queue) on the channel's BRPOP
+    client. On a connection that was cut, either raises, and the rest of ``close`` is
+    skipped: the channel stays in its transport, consuming, and its sockets stay
+    registered in the poller that every channel of the transport shares. There the
+    dead pub/sub socket of the channel is reported readable (reset) at every poll,
+    ahead of the sockets of the channel that replaced it; the poller handles one
+    socket per poll, so the new channel's BRPOP reply is never read, and the
+    connection serves nothing again (the request that BRPOP took sits unread until
+    the channel closes).
+
+    This takes the channel out of the poller and its socket tables, closes its
+    connections, cancels its consumers, and gives its unacknowledged messages back to
+    their queues if Redis can be reached (otherwise Redis restores them after the
+    visibility timeout, as after a crash).
+    """
+    transport = channel.connection
+    cycle = getattr(transport, "cycle", None)
+    if isinstance(cycle, kombu_redis.MultiChannelPoller):
+        cycle.discard(channel)
+        sockets = getattr(cycle, "_chan_to_sock", {})
+        for ident, sock in list(sockets.items()):
+            if ident[0] is channel:
+                del sockets[ident]
+                try:
+                    cycle.poller.unregister(sock)
+                except (OSError, KeyError, ValueError, TypeError):
+                    pass
+        channels = getattr(cycle, "_fd_to_chan", {})
+        for fd, (owner, _) in list(channels.items()):
+            if owner is channel:
+                del channels[fd]
+    channel._in_poll = channel._in_listen = None
+    _quietly(getattr(channel, "_close_clients", lambda: None))
+    _quietly(channel._disconnect_pools)
+    channel.__dict__.pop("client", None)  # closed: a new one would open a connection
+    _quietly(lambda: virtual.Channel.close(channel))  # consumers, unacked messages
+    _quietly(channel._disconnect_pools)  # what restoring unacked messages opened
+
+
+def _quietly(step: Any) -> None:
+    try:
+        step()
+    except Exception as exc:  # the connection is gone: what is left goes with it
+        logger.debug("abandoning a Redis channel: %s: %s", type(exc).__name__, exc)
 
 
 def check() -> str | None:
