@@ -128,7 +128,15 @@ class RawKombuServer(_BaselineServer):
                 channel = conn.channel()
                 producer = Producer(channel, serializer="json")
 
+                received: list[tuple[Any, Message]] = []
+
                 def on_request(body: Any, message: Message) -> None:
+                    # Handled after drain_events returns: with confirms, a publish waits
+                    # for its confirm, and py-amqp would deliver the next request into
+                    # this callback while it waits (handlers nested up to the prefetch).
+                    received.append((body, message))
+
+                def handle(body: Any, message: Message) -> None:
                     method, result = _dispatch(self.handlers, body)
                     props = message.properties
                     if props.get("reply_to"):
@@ -152,6 +160,8 @@ class RawKombuServer(_BaselineServer):
                             conn.drain_events(timeout=SERVER_WAIT)
                         except TimeoutError:
                             pass
+                        while received:
+                            handle(*received.pop(0))
         except BaseException as exc:
             self.error = exc
             raise
