@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from kombu import Connection, Queue
 from prometheus_client import CollectorRegistry
 
 from kombu_rpc import (
@@ -151,18 +152,48 @@ def test_lost_connections_count_as_reconnects(
             wait_at_least(counted, "kombu_rpc_client_reconnects_total", {}, 1)
 
 
-def test_a_request_delivered_again_counts_as_a_redelivery(
-    amqp_url: str, registry: Registry, gate: Gate, queue_name: str, counted: CollectorRegistry
+def test_a_request_left_unacked_at_stop_counts_as_a_redelivery(
+    real_broker_url: str, registry: Registry, gate: Gate, queue_name: str, counted: CollectorRegistry
 ) -> None:
-    with TCPProxy.for_url(amqp_url) as tcp:
-        # Given a server running a call, through a TCP proxy
-        server = RPCServer(tcp.url(amqp_url), registry=registry, queue=queue_name)
-        with server.running(), RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy:
+    # (Not on memory://: kombu's memory transport does not put back a closed channel's
+    # unacked messages; there the first server's worker still answers, in-process.)
+    broker_url = real_broker_url
+    # Given a server that stops while a call of its runs (it leaves the request unacked)
+    first = RPCServer(broker_url, registry=registry, queue=queue_name, concurrency=2)
+    first.shutdown_timeout = 0.2
+    with RPCProxy(broker_url, queue=queue_name, timeout=30) as proxy:
+        with first.running():
             future = proxy.held.call_async("again")
             gate.wait_entered()
-            # When its connection is cut, the broker requeues the unacked request
-            tcp.sever()
-            gate.released.set()
-            # Then the server gets it again, flagged as redelivered, and answers it
+        # When another server takes over, the broker gives it the request again
+        gate.released.set()
+        second = RPCServer(broker_url, registry=registry, queue=queue_name)
+        with second.running():
+            # Then it is counted as a redelivery, and the call is answered
             assert future.result(30) == "again"
             wait_at_least(counted, "kombu_rpc_server_redeliveries_total", {"queue": queue_name}, 1)
+
+
+def test_requests_the_broker_refuses_count_as_publish_nacks(
+    amqp_url: str, queue_name: str, counted: CollectorRegistry
+) -> None:
+    # Given a queue that refuses every message
+    with Connection(amqp_url) as conn:
+        queue = Queue(
+            queue_name,
+            routing_key=queue_name,
+            queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )(conn.default_channel)
+        queue.declare()
+        try:
+            with (
+                RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy,
+                pytest.raises(ConnectionLostError),
+            ):
+                proxy.fib(1)
+        finally:
+            queue.delete()
+    # Then each refusal counts (the request is published again up to three times)
+    wait_at_least(counted, "kombu_rpc_client_publish_nacks_total", {}, 1)
+    labels = {"queue": queue_name, "method": "fib", "outcome": "connection_lost"}
+    wait_value(counted, "kombu_rpc_client_calls_total", labels, 1)
