@@ -216,7 +216,12 @@ def _serve(args: argparse.Namespace) -> int:
     uri = safe_uri(connect(broker))
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = RPCServer(
-        broker, registry=registry, queue=args.queue, concurrency=args.concurrency, queue_type=args.queue_type
+        broker,
+        registry=registry,
+        queue=args.queue,
+        concurrency=args.concurrency,
+        prefetch_multiplier=args.prefetch_multiplier,
+        queue_type=args.queue_type,
     )
     with ExitStack() as stack:
         endpoints = _start_endpoints(args, lambda: server.ready, stack)
@@ -549,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     queue_option(serve)
     serve.add_argument(
         "-c", "--concurrency", type=_count, metavar="N", default=1, help="calls run at once (default: 1)"
+    )
+    serve.add_argument(
+        "--prefetch-multiplier",
+        type=_count,
+        metavar="N",
+        default=1,
+        help="requests taken ahead per call run; the prefetch is concurrency x N (default: 1)",
     )
     serve.add_argument(
         "--queue-type",

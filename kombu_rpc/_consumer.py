@@ -58,7 +58,8 @@ class ConsumeLoop:
         connection: The server's connection (cloned for serving, never used itself).
         dispatcher: Turns requests into replies.
         settings: The server, read for its :attr:`~Settings.shutdown_timeout`.
-        concurrency: Calls run at once (the prefetch count); above 1, in a pool.
+        concurrency: Calls run at once; above 1, in a pool.
+        prefetch_count: Requests taken from the broker ahead.
         durable, queue_arguments: How the request queue is declared.
         retry_policy: The first connect's and the replies' retry policy.
         confirm_publish: On AMQP, publish replies with publisher confirms.
@@ -72,6 +73,7 @@ class ConsumeLoop:
         dispatcher: Dispatcher,
         settings: Settings,
         concurrency: int,
+        prefetch_count: int,
         durable: bool,
         queue_arguments: dict[str, Any] | None,
         retry_policy: dict[str, Any],
@@ -84,6 +86,7 @@ class ConsumeLoop:
         self._queue = dispatcher.queue
         self._server_id = dispatcher.server_id
         self._concurrency = concurrency
+        self._prefetch_count = prefetch_count
         self._durable = durable
         self._queue_arguments = queue_arguments
         self._retry_policy = retry_policy
@@ -252,7 +255,7 @@ class ConsumeLoop:
                 [requests, broadcasts],
                 on_message=self._on_request,
                 accept=self._dispatcher.accept,
-                prefetch_count=self._concurrency,
+                prefetch_count=self._prefetch_count,
                 on_decode_error=self._on_decode_error,
             ),
             Consumer(channel, [control], on_message=lambda message: None, no_ack=True),
@@ -295,7 +298,7 @@ class ConsumeLoop:
                 self._settle_finished(pool)
                 if heartbeats:
                     conn.heartbeat_check()
-                if pool.in_flight >= self._concurrency:  # no delivery until an ack
+                if pool.in_flight >= self._prefetch_count:  # no delivery until an ack
                     with pool.cond:
                         pool.cond.wait_for(lambda: pool.done or stopping.is_set(), IDLE_WAIT)
                     continue

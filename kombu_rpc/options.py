@@ -123,8 +123,11 @@ class ServerOptions:
     registry: Registry | None = None
     #: The request queue to consume.
     queue: str = DEFAULT_QUEUE
-    #: How many calls run at once; also the prefetch count.
+    #: How many calls run at once.
     concurrency: int = 1
+    #: Requests taken from the broker ahead, per call that runs: the prefetch count is
+    #: ``concurrency * prefetch_multiplier``.
+    prefetch_multiplier: int = 1
     #: Serializers accepted for requests; a frozenset once checked.
     accept: Collection[str] = ("json",)
     #: Whether error replies carry the server-side traceback.
@@ -152,6 +155,7 @@ class ServerOptions:
         if registry is not None and not isinstance(registry, Registry):
             raise ConfigurationError(f"registry must be a kombu_rpc.Registry or None, got {registry!r}")
         _check_positive_int("concurrency", self.concurrency)
+        _check_positive_int("prefetch_multiplier", self.prefetch_multiplier)
         if isinstance(accept, str) or not accept:
             raise ConfigurationError(f"accept must be a non-empty list of serializer names, got {accept!r}")
         for name in accept:

@@ -48,8 +48,15 @@ class RPCServer:
             ``None``: the URL in the ``KOMBU_RPC_BROKER_URL`` environment variable.
         registry: The functions to serve; ``None`` serves :data:`~kombu_rpc.registry.default_registry`.
         queue: The request queue to consume.
-        concurrency: How many calls run at once; also the prefetch count. With 1,
-            calls run in the consuming thread; above 1, in a thread pool.
+        concurrency: How many calls run at once. With 1, calls run in the consuming
+            thread; above 1, in a thread pool.
+        prefetch_multiplier: How many requests the server takes from the broker
+            ahead of running them, per call it can run (Celery's
+            ``worker_prefetch_multiplier``): the prefetch count is ``concurrency *
+            prefetch_multiplier``. Above 1 the next request is at hand when a call
+            ends (no broker round trip between calls), but the requests a busy server
+            holds wait for it even if another server of the queue is idle; see
+            :doc:`/guide` ("Concurrency and acknowledgements").
         accept: Serializers accepted for requests. Code-executing ones (``pickle``,
             ``yaml``) are refused unless listed here.
         send_tracebacks: Whether error replies carry the server-side traceback.
@@ -93,6 +100,7 @@ class RPCServer:
         registry: Registry | None = None,
         queue: str = DEFAULT_QUEUE,
         concurrency: int = 1,
+        prefetch_multiplier: int = 1,
         accept: tuple[str, ...] | list[str] = ("json",),
         send_tracebacks: bool = True,
         max_message_size: int | None = 10 * 1024 * 1024,
@@ -108,6 +116,7 @@ class RPCServer:
             registry=registry,
             queue=queue,
             concurrency=concurrency,
+            prefetch_multiplier=prefetch_multiplier,
             accept=accept,
             send_tracebacks=send_tracebacks,
             max_message_size=max_message_size,
@@ -125,6 +134,7 @@ class RPCServer:
         self.registry: Registry = options.registry
         self.queue = options.queue
         self.concurrency = options.concurrency
+        self.prefetch_multiplier = options.prefetch_multiplier
         self.accept = frozenset(options.accept)
         self.send_tracebacks = options.send_tracebacks
         self.max_message_size = options.max_message_size
@@ -155,6 +165,7 @@ class RPCServer:
             self._dispatcher,
             self,
             concurrency=self.concurrency,
+            prefetch_count=self.concurrency * self.prefetch_multiplier,
             durable=self.durable,
             queue_arguments=self.queue_arguments,
             retry_policy=retry_policy,

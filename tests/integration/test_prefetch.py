@@ -1,0 +1,68 @@
+"""``prefetch_multiplier``: a server takes ``concurrency * prefetch_multiplier``
+requests from the broker ahead; the rest wait in the queue for any server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from kombu import Connection
+
+from kombu_rpc import ConfigurationError, RPCProxy, RPCServer
+
+from ..conftest import Gate
+
+pytestmark = pytest.mark.timeout(60)
+#: What a server takes ahead is counted in the broker's queue: memory:// has none to ask.
+REAL_BROKERS_ONLY = True
+
+CALLS = 12
+
+
+def ready_in_queue(broker_url: str, queue: str) -> int:
+    """Requests the broker still holds for any server (not taken by one)."""
+    with Connection(broker_url) as conn:
+        channel = conn.default_channel
+        if broker_url.startswith("redis"):
+            return int(channel.client.llen(queue))
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+
+
+@pytest.mark.parametrize(("concurrency", "multiplier"), [(1, 1), (1, 4), (2, 3)])
+def test_a_server_takes_concurrency_times_multiplier_requests_ahead(
+    broker_url: str,
+    serve: Callable[..., RPCServer],
+    proxies: Callable[..., RPCProxy],
+    gate: Gate,
+    queue_name: str,
+    concurrency: int,
+    multiplier: int,
+) -> None:
+    # Given a server whose calls are all held, and more requests than it may take
+    serve(concurrency=concurrency, prefetch_multiplier=multiplier)
+    proxy = proxies(timeout=30)
+    futures = [proxy.held.call_async(n) for n in range(CALLS)]
+    gate.wait_entered(concurrency)
+    # Then it takes concurrency x multiplier of them, and the broker keeps the rest
+    # (on Redis a server fetches while it waits for messages: running its calls in the
+    # consuming thread, it fetches none ahead of the one it runs)
+    taken = 1 if broker_url.startswith("redis") and concurrency == 1 else concurrency * multiplier
+    expected = CALLS - taken
+    deadline = time.monotonic() + 10  # the requests are published meanwhile, on Redis by a thread
+    while (ready := ready_in_queue(broker_url, queue_name)) != expected:
+        assert time.monotonic() < deadline, f"{ready} requests in the queue, not {expected}"
+        time.sleep(0.05)
+    watch_until = time.monotonic() + 0.5  # and takes no more while its calls are held
+    while time.monotonic() < watch_until:
+        assert ready_in_queue(broker_url, queue_name) == expected
+        time.sleep(0.05)
+    # When the calls are let go, every one is answered
+    gate.released.set()
+    assert [future.result(30) for future in futures] == list(range(CALLS))
+
+
+@pytest.mark.parametrize("multiplier", [0, -1, 1.5, True])
+def test_the_multiplier_is_a_positive_integer(multiplier: object) -> None:
+    with pytest.raises(ConfigurationError, match="prefetch_multiplier"):
+        RPCServer("memory://", prefetch_multiplier=multiplier)  # type: ignore[arg-type]
