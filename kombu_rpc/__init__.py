@@ -22,9 +22,9 @@ from .errors import (
     RPCTimeout,
     SerializationError,
 )
+from .events import Event, EventPublisher
 from .interfaces import call_async
 from .proxy import MethodProxy, RPCProxy
-from .events import Event, EventPublisher
 from .registry import Registry, default_registry, remote, subscribe
 from .server import RPCServer
 

@@ -20,13 +20,13 @@ from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
 from . import metrics, protocol
-from .events import Subscription, decode_event, handle_event
 from ._dispatch import Dispatcher, Disposal, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, ReplyPublisher
 from ._transports import Kind, close_channel, kind, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError, SerializationError
+from .events import Subscription, decode_event, handle_event
 from .topology import CONTROL_QUEUE_TEMPLATE, broadcast_queue, discard_queue, private_queue, request_queue
 
 logger = logging.getLogger("kombu_rpc.server")
@@ -267,7 +267,7 @@ class ConsumeLoop:
         # on virtual transports the channel's prefetch count is the requests').
         consumers += [
             Consumer(channel, [queue], on_message=self._event_callback(subscription))
-            for subscription, queue in zip(subscriptions, events)
+            for subscription, queue in zip(subscriptions, events, strict=True)
         ]
         # After a reconnect on AMQP the server is ready once its queues were seen to
         # outlast a cluster's cleanup; at its first start, at once.
@@ -342,12 +342,20 @@ class ConsumeLoop:
             safe_uri(conn),
             ", ".join(self._dispatcher.registry.names()),
         )
+        redis = kind(conn) is Kind.REDIS
         for subscription in self._dispatcher.registry.subscriptions():
+            if redis and subscription.exchange_type == "fanout" and subscription.group is not None:
+                logger.warning(
+                    "%s: on Redis a fanout exchange reaches every server of group %r "
+                    "(kombu publishes fanout messages through PUB/SUB); use a topic exchange",
+                    subscription.name,
+                    subscription.group,
+                )
             logger.info(
                 "server %s handling events of %r (%s, %r) with %s%s",
                 self._server_id,
                 subscription.exchange,
-                subscription.type,
+                subscription.exchange_type,
                 subscription.binding_key,
                 subscription.name,
                 "" if subscription.group is None else f" in group {subscription.group!r}",

@@ -117,7 +117,7 @@ class Subscription:
     #: The exchange's name.
     exchange: str
     #: ``"fanout"``, ``"direct"`` or ``"topic"``.
-    type: str
+    exchange_type: str
     #: The key its queue is bound with (ignored on fanout exchanges).
     binding_key: str
     #: ``None``: each server handles every event; a name: the group's servers share
@@ -156,7 +156,9 @@ class Subscription:
             if value is not None and (
                 not isinstance(value, str) or not value or any(c.isspace() for c in value)
             ):
-                raise ConfigurationError(f"invalid {what} {value!r}: use a non-empty string without whitespace")
+                raise ConfigurationError(
+                    f"invalid {what} {value!r}: use a non-empty string without whitespace"
+                )
         if name is None:
             module = getattr(func, "__module__", None) or "handler"
             name = f"{module}.{getattr(func, '__qualname__', None) or type_name(func)}"
@@ -165,7 +167,9 @@ class Subscription:
 
     def queue(self, server_id: str) -> Any:
         """The :class:`kombu.Queue` server ``server_id`` consumes for this subscription."""
-        return event_queue(self.exchange, self.type, self.binding_key, self.name, self.group, server_id)
+        return event_queue(
+            self.exchange, self.exchange_type, self.binding_key, self.name, self.group, server_id
+        )
 
 
 def type_name(obj: object) -> str:
@@ -240,7 +244,7 @@ class EventPublisher:
         #: The exchange's name.
         self.exchange = check_exchange_name(exchange)
         #: The exchange's type.
-        self.type = check_exchange_type(type)
+        self.exchange_type = check_exchange_type(type)
         self._exchange = event_exchange(exchange, type)
         self._retry_policy = merge_retry_policy(retry_policy)
         self._connection = publishing_clone(connect(broker), confirm_publish)
@@ -257,7 +261,7 @@ class EventPublisher:
             SerializationError: The payload cannot be written as JSON.
             ConnectionLostError: The broker could not be reached, or refused the event.
         """
-        key = check_routing_key(routing_key, self.type)
+        key = check_routing_key(routing_key, self.exchange_type)
         body = encode_payload(payload)
         with self._lock:
             if self._closed:
@@ -298,4 +302,4 @@ class EventPublisher:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<EventPublisher {self.type} exchange {self.exchange!r}>"
+        return f"<EventPublisher {self.exchange_type} exchange {self.exchange!r}>"
