@@ -186,7 +186,7 @@ def decode_event(exchange: str, routing_key: str, content_type: str | None, body
     if content_type != CONTENT_TYPE:
         raise SerializationError(f"an event must be {CONTENT_TYPE}, got {content_type!r}")
     try:
-        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray, memoryview)) else body
+        text = bytes(body).decode("utf-8") if isinstance(body, (bytes, bytearray, memoryview)) else body
         payload = json.loads(text)
     except (TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise SerializationError(f"an event body is not JSON: {exc}") from exc
