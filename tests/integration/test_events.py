@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kombu import Exchange, Producer, Queue
 
-from kombu_rpc import Event, EventPublisher, Registry, RPCServer
+from kombu_rpc import Event, EventPublisher, Registry, RPCProxy, RPCServer
 from kombu_rpc.connection import connect
 from kombu_rpc.testing import unique_queue_name
 from kombu_rpc.topology import event_exchange, event_queue_name
@@ -30,13 +30,16 @@ class Events:
         self.group_queues: list[str] = []
         self._stack = stack
 
-    def serve(self, registry: Registry) -> RPCServer:
+    def server(self, registry: Registry, **kwargs: Any) -> RPCServer:
         for subscription in registry.subscriptions():
             if subscription.group is not None:
                 self.group_queues.append(
                     event_queue_name(subscription.exchange, subscription.name, subscription.group, "")
                 )
-        server = RPCServer(self.broker_url, registry=registry, queue=self.queue)
+        return RPCServer(self.broker_url, registry=registry, queue=self.queue, **kwargs)
+
+    def serve(self, registry: Registry, **kwargs: Any) -> RPCServer:
+        server = self.server(registry, **kwargs)
         self._stack.enter_context(server.running())
         return server
 
@@ -220,3 +223,32 @@ def test_a_malformed_event_is_rejected(events: Events, log_waiter: Callable[[str
     assert rejected.seen.wait(10)
     assert len(rejected.records) == 2
     assert all(record.levelname == "WARNING" for record in rejected.records)
+
+
+def test_a_group_keeps_events_while_no_server_runs(events: Events) -> None:
+    recorder = Recorder()
+    registry = Registry()
+    recording(registry, recorder, events.exchange, "jobs.*", group="workers")
+    with events.server(registry).running():
+        pass  # the group's durable queue is declared; its server stopped when this returns
+    publisher = events.publisher("topic")
+    for n in range(3):
+        publisher.publish("jobs.new", n)
+    events.serve(registry)
+    assert [payload for _, payload in recorder.wait(3)] == [0, 1, 2]
+
+
+def test_events_and_calls_on_a_server_with_a_pool(events: Events) -> None:
+    recorder = Recorder()
+    registry = Registry()
+    recording(registry, recorder, events.exchange)
+
+    @registry.remote
+    def echo(value: Any) -> Any:
+        return value
+
+    events.serve(registry, concurrency=4)
+    events.publisher("topic").publish("a", 1)
+    with RPCProxy(events.broker_url, queue=events.queue, timeout=10) as proxy:
+        assert proxy.echo("call") == "call"
+    assert recorder.wait(1) == [("a", 1)]
