@@ -333,17 +333,8 @@ class ConsumeLoop:
             self._discard_own_queues(conn)
 
     def _report_consuming(self, conn: Connection) -> None:
-        self.ready.set()
-        self.started.set()
-        logger.info(
-            "server %s consuming %r on %s: %s",
-            self._server_id,
-            self._queue,
-            safe_uri(conn),
-            ", ".join(self._dispatcher.registry.names()),
-        )
         redis = kind(conn) is Kind.REDIS
-        for subscription in self._dispatcher.registry.subscriptions():
+        for subscription in self._dispatcher.registry.subscriptions():  # out when running() returns
             if redis and subscription.exchange_type == "fanout" and subscription.group is not None:
                 logger.warning(
                     "%s: on Redis a fanout exchange reaches every server of group %r "
@@ -360,6 +351,15 @@ class ConsumeLoop:
                 subscription.name,
                 "" if subscription.group is None else f" in group {subscription.group!r}",
             )
+        self.ready.set()
+        self.started.set()
+        logger.info(  # once ready: seen by tests and by programs watching the log
+            "server %s consuming %r on %s: %s",
+            self._server_id,
+            self._queue,
+            safe_uri(conn),
+            ", ".join(self._dispatcher.registry.names()),
+        )
 
     def _discard_own_queues(self, conn: Connection) -> None:
         """Delete this server's control and broadcast queues (on a channel of their

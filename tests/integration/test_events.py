@@ -252,3 +252,13 @@ def test_events_and_calls_on_a_server_with_a_pool(events: Events) -> None:
     with RPCProxy(events.broker_url, queue=events.queue, timeout=10) as proxy:
         assert proxy.echo("call") == "call"
     assert recorder.wait(1) == [("a", 1)]
+
+
+def test_a_group_on_a_fanout_exchange_is_warned_about_on_redis(
+    events: Events, log_waiter: Callable[[str], LogWaiter]
+) -> None:
+    warned = log_waiter("on Redis a fanout exchange reaches every server")
+    registry = Registry()
+    recording(registry, Recorder(), events.exchange, type="fanout", group="workers")
+    events.serve(registry)
+    assert bool(warned.records) == events.broker_url.startswith("redis")
