@@ -71,6 +71,7 @@ nitpicky = True
 nitpick_ignore = [
     # Private helpers that appear in public signatures but are not part of the API.
     ("py:class", "kombu_rpc.registry.F"),  # the TypeVar of the @remote overloads
+    ("py:class", "kombu_rpc.registry.H"),  # the TypeVar of @subscribe
     ("py:class", "kombu_rpc.proxy._T"),  # the interface of typed()
     ("py:class", "kombu_rpc.aio._T"),
     ("py:class", "kombu_rpc.interfaces._R"),  # the result of call_async()

@@ -22,9 +22,10 @@ from .errors import (
     RPCTimeout,
     SerializationError,
 )
+from .events import Event, EventPublisher
 from .interfaces import call_async
 from .proxy import MethodProxy, RPCProxy
-from .registry import Registry, default_registry, remote
+from .registry import Registry, default_registry, remote, subscribe
 from .server import RPCServer
 
 __version__ = "0.1.0"
@@ -34,6 +35,10 @@ __all__ = [
     "remote",
     "Registry",
     "default_registry",
+    # events
+    "subscribe",
+    "EventPublisher",
+    "Event",
     # serving and calling
     "RPCServer",
     "RPCProxy",

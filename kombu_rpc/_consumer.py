@@ -25,7 +25,8 @@ from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, ReplyPublisher
 from ._transports import Kind, close_channel, kind, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
-from .errors import ConfigurationError, ConnectionLostError
+from .errors import ConfigurationError, ConnectionLostError, SerializationError
+from .events import Subscription, decode_event, handle_event
 from .topology import CONTROL_QUEUE_TEMPLATE, broadcast_queue, discard_queue, private_queue, request_queue
 
 logger = logging.getLogger("kombu_rpc.server")
@@ -249,6 +250,8 @@ class ConsumeLoop:
         requests = request_queue(self._queue, self._durable, self._queue_arguments)(channel)
         control = private_queue(self._control_queue)(channel)
         broadcasts = broadcast_queue(self._queue, self._server_id)(channel)
+        subscriptions = self._dispatcher.registry.subscriptions()
+        events = [subscription.queue(self._server_id)(channel) for subscription in subscriptions]
         consumers = [
             Consumer(
                 channel,
@@ -259,6 +262,12 @@ class ConsumeLoop:
                 on_decode_error=self._on_decode_error,
             ),
             Consumer(channel, [control], on_message=lambda message: None, no_ack=True),
+        ]
+        # Events are handled on this thread, one at a time (no prefetch of their own:
+        # on virtual transports the channel's prefetch count is the requests').
+        consumers += [
+            Consumer(channel, [queue], on_message=self._event_callback(subscription))
+            for subscription, queue in zip(subscriptions, events, strict=True)
         ]
         # After a reconnect on AMQP the server is ready once its queues were seen to
         # outlast a cluster's cleanup; at its first start, at once.
@@ -278,7 +287,7 @@ class ConsumeLoop:
             while not stopping.is_set():
                 if verify_at is not None and monotonic() >= verify_at:
                     check = check or conn.channel()
-                    for queue in (requests, control, broadcasts):
+                    for queue in (requests, control, broadcasts, *events):
                         # a channel error (404) if it is gone: declared again after
                         # a reconnect, as for a lost connection
                         check.queue_declare(queue=queue.name, passive=True)
@@ -324,9 +333,27 @@ class ConsumeLoop:
             self._discard_own_queues(conn)
 
     def _report_consuming(self, conn: Connection) -> None:
+        redis = kind(conn) is Kind.REDIS
+        for subscription in self._dispatcher.registry.subscriptions():  # out when running() returns
+            if redis and subscription.exchange_type == "fanout" and subscription.group is not None:
+                logger.warning(
+                    "%s: on Redis a fanout exchange reaches every server of group %r "
+                    "(kombu publishes fanout messages through PUB/SUB); use a topic exchange",
+                    subscription.name,
+                    subscription.group,
+                )
+            logger.info(
+                "server %s handling events of %r (%s, %r) with %s%s",
+                self._server_id,
+                subscription.exchange,
+                subscription.exchange_type,
+                subscription.binding_key,
+                subscription.name,
+                "" if subscription.group is None else f" in group {subscription.group!r}",
+            )
         self.ready.set()
         self.started.set()
-        logger.info(
+        logger.info(  # once ready: seen by tests and by programs watching the log
             "server %s consuming %r on %s: %s",
             self._server_id,
             self._queue,
@@ -346,6 +373,9 @@ class ConsumeLoop:
             try:
                 discard_queue(private_queue(self._control_queue)(channel))
                 discard_queue(broadcast_queue(self._queue, self._server_id)(channel))
+                for subscription in self._dispatcher.registry.subscriptions():
+                    if subscription.group is None:  # a group's queue outlives its servers
+                        discard_queue(subscription.queue(self._server_id)(channel))
             finally:
                 try:
                     channel.close()
@@ -421,6 +451,33 @@ class ConsumeLoop:
             finally:
                 heartbeater.back()
         self._settle_message(message, ACK if reply is None else self._publish_reply(reply))
+
+    def _event_callback(self, subscription: Subscription) -> Any:
+        def on_event(message: Message) -> None:
+            self._on_event(subscription, message)
+
+        return on_event
+
+    def _on_event(self, subscription: Subscription, message: Message) -> None:
+        """Handle one event: reject a malformed one, else run its handler and ack
+        (also when the handler raised: :func:`kombu_rpc.events.handle_event` logged it)."""
+        routing_key = (message.delivery_info or {}).get("routing_key") or ""
+        try:
+            event = decode_event(subscription.exchange, routing_key, message.content_type, message.body)
+        except SerializationError as exc:
+            logger.warning("rejected a malformed event for %s: %s", subscription.name, exc)
+            message.reject(requeue=False)
+            return
+        heartbeater = self._heartbeater
+        if heartbeater is None:
+            handle_event(subscription, event)
+        else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
+            heartbeater.away()
+            try:
+                handle_event(subscription, event)
+            finally:
+                heartbeater.back()
+        message.ack()
 
     def _on_decode_error(self, message: Message, exc: Exception) -> None:
         self._dispose(message, self._dispatcher.undecodable(message, exc))

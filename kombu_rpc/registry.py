@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from .errors import ConfigurationError
+from .events import Event, Subscription
 from .protocol import NAME_PATTERN as NAME_PATTERN  # re-exported: it used to live here
 
 F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=Callable[[Event], Any])
 #: The ``expected`` argument of :func:`remote`: an exception class or a tuple of them.
 Expected = type[BaseException] | tuple[type[BaseException], ...]
 
@@ -97,6 +99,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._procedures: dict[str, Procedure] = {}
+        # (exchange, group, name): the subscription's queue
+        self._subscriptions: dict[tuple[str, str | None, str], Subscription] = {}
 
     @overload
     def remote(self, func: F, /) -> F: ...
@@ -163,6 +167,66 @@ class Registry:
         self._procedures[name] = Procedure.of(name, func, tuple(expected))
         return func
 
+    def subscribe(
+        self,
+        exchange: str,
+        binding_key: str = "#",
+        *,
+        type: str = "topic",
+        group: str | None = None,
+        name: str | None = None,
+    ) -> Callable[[H], H]:
+        """Subscribe the decorated function to the events of ``exchange`` (see
+        :mod:`kombu_rpc.events`); it is called with each :class:`~kombu_rpc.events.Event`
+        by the servers of this registry, and stays callable locally.
+
+        Example:
+            >>> reg = Registry()
+            >>> @reg.subscribe("logs", "kern.*")
+            ... def on_kernel_log(event):
+            ...     print(event.routing_key, event.payload)
+            >>> [s.binding_key for s in reg.subscriptions()]
+            ['kern.*']
+
+        Args:
+            exchange: The exchange's name (declared by the server if missing).
+            binding_key: Which routing keys reach the function: on a topic exchange
+                with wildcards (``*`` one word, ``#`` any number of them); on a direct
+                exchange, the key itself; ignored on a fanout exchange.
+            type: ``"fanout"``, ``"direct"`` or ``"topic"``.
+            group: ``None``: every server handles each event; a name: the servers
+                subscribed with that group share a queue, and each event is handled
+                by one of them.
+            name: Names the subscription's queue (default: the function's module
+                and qualified name); one function per name, exchange and group.
+
+        Raises:
+            ConfigurationError: An argument is invalid, or another function is
+                subscribed under the same name, exchange and group.
+        """
+
+        def decorate(func: H) -> H:
+            subscription = Subscription.of(func, exchange, binding_key, type, group, name)
+            key = (subscription.exchange, subscription.group, subscription.name)
+            taken = self._subscriptions.get(key)
+            if (
+                taken is not None
+                and taken.func is not func
+                and (_identity(func) is None or _identity(func) != _identity(taken.func))
+            ):
+                raise ConfigurationError(
+                    f"a function is already subscribed to {exchange!r} as {subscription.name!r}: "
+                    f"{taken.func!r}; choose another name=..."
+                )
+            self._subscriptions[key] = subscription
+            return func
+
+        return decorate
+
+    def subscriptions(self) -> list[Subscription]:
+        """Return the subscriptions, in the order they were made."""
+        return list(self._subscriptions.values())
+
     def unregister(self, name: str) -> None:
         """Remove ``name``; raises ``KeyError`` if it is not registered."""
         del self._procedures[name]
@@ -215,6 +279,18 @@ def remote(
     if func is None:
         return default_registry.remote(name=name, expected=expected)
     return default_registry.register(func, name=name, expected=expected)
+
+
+def subscribe(
+    exchange: str,
+    binding_key: str = "#",
+    *,
+    type: str = "topic",
+    group: str | None = None,
+    name: str | None = None,
+) -> Callable[[H], H]:
+    """Subscribe a function in :data:`default_registry`; see :meth:`Registry.subscribe`."""
+    return default_registry.subscribe(exchange, binding_key, type=type, group=group, name=name)
 
 
 def _identity(func: Callable[..., Any]) -> tuple[Any, Any] | None:

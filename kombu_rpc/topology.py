@@ -23,6 +23,14 @@ CONTROL_QUEUE_TEMPLATE = "kombu_rpc.server.{server_id}"
 BROADCAST_EXCHANGE_TEMPLATE = "kombu_rpc.broadcast.{queue}"
 #: Each server receives broadcasts on one queue named after this, bound to the exchange.
 BROADCAST_QUEUE_TEMPLATE = "kombu_rpc.broadcast.{queue}.{server_id}"
+#: The exchange types events go through (:mod:`kombu_rpc.events`).
+EVENT_EXCHANGE_TYPES = ("fanout", "direct", "topic")
+#: A subscription without a group: each server's own queue, bound to the event exchange.
+EVENT_QUEUE_TEMPLATE = "kombu_rpc.events.{exchange}.{handler}.{server_id}"
+#: A subscription of group ``group``: one durable queue shared by the group's servers.
+EVENT_GROUP_QUEUE_TEMPLATE = "kombu_rpc.events.{exchange}.{group}.{handler}"
+#: Longest queue name RabbitMQ takes (255 bytes); event queue names are checked against it.
+_MAX_QUEUE_NAME = 255
 
 
 def check_queue_name(name: object) -> str:
@@ -111,4 +119,90 @@ def broadcast_queue(queue: str, server_id: str) -> Queue:
         durable=False,
         exclusive=True,
         auto_delete=True,
+    )
+
+
+def check_exchange_name(name: object) -> str:
+    """Return ``name`` if it can name an event exchange on every transport.
+
+    Raises:
+        ConfigurationError: It is not a non-empty string of at most 200 characters
+            without whitespace, or it starts with RabbitMQ's reserved ``amq.``.
+    """
+    if not isinstance(name, str) or not name or len(name) > 200 or any(c.isspace() for c in name):
+        raise ConfigurationError(
+            f"invalid exchange name {name!r}: use a non-empty string of at most "
+            "200 characters without whitespace"
+        )
+    if name.startswith("amq."):
+        raise ConfigurationError(f"invalid exchange name {name!r}: 'amq.' is reserved by RabbitMQ")
+    return name
+
+
+def check_exchange_type(type: object) -> str:
+    """Return ``type`` if it is one of :data:`EVENT_EXCHANGE_TYPES`.
+
+    Raises:
+        ConfigurationError: It is not.
+    """
+    if type not in EVENT_EXCHANGE_TYPES:
+        raise ConfigurationError(
+            f"unknown exchange type {type!r}: use one of {', '.join(map(repr, EVENT_EXCHANGE_TYPES))}"
+        )
+    return str(type)
+
+
+def event_exchange(name: str, type: str) -> Exchange:
+    """The exchange events named ``name`` go through, of ``type`` (``"fanout"``,
+    ``"direct"`` or ``"topic"``).
+
+    Publishers and servers both declare it, with the same arguments: durable, not
+    auto-delete (it outlives its publishers and subscribers, as the bindings of a
+    group's durable queue must).
+    """
+    return Exchange(name, type=type, durable=True, auto_delete=False)
+
+
+def event_queue_name(exchange: str, handler: str, group: str | None, server_id: str) -> str:
+    """The name of the queue a subscription consumes: the group's shared queue
+    (:data:`EVENT_GROUP_QUEUE_TEMPLATE`) or, without a group, server ``server_id``'s
+    own (:data:`EVENT_QUEUE_TEMPLATE`).
+
+    Raises:
+        ConfigurationError: The name would be longer than RabbitMQ allows.
+    """
+    if group is None:
+        name = EVENT_QUEUE_TEMPLATE.format(exchange=exchange, handler=handler, server_id=server_id)
+    else:
+        name = EVENT_GROUP_QUEUE_TEMPLATE.format(exchange=exchange, group=group, handler=handler)
+    if len(name.encode()) > _MAX_QUEUE_NAME:
+        raise ConfigurationError(
+            f"event queue name {name[:60]!r}... is longer than {_MAX_QUEUE_NAME} bytes: "
+            "use a shorter exchange, group or handler name (name=...)"
+        )
+    return name
+
+
+def event_queue(
+    exchange: str, type: str, binding_key: str, handler: str, group: str | None, server_id: str
+) -> Queue:
+    """The queue a subscription consumes, bound to its exchange with ``binding_key``.
+
+    Without a group it is server ``server_id``'s own: exclusive and auto-delete, like
+    the tutorials' queues (on AMQP it goes with its connection; the server deletes it
+    at stop on other transports). A group's queue is durable and shared: each event
+    goes to one of the group's servers, and events wait in it while none is running.
+    A fanout exchange ignores routing keys: its queues are bound with an empty one, as
+    kombu's Redis transport subscribes to a topic named after it.
+    """
+    name = event_queue_name(exchange, handler, group, server_id)
+    key = "" if type == "fanout" else binding_key
+    private = group is None
+    return Queue(
+        name,
+        exchange=event_exchange(exchange, type),
+        routing_key=key,
+        durable=not private,
+        exclusive=private,
+        auto_delete=private,
     )
