@@ -40,14 +40,7 @@ def check_queue_name(name: object) -> str:
         ConfigurationError: It is not a non-empty string of at most 200 characters
             without whitespace, or it starts with RabbitMQ's reserved ``amq.``.
     """
-    if not isinstance(name, str) or not name or len(name) > 200 or any(c.isspace() for c in name):
-        raise ConfigurationError(
-            f"invalid queue name {name!r}: use a non-empty string of at most "
-            "200 characters without whitespace"
-        )
-    if name.startswith("amq."):
-        raise ConfigurationError(f"invalid queue name {name!r}: 'amq.' is reserved by RabbitMQ")
-    return name
+    return _check_name(name, "queue")
 
 
 def new_id() -> str:
@@ -129,13 +122,18 @@ def check_exchange_name(name: object) -> str:
         ConfigurationError: It is not a non-empty string of at most 200 characters
             without whitespace, or it starts with RabbitMQ's reserved ``amq.``.
     """
+    return _check_name(name, "exchange")
+
+
+def _check_name(name: object, what: str) -> str:
+    """``name`` if it can name a queue or an exchange (``what``) on every transport."""
     if not isinstance(name, str) or not name or len(name) > 200 or any(c.isspace() for c in name):
         raise ConfigurationError(
-            f"invalid exchange name {name!r}: use a non-empty string of at most "
+            f"invalid {what} name {name!r}: use a non-empty string of at most "
             "200 characters without whitespace"
         )
     if name.startswith("amq."):
-        raise ConfigurationError(f"invalid exchange name {name!r}: 'amq.' is reserved by RabbitMQ")
+        raise ConfigurationError(f"invalid {what} name {name!r}: 'amq.' is reserved by RabbitMQ")
     return name
 
 
