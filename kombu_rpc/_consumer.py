@@ -215,9 +215,7 @@ class ConsumeLoop:
                         exc,
                         exc_info=not isinstance(exc, broker_errors(conn)),
                     )
-                    recorder = metrics.recorder
-                    if recorder is not None:
-                        recorder.server_event(self._queue, "reconnects")
+                    metrics.count_server_event(self._queue, "reconnects")
                     if monotonic() - began > IDLE_WAIT:
                         delay = 0.0
                     elif self.stopping.wait(delay):

@@ -155,9 +155,7 @@ class ReplyPublisher:
     def _on_reply_refused(self, delivery_tag: int, multiple: bool) -> None:
         for message in take_confirmed(self.unconfirmed, delivery_tag, multiple):
             logger.error("the broker refused a reply; requeueing its request")
-            recorder = metrics.recorder
-            if recorder is not None:
-                recorder.server_event(self._queue, "reply_nacks")
+            metrics.count_server_event(self._queue, "reply_nacks")
             self.settle(message, REQUEUE)
 
     def await_confirms(self, conn: Connection, timeout: float, idle_wait: float) -> None:

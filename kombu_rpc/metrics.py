@@ -330,6 +330,13 @@ def count_event(event: str, label: str = "") -> None:
         current.client_event(event, label)
 
 
+def count_server_event(queue: str, event: str) -> None:
+    """Report a server's ``event`` (:meth:`Recorder.server_event`), if metrics are on."""
+    current = recorder
+    if current is not None:
+        current.server_event(queue, event)
+
+
 def enable(
     registry: CollectorRegistry | None = None,
     *,
@@ -370,15 +377,20 @@ def disable() -> None:
     global recorder
     with _lock:
         current, recorder = recorder, None
-    for r in current.recorders if isinstance(current, _Both) else (current,):
-        if isinstance(r, _Prometheus):
-            r.unregister()
+    prometheus = _prometheus(current)
+    if prometheus is not None:
+        prometheus.unregister()
 
 
 def prometheus_registry() -> Any:
     """The registry the Prometheus instruments are on, or ``None`` if none are."""
-    current = recorder
+    prometheus = _prometheus(recorder)
+    return None if prometheus is None else prometheus.registry
+
+
+def _prometheus(current: Recorder | None) -> _Prometheus | None:
+    """The Prometheus recorder of ``current``, alone or one of :class:`_Both`'s."""
     for r in current.recorders if isinstance(current, _Both) else (current,):
         if isinstance(r, _Prometheus):
-            return r.registry
+            return r
     return None
