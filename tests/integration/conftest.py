@@ -4,6 +4,7 @@ private broker nodes for the tests that cut or restart a broker."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -93,3 +94,18 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield node
     finally:
         node.stop()
+
+
+@contextmanager
+def refusing_queue(amqp_url: str, name: str) -> Iterator[str]:
+    """A RabbitMQ queue that refuses every message (the broker nacks what is published
+    to it), deleted afterwards."""
+    with Connection(amqp_url) as conn:
+        queue = Queue(
+            name, routing_key=name, queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )(conn.default_channel)
+        queue.declare()
+        try:
+            yield name
+        finally:
+            queue.delete()

@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
 
 import pytest
-from kombu import Connection, Queue
 
 from kombu_rpc import ConnectionLostError, RPCProxy, RPCServer
+
+from .conftest import refusing_queue
 
 pytestmark = pytest.mark.timeout(60)
 #: The link is the AMQP client: ``broker_url`` covers RabbitMQ only.
@@ -20,15 +21,8 @@ AMQP_ONLY = True
 @pytest.fixture
 def full_queue(broker_url: str, queue_name: str) -> Iterator[str]:
     """A queue that refuses every message: the broker nacks what is published to it."""
-    with Connection(broker_url) as conn:
-        queue = Queue(
-            queue_name,
-            routing_key=queue_name,
-            queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-        )(conn.default_channel)
-        queue.declare()
-        yield queue_name
-        queue.delete()
+    with refusing_queue(broker_url, queue_name) as name:
+        yield name
 
 
 def test_a_request_the_broker_nacks_fails_at_once(full_queue: str, proxies: Callable[..., RPCProxy]) -> None:

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from kombu import Connection, Queue
 from prometheus_client import CollectorRegistry
 
 from kombu_rpc import (
@@ -23,6 +22,7 @@ from kombu_rpc import (
 from kombu_rpc.testing import unique_queue_name
 
 from ..conftest import Gate
+from .conftest import refusing_queue
 from .tcpproxy import TCPProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -190,21 +190,12 @@ def test_requests_the_broker_refuses_count_as_publish_nacks(
     amqp_url: str, queue_name: str, counted: CollectorRegistry
 ) -> None:
     # Given a queue that refuses every message
-    with Connection(amqp_url) as conn:
-        queue = Queue(
-            queue_name,
-            routing_key=queue_name,
-            queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-        )(conn.default_channel)
-        queue.declare()
-        try:
-            with (
-                RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy,
-                pytest.raises(ConnectionLostError),
-            ):
-                proxy.fib(1)
-        finally:
-            queue.delete()
+    with (
+        refusing_queue(amqp_url, queue_name),
+        RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy,
+        pytest.raises(ConnectionLostError),
+    ):
+        proxy.fib(1)
     # Then each refusal counts (the request is published again up to three times)
     wait_at_least(counted, "kombu_rpc_client_publish_nacks_total", {}, 1)
     labels = {"queue": queue_name, "method": "fib", "outcome": "connection_lost"}
