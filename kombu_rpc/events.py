@@ -68,10 +68,7 @@ def check_routing_key(routing_key: object, type: str) -> str:
             without whitespace, or it holds a wildcard (``*``, ``#``: binding keys
             only).
     """
-    if not isinstance(routing_key, str) or len(routing_key.encode()) > _MAX_KEY:
-        raise ConfigurationError(f"invalid routing key {routing_key!r}: use a string of at most 255 bytes")
-    if any(c.isspace() for c in routing_key):
-        raise ConfigurationError(f"invalid routing key {routing_key!r}: no whitespace")
+    routing_key = _check_key(routing_key, "routing")
     if any(w in routing_key for w in _WILDCARDS):
         raise ConfigurationError(
             f"invalid routing key {routing_key!r}: wildcards ('*', '#') belong in binding keys, "
@@ -87,15 +84,21 @@ def check_binding_key(binding_key: object, type: str) -> str:
         ConfigurationError: It is not a string of at most 255 bytes without
             whitespace, or it holds wildcards but the exchange is not a topic one.
     """
-    if not isinstance(binding_key, str) or len(binding_key.encode()) > _MAX_KEY:
-        raise ConfigurationError(f"invalid binding key {binding_key!r}: use a string of at most 255 bytes")
-    if any(c.isspace() for c in binding_key):
-        raise ConfigurationError(f"invalid binding key {binding_key!r}: no whitespace")
+    binding_key = _check_key(binding_key, "binding")
     if type == "direct" and any(w in binding_key for w in _WILDCARDS):
         raise ConfigurationError(
             f"invalid binding key {binding_key!r}: wildcards work on topic exchanges only"
         )
     return binding_key
+
+
+def _check_key(key: object, what: str) -> str:
+    """``key`` if it is a string of at most 255 bytes without whitespace."""
+    if not isinstance(key, str) or len(key.encode()) > _MAX_KEY:
+        raise ConfigurationError(f"invalid {what} key {key!r}: use a string of at most 255 bytes")
+    if any(c.isspace() for c in key):
+        raise ConfigurationError(f"invalid {what} key {key!r}: no whitespace")
+    return key
 
 
 def encode_payload(payload: Any) -> str:
