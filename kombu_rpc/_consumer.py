@@ -468,11 +468,11 @@ class ConsumeLoop:
             return
         heartbeater = self._heartbeater
         if heartbeater is None:
-            handle_event(subscription, event)
+            handle_event(subscription, event, self._event_loop.run)
         else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
             heartbeater.away()
             try:
-                handle_event(subscription, event)
+                handle_event(subscription, event, self._event_loop.run)
             finally:
                 heartbeater.back()
         message.ack()

@@ -22,7 +22,7 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -129,7 +129,8 @@ class Subscription:
     #: Names the subscription's queue: by default the function's module and
     #: qualified name.
     name: str
-    #: The handler, called with an :class:`Event`.
+    #: The handler, called with an :class:`Event`; an ``async def`` one runs on the
+    #: server's event loop for ``async def`` functions.
     func: Callable[[Event], Any]
 
     @classmethod
@@ -145,13 +146,10 @@ class Subscription:
         """Check the arguments of a subscription and build it.
 
         Raises:
-            ConfigurationError: An argument is invalid, or ``func`` is no plain
-                function (``async def`` handlers are not supported).
+            ConfigurationError: An argument is invalid, or ``func`` is not callable.
         """
         if not callable(func):
             raise ConfigurationError(f"@subscribe needs a callable, got {func!r}")
-        if inspect.iscoroutinefunction(func):
-            raise ConfigurationError(f"event handlers cannot be async def functions yet: {func!r}")
         check_exchange_name(exchange)
         check_exchange_type(type)
         check_binding_key(binding_key, type)
@@ -196,11 +194,16 @@ def decode_event(exchange: str, routing_key: str, content_type: str | None, body
     return Event(exchange, routing_key, payload)
 
 
-def handle_event(subscription: Subscription, event: Event) -> bool:
-    """Run ``subscription``'s handler on ``event``; False if it raised (logged at
-    ERROR with its traceback: the event is acked all the same)."""
+def handle_event(
+    subscription: Subscription, event: Event, run: Callable[[Coroutine[Any, Any, Any]], Any]
+) -> bool:
+    """Run ``subscription``'s handler on ``event`` (an ``async def`` handler's coroutine
+    with ``run``, which waits for it); False if it raised (logged at ERROR with its
+    traceback: the event is acked all the same)."""
     try:
-        subscription.func(event)
+        outcome = subscription.func(event)
+        if inspect.iscoroutine(outcome):
+            run(outcome)
     except Exception:
         logger.exception(
             "event handler %s failed on an event from %r (routing key %r); the event is acked",

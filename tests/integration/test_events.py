@@ -3,6 +3,7 @@ RPCServer next to its requests, in broadcast and group modes."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -208,6 +209,28 @@ def test_a_failing_handler_is_logged_and_its_event_acked(
     record = failed.records[0]
     assert record.levelname == "ERROR" and record.exc_info is not None
     assert "cannot handle it" in str(record.exc_info[1])
+
+
+def test_async_def_handlers(events: Events, log_waiter: Callable[[str], LogWaiter]) -> None:
+    failed = log_waiter("event handler")
+    recorder = Recorder()
+    registry = Registry()
+
+    @registry.subscribe(events.exchange, "#")
+    async def record(event: Event) -> None:
+        await asyncio.sleep(0)  # a real coroutine, run to its end
+        if event.payload == "bad":
+            raise ValueError("cannot handle it")
+        recorder.add((event.routing_key, event.payload))
+
+    events.serve(registry)
+    publisher = events.publisher("topic")
+    for payload in ("a", "bad", "b"):
+        publisher.publish("k", payload)
+    # in order, one at a time; the failure is logged and does not stop the next one
+    assert recorder.wait(2) == [("k", "a"), ("k", "b")]
+    assert failed.seen.wait(10)
+    assert "cannot handle it" in str(failed.records[0].exc_info[1])  # type: ignore[index]
 
 
 def test_a_malformed_event_is_rejected(events: Events, log_waiter: Callable[[str], LogWaiter]) -> None:

@@ -3,6 +3,7 @@ names of event queues, decoding and handling an event."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -73,12 +74,6 @@ def test_subscription_checks() -> None:
         registry.subscribe("logs", group="two words")(handler)
     with pytest.raises(ConfigurationError, match="callable"):
         registry.subscribe("logs")(42)  # type: ignore[type-var]
-
-    async def coroutine(event: Event) -> None:
-        pass
-
-    with pytest.raises(ConfigurationError, match="async"):
-        registry.subscribe("logs")(coroutine)
     with pytest.raises(ConfigurationError, match="longer than"):
         registry.subscribe("logs", name="x" * 250)(handler)
     assert registry.subscriptions() == []
@@ -142,7 +137,23 @@ def test_a_failing_handler_is_logged_with_its_traceback(caplog: pytest.LogCaptur
 
     subscription = Subscription.of(fails, "logs", "#", "topic", None, "fails")
     with caplog.at_level(logging.ERROR, "kombu_rpc.events"):
-        assert handle_event(subscription, Event("logs", "a", 1)) is False
+        assert handle_event(subscription, Event("logs", "a", 1), asyncio.run) is False
     [record] = caplog.records
     assert record.levelname == "ERROR" and record.exc_info is not None
-    assert handle_event(Subscription.of(handler, "logs", "#", "topic", None, "ok"), Event("logs", "a", 1))
+    assert handle_event(
+        Subscription.of(handler, "logs", "#", "topic", None, "ok"), Event("logs", "a", 1), asyncio.run
+    )
+
+
+def test_an_async_handler_runs_its_coroutine_with_the_runner_given() -> None:
+    seen: list[Any] = []
+
+    async def handler(event: Event) -> None:
+        seen.append(event.payload)
+        if event.payload == "bad":
+            raise ValueError("no")
+
+    subscription = Subscription.of(handler, "logs", "#", "topic", None, "async")
+    assert handle_event(subscription, Event("logs", "a", 1), asyncio.run)
+    assert not handle_event(subscription, Event("logs", "a", "bad"), asyncio.run)
+    assert seen == [1, "bad"]
