@@ -341,11 +341,11 @@ class ConsumeLoop:
                     subscription.group,
                 )
             logger.info(
-                "server %s handling events of %r (%s, %r) with %s%s",
+                "server %s handling events of %r (%s, %s) with %s%s",
                 self._server_id,
                 subscription.exchange,
                 subscription.exchange_type,
-                subscription.binding_key,
+                ", ".join(map(repr, subscription.binding_keys)),
                 subscription.name,
                 "" if subscription.group is None else f" in group {subscription.group!r}",
             )

@@ -22,7 +22,7 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -121,8 +121,8 @@ class Subscription:
     exchange: str
     #: ``"fanout"``, ``"direct"`` or ``"topic"``.
     exchange_type: str
-    #: The key its queue is bound with (ignored on fanout exchanges).
-    binding_key: str
+    #: The keys its queue is bound with, one or more (ignored on fanout exchanges).
+    binding_keys: tuple[str, ...]
     #: ``None``: each server handles every event; a name: the group's servers share
     #: one queue, and each event is handled once.
     group: str | None
@@ -138,7 +138,7 @@ class Subscription:
         cls,
         func: Callable[[Event], Any],
         exchange: str,
-        binding_key: str,
+        binding_keys: str | Sequence[str],
         type: str,
         group: str | None,
         name: str | None,
@@ -152,7 +152,11 @@ class Subscription:
             raise ConfigurationError(f"@subscribe needs a callable, got {func!r}")
         check_exchange_name(exchange)
         check_exchange_type(type)
-        check_binding_key(binding_key, type)
+        keys = (binding_keys,) if isinstance(binding_keys, str) else tuple(binding_keys)
+        if not keys:
+            raise ConfigurationError("@subscribe needs at least one binding key")
+        for key in keys:
+            check_binding_key(key, type)
         for what, value in (("group", group), ("name", name)):
             if value is not None and (
                 not isinstance(value, str) or not value or any(c.isspace() for c in value)
@@ -164,12 +168,12 @@ class Subscription:
             module = getattr(func, "__module__", None) or "handler"
             name = f"{module}.{getattr(func, '__qualname__', None) or type_name(func)}"
         event_queue_name(exchange, name, group, "0" * 32)  # fails now if too long
-        return cls(exchange, type, binding_key, group, name, func)
+        return cls(exchange, type, tuple(dict.fromkeys(keys)), group, name, func)
 
     def queue(self, server_id: str) -> Any:
         """The :class:`kombu.Queue` server ``server_id`` consumes for this subscription."""
         return event_queue(
-            self.exchange, self.exchange_type, self.binding_key, self.name, self.group, server_id
+            self.exchange, self.exchange_type, self.binding_keys, self.name, self.group, server_id
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
@@ -170,7 +170,7 @@ class Registry:
     def subscribe(
         self,
         exchange: str,
-        binding_key: str = "#",
+        binding_key: str | Sequence[str] = "#",
         *,
         type: str = "topic",
         group: str | None = None,
@@ -185,14 +185,15 @@ class Registry:
             >>> @reg.subscribe("logs", "kern.*")
             ... def on_kernel_log(event):
             ...     print(event.routing_key, event.payload)
-            >>> [s.binding_key for s in reg.subscriptions()]
-            ['kern.*']
+            >>> [s.binding_keys for s in reg.subscriptions()]
+            [('kern.*',)]
 
         Args:
             exchange: The exchange's name (declared by the server if missing).
-            binding_key: Which routing keys reach the function: on a topic exchange
-                with wildcards (``*`` one word, ``#`` any number of them); on a direct
-                exchange, the key itself; ignored on a fanout exchange.
+            binding_key: Which routing keys reach the function, one key or a sequence
+                of them (an event matching several is handled once): on a topic
+                exchange with wildcards (``*`` one word, ``#`` any number of them); on
+                a direct exchange, the key itself; ignored on a fanout exchange.
             type: ``"fanout"``, ``"direct"`` or ``"topic"``.
             group: ``None``: every server handles each event; a name: the servers
                 subscribed with that group share a queue, and each event is handled
@@ -283,7 +284,7 @@ def remote(
 
 def subscribe(
     exchange: str,
-    binding_key: str = "#",
+    binding_key: str | Sequence[str] = "#",
     *,
     type: str = "topic",
     group: str | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kombu import Exchange, Queue
+from kombu import Exchange, Queue, binding
 
 from ._transports import REPLY_QUEUE_PREFIX
 from .connection import broker_errors
@@ -182,9 +182,15 @@ def event_queue_name(exchange: str, handler: str, group: str | None, server_id: 
 
 
 def event_queue(
-    exchange: str, type: str, binding_key: str, handler: str, group: str | None, server_id: str
+    exchange: str,
+    type: str,
+    binding_keys: tuple[str, ...],
+    handler: str,
+    group: str | None,
+    server_id: str,
 ) -> Queue:
-    """The queue a subscription consumes, bound to its exchange with ``binding_key``.
+    """The queue a subscription consumes, bound to its exchange with each of
+    ``binding_keys``.
 
     Without a group it is server ``server_id``'s own: exclusive and auto-delete, like
     the tutorials' queues (on AMQP it goes with its connection; the server deletes it
@@ -194,12 +200,12 @@ def event_queue(
     kombu's Redis transport subscribes to a topic named after it.
     """
     name = event_queue_name(exchange, handler, group, server_id)
-    key = "" if type == "fanout" else binding_key
+    target = event_exchange(exchange, type)
+    keys = [""] if type == "fanout" else list(binding_keys)
     private = group is None
     return Queue(
         name,
-        exchange=event_exchange(exchange, type),
-        routing_key=key,
+        bindings=[binding(target, routing_key=key) for key in keys],
         durable=not private,
         exclusive=private,
         auto_delete=private,

@@ -93,7 +93,9 @@ def events(broker_url: str, queue_name: str) -> Iterator[Events]:
             made.clean()
 
 
-def recording(registry: Registry, recorder: Recorder, exchange: str, key: str = "#", **kwargs: Any) -> None:
+def recording(
+    registry: Registry, recorder: Recorder, exchange: str, key: str | list[str] = "#", **kwargs: Any
+) -> None:
     @registry.subscribe(exchange, key, **kwargs)
     def record(event: Event) -> None:
         recorder.add((event.routing_key, event.payload))
@@ -131,6 +133,8 @@ def test_topic_wildcards(events: Events) -> None:
     registry = Registry()
     recording(registry, one_word, events.exchange, "*.orange.*", name="orange")
     recording(registry, any_words, events.exchange, "lazy.#", name="lazy")
+    both = Recorder()  # tutorial 5's second queue: two binding keys
+    recording(registry, both, events.exchange, ["*.*.rabbit", "lazy.#"], name="both")
     events.serve(registry)
     publisher = events.publisher("topic")
     for key in [
@@ -142,6 +146,7 @@ def test_topic_wildcards(events: Events) -> None:
         "quick.orange.male.rabbit",
         "lazy.orange.male.rabbit",
         "end.orange.end",
+        "lazy.pink.rabbit",
         "lazy.end",
     ]:
         publisher.publish(key, None)
@@ -151,10 +156,21 @@ def test_topic_wildcards(events: Events) -> None:
         "quick.orange.fox",
         "end.orange.end",
     ]
-    assert [key for key, _ in any_words.wait(4)] == [
+    assert [key for key, _ in any_words.wait(5)] == [
         "lazy.orange.elephant",
         "lazy.brown.fox",
         "lazy.orange.male.rabbit",
+        "lazy.pink.rabbit",
+        "lazy.end",
+    ]
+    # "lazy.pink.rabbit" matches both keys and comes once ("lazy.end", last, would
+    # otherwise come after a second copy)
+    assert [key for key, _ in both.wait(6)] == [
+        "quick.orange.rabbit",
+        "lazy.orange.elephant",
+        "lazy.brown.fox",
+        "lazy.orange.male.rabbit",
+        "lazy.pink.rabbit",
         "lazy.end",
     ]
 

@@ -84,7 +84,7 @@ def test_subscribing_keeps_the_function_and_one_function_per_name() -> None:
     assert registry.subscribe("logs", "kern.*")(handler) is handler
     registry.subscribe("logs", "kern.*")(handler)  # again: replaced
     [subscription] = registry.subscriptions()
-    assert subscription == Subscription("logs", "topic", "kern.*", None, f"{__name__}.handler", handler)
+    assert subscription == Subscription("logs", "topic", ("kern.*",), None, f"{__name__}.handler", handler)
 
     def other(event: Event) -> None:
         pass
@@ -106,17 +106,29 @@ def test_event_topology_names() -> None:
     )
     assert event_queue_name("logs", "app.h", None, "s1") == "kombu_rpc.events.logs.app.h.s1"
     assert event_queue_name("logs", "app.h", "g", "s1") == "kombu_rpc.events.logs.g.app.h"
-    own = event_queue("logs", "topic", "kern.*", "app.h", None, "s1")
-    assert (own.routing_key, own.durable, own.exclusive, own.auto_delete) == ("kern.*", False, True, True)
-    shared = event_queue("logs", "direct", "error", "app.h", "g", "s1")
-    assert (shared.routing_key, shared.durable, shared.exclusive, shared.auto_delete) == (
-        "error",
-        True,
-        False,
-        False,
-    )
-    assert shared.exchange.name == "logs" and shared.exchange.type == "direct"
-    assert event_queue("logs", "fanout", "#", "app.h", None, "s1").routing_key == ""
+    own = event_queue("logs", "topic", ("kern.*", "*.critical"), "app.h", None, "s1")
+    assert (own.durable, own.exclusive, own.auto_delete) == (False, True, True)
+    assert [(b.exchange.name, b.routing_key) for b in own.bindings] == [
+        ("logs", "kern.*"),
+        ("logs", "*.critical"),
+    ]
+    shared = event_queue("logs", "direct", ("error",), "app.h", "g", "s1")
+    assert (shared.durable, shared.exclusive, shared.auto_delete) == (True, False, False)
+    [bound] = shared.bindings
+    assert (bound.exchange.name, bound.exchange.type, bound.routing_key) == ("logs", "direct", "error")
+    [fanout] = event_queue("logs", "fanout", ("#",), "app.h", None, "s1").bindings
+    assert fanout.routing_key == ""
+
+
+def test_several_binding_keys() -> None:
+    registry = Registry()
+    registry.subscribe("logs", ["kern.*", "*.critical", "kern.*"])(handler)
+    [subscription] = registry.subscriptions()
+    assert subscription.binding_keys == ("kern.*", "*.critical")  # once each, in order
+    with pytest.raises(ConfigurationError, match="at least one binding key"):
+        registry.subscribe("logs", [], name="none")(handler)
+    with pytest.raises(ConfigurationError, match="topic exchanges only"):
+        registry.subscribe("logs", ["error", "kern.*"], type="direct", name="bad")(handler)
 
 
 def test_decoding_an_event() -> None:
