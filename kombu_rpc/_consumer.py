@@ -23,7 +23,7 @@ from . import metrics, protocol
 from ._dispatch import Dispatcher, Disposal, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, ReplyPublisher
-from ._transports import Kind, close_channel, kind, unread
+from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, start_listening, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError, SerializationError
 from .events import Subscription, decode_event, handle_event
@@ -278,6 +278,7 @@ class ConsumeLoop:
         try:
             for consumer in consumers:
                 consumer.consume()
+            start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, fanout queues' subscriptions
             if not settling:
                 self._report_consuming(conn)
             wait = _POLL_MIN
@@ -465,17 +466,21 @@ class ConsumeLoop:
         except SerializationError as exc:
             logger.warning("rejected a malformed event for %s: %s", subscription.name, exc)
             message.reject(requeue=False)
-            return
-        heartbeater = self._heartbeater
-        if heartbeater is None:
-            handle_event(subscription, event, self._event_loop.run)
-        else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
-            heartbeater.away()
+            outcome = "malformed"
+        else:
+            heartbeater = self._heartbeater
+            if heartbeater is not None:  # no I/O on the connection meanwhile: it sends heartbeats
+                heartbeater.away()
             try:
-                handle_event(subscription, event, self._event_loop.run)
+                ok = handle_event(subscription, event, self._event_loop.run)
             finally:
-                heartbeater.back()
-        message.ack()
+                if heartbeater is not None:
+                    heartbeater.back()
+            message.ack()
+            outcome = "ok" if ok else "error"
+        recorder = metrics.recorder
+        if recorder is not None:
+            recorder.event_handled(subscription.exchange, subscription.name, outcome)
 
     def _on_decode_error(self, message: Message, exc: Exception) -> None:
         self._dispose(message, self._dispatcher.undecodable(message, exc))

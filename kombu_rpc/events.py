@@ -29,6 +29,7 @@ from typing import Any
 
 from kombu import Producer
 
+from . import metrics
 from .connection import Broker, broker_errors, connect, merge_retry_policy, publish, publishing_clone
 from .errors import ConfigurationError, ConnectionLostError, SerializationError
 from .topology import (
@@ -295,6 +296,9 @@ class EventPublisher:
                 raise ConnectionLostError(
                     f"cannot publish an event to {self.exchange!r}: {type_name(exc)}: {exc}"
                 ) from exc
+        recorder = metrics.recorder
+        if recorder is not None:
+            recorder.event_published(self.exchange)
 
     def close(self) -> None:
         """Release the connection; later publishes raise :exc:`~kombu_rpc.errors.ConfigurationError`."""

@@ -34,6 +34,11 @@ The instruments (``queue`` is the request queue, ``method`` the remote name):
   ``late`` (late or duplicate) or ``unknown`` (no correlation id).
 - ``kombu_rpc_client_reconnects_total``, ``kombu_rpc_client_publish_nacks_total``:
   connections a proxy opened again, requests the broker refused.
+- ``kombu_rpc_events_handled_total{exchange, subscription, outcome}``: events a
+  server's subscribed functions received (:mod:`kombu_rpc.events`); ``outcome`` is
+  ``ok``, ``error`` (the handler raised) or ``malformed`` (rejected unread).
+- ``kombu_rpc_events_published_total{exchange}``: events an
+  :class:`~kombu_rpc.events.EventPublisher` published.
 """
 
 from __future__ import annotations
@@ -113,6 +118,13 @@ class Recorder:
         """One of ``dropped_replies`` (``label``: ``late`` or ``unknown``),
         ``reconnects`` or ``publish_nacks`` on a proxy."""
 
+    def event_handled(self, exchange: str, subscription: str, outcome: str) -> None:
+        """A server received an event for ``subscription``: ``outcome`` is ``ok``,
+        ``error`` or ``malformed``."""
+
+    def event_published(self, exchange: str) -> None:
+        """An event was published to ``exchange``."""
+
 
 class _Prometheus(Recorder):
     def __init__(self, registry: CollectorRegistry | None) -> None:
@@ -169,6 +181,15 @@ class _Prometheus(Recorder):
             event: Counter(f"kombu_rpc_client_{event}", text, _labels(event), registry=reg)
             for event, text in CLIENT_EVENTS.items()
         }
+        self.events_handled = Counter(
+            "kombu_rpc_events_handled",
+            "Events subscribed functions received, by outcome",
+            ("exchange", "subscription", "outcome"),
+            registry=reg,
+        )
+        self.events_published = Counter(
+            "kombu_rpc_events_published", "Events published", ("exchange",), registry=reg
+        )
         self.registry = reg
 
     def server_call_started(self, queue: str) -> None:
@@ -201,6 +222,12 @@ class _Prometheus(Recorder):
         counter = self.client_events[event]
         (counter.labels(label) if label else counter).inc()
 
+    def event_handled(self, exchange: str, subscription: str, outcome: str) -> None:
+        self.events_handled.labels(exchange, subscription, outcome).inc()
+
+    def event_published(self, exchange: str) -> None:
+        self.events_published.labels(exchange).inc()
+
     def unregister(self) -> None:
         for collector in (
             self.server_calls,
@@ -212,6 +239,8 @@ class _Prometheus(Recorder):
             self.client_duration,
             self.client_in_flight,
             *self.client_events.values(),
+            self.events_handled,
+            self.events_published,
         ):
             self.registry.unregister(collector)
 
@@ -257,6 +286,12 @@ class _OpenTelemetry(Recorder):
             event: meter.create_counter(f"kombu_rpc.client.{event}", description=text)
             for event, text in CLIENT_EVENTS.items()
         }
+        self.events_handled = meter.create_counter(
+            "kombu_rpc.events.handled", description="Events subscribed functions received"
+        )
+        self.events_published = meter.create_counter(
+            "kombu_rpc.events.published", description="Events published"
+        )
 
     def server_call_started(self, queue: str) -> None:
         self.server_in_flight.add(1, {"queue": queue})
@@ -286,6 +321,12 @@ class _OpenTelemetry(Recorder):
 
     def client_event(self, event: str, label: str = "") -> None:
         self.client_events[event].add(1, {"reason": label} if label else {})
+
+    def event_handled(self, exchange: str, subscription: str, outcome: str) -> None:
+        self.events_handled.add(1, {"exchange": exchange, "subscription": subscription, "outcome": outcome})
+
+    def event_published(self, exchange: str) -> None:
+        self.events_published.add(1, {"exchange": exchange})
 
 
 class _Both(Recorder):
@@ -321,6 +362,14 @@ class _Both(Recorder):
     def client_event(self, event: str, label: str = "") -> None:
         for r in self.recorders:
             r.client_event(event, label)
+
+    def event_handled(self, exchange: str, subscription: str, outcome: str) -> None:
+        for r in self.recorders:
+            r.event_handled(exchange, subscription, outcome)
+
+    def event_published(self, exchange: str) -> None:
+        for r in self.recorders:
+            r.event_published(exchange)
 
 
 def count_event(event: str, label: str = "") -> None:

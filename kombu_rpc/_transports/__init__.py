@@ -41,6 +41,7 @@ import importlib.util
 import os
 import random
 import warnings
+from time import monotonic
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -331,6 +332,29 @@ def unread(connection: Any) -> bool:
         return bool(frame_ready())
     pending = getattr(transport.sock, "pending", None)
     return bool(pending is not None and pending())
+
+
+def start_listening(conn: Connection, channel: Any, timeout: float) -> None:
+    """Poll ``conn`` until ``channel``'s consumers of fanout queues are subscribed, on
+    kombu_rpc's Redis transport (see :meth:`kombu_rpc._transports.redis.Channel.listening`);
+    at once on other transports, where consuming starts with the consumer. Messages
+    that come meanwhile go to their consumers' callbacks, as in any poll.
+
+    Raises:
+        TimeoutError: The subscriptions were not confirmed within ``timeout`` seconds
+            (an ``OSError``, a connection error: Redis is unreachable or stalled).
+    """
+    listening = getattr(channel, "listening", None)
+    if listening is None:
+        return
+    deadline = monotonic() + timeout
+    while not listening():
+        if monotonic() >= deadline:
+            raise TimeoutError(f"Redis did not confirm the fanout subscriptions within {timeout}s")
+        try:
+            conn.drain_events(timeout=0.05)
+        except TimeoutError:
+            pass
 
 
 def close_channel(channel: Any, errors: tuple[type[BaseException], ...]) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
 
 logger = logging.getLogger("kombu_rpc.transports")
 
@@ -56,6 +57,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     """kombu's Redis channel, lending one client to every command it runs."""
 
     _lent: _Lent | None = None
+    _patterns_confirmed = 0  # as counted by Redis's last subscription confirmation
 
     def conn_or_acquire(self, client: Any = None) -> Any:
         """A context manager yielding ``client``, or else the channel's command client
@@ -71,6 +73,26 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _disconnect_pools(self) -> None:
         self._lent = None
         super()._disconnect_pools()
+
+    def _handle_message(self, client: Any, response: Any) -> Any:
+        if bytes_to_str(response[0]) == "psubscribe":  # kombu reads and drops these
+            self._patterns_confirmed = int(response[2])
+        return super()._handle_message(client, response)
+
+    def listening(self) -> bool:
+        """True unless the channel consumes fanout queues whose subscriptions Redis
+        has not confirmed yet.
+
+        kombu subscribes at the channel's next poll and reads the confirmations with
+        the messages, so a fanout message published just after the consumer started
+        would find no subscriber (Redis keeps no PUB/SUB message): polling until this
+        is true closes that window. Each confirmation counts the connection's patterns.
+        """
+        if not self.active_fanout_queues:
+            return True
+        subclient = self.__dict__.get("subclient")  # a cached property: not made here
+        patterns = len(getattr(subclient, "patterns", ()))
+        return patterns > 0 and self._patterns_confirmed >= patterns
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
@@ -144,11 +166,18 @@ def check() -> str | None:
     base = kombu_redis.Channel
     missing = [
         name
-        for name in ("conn_or_acquire", "_create_client", "_disconnect_pools")
+        for name in (
+            "conn_or_acquire",
+            "_create_client",
+            "_disconnect_pools",
+            "_subscribe",
+            "_get_subscribe_topics",
+        )
         if not callable(getattr(base, name, None))
     ]
-    if missing or not hasattr(base, "_pool"):
-        return f"kombu.transport.redis.Channel lacks {', '.join(missing) or '_pool'}"
+    missing += [name for name in ("_pool", "subclient") if not hasattr(base, name)]
+    if missing:
+        return f"kombu.transport.redis.Channel lacks {', '.join(missing)}"
     params = list(inspect.signature(base.conn_or_acquire).parameters)
     if params != ["self", "client"]:
         return f"kombu.transport.redis.Channel.conn_or_acquire takes {params}"

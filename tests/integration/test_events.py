@@ -4,14 +4,16 @@ RPCServer next to its requests, in broadcast and group modes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
 import pytest
 from kombu import Exchange, Producer, Queue
+from prometheus_client import CollectorRegistry
 
-from kombu_rpc import Event, EventPublisher, Registry, RPCProxy, RPCServer
+from kombu_rpc import Event, EventPublisher, Registry, RPCProxy, RPCServer, metrics
 from kombu_rpc.connection import connect
 from kombu_rpc.testing import unique_queue_name
 from kombu_rpc.topology import event_exchange, event_queue_name
@@ -262,6 +264,43 @@ def test_a_malformed_event_is_rejected(events: Events, log_waiter: Callable[[str
     assert rejected.seen.wait(10)
     assert len(rejected.records) == 2
     assert all(record.levelname == "WARNING" for record in rejected.records)
+
+
+def test_events_are_counted_in_metrics(events: Events) -> None:
+    reg = CollectorRegistry()
+    metrics.enable(reg)
+    try:
+        handled = Recorder()
+        registry = Registry()
+
+        @registry.subscribe(events.exchange, "#", name="counted")
+        def counted(event: Event) -> None:
+            handled.add(event.payload)
+            if event.payload == "bad":
+                raise ValueError("cannot handle it")
+
+        events.serve(registry)
+        events.publish_raw("topic", "a", "not json", "text/plain")
+        publisher = events.publisher("topic")
+        for payload in ("good", "bad", "good"):
+            publisher.publish("a", payload)
+        assert handled.wait(3) == ["good", "bad", "good"]
+        labels = {"exchange": events.exchange, "subscription": "counted"}
+        outcomes = {"ok": 2.0, "error": 1.0, "malformed": 1.0}
+        deadline = time.monotonic() + 10  # counted just after the handler returned
+        while any(
+            reg.get_sample_value("kombu_rpc_events_handled_total", {**labels, "outcome": o}) != n
+            for o, n in outcomes.items()
+        ):
+            assert time.monotonic() < deadline, [
+                reg.get_sample_value("kombu_rpc_events_handled_total", {**labels, "outcome": o})
+                for o in outcomes
+            ]
+            time.sleep(0.01)
+        published = reg.get_sample_value("kombu_rpc_events_published_total", {"exchange": events.exchange})
+        assert published == 3
+    finally:
+        metrics.disable()
 
 
 def test_a_group_keeps_events_while_no_server_runs(events: Events) -> None:

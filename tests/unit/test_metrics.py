@@ -110,6 +110,8 @@ def test_the_same_numbers_in_opentelemetry() -> None:
         recorder.client_call_started("q")
         recorder.client_call_ended("q", "fib", "no_server", 0.01)
         recorder.client_event("dropped_replies", "unknown")
+        recorder.event_handled("logs", "app.h", "error")
+        recorder.event_published("logs")
         # ... counted into Prometheus at the same time
         labels = {"queue": "q", "method": "fib", "outcome": "ok"}
         assert reg.get_sample_value("kombu_rpc_server_calls_total", labels) == 1
@@ -130,6 +132,12 @@ def test_the_same_numbers_in_opentelemetry() -> None:
     assert (duration.count, duration.sum) == (1, 0.25)
     assert [p.value for p in points["kombu_rpc.server.calls_in_flight"]] == [0]
     assert [dict(p.attributes) for p in points["kombu_rpc.client.dropped_replies"]] == [{"reason": "unknown"}]
+    assert [(p.value, dict(p.attributes)) for p in points["kombu_rpc.events.handled"]] == [
+        (1, {"exchange": "logs", "subscription": "app.h", "outcome": "error"})
+    ]
+    assert [(p.value, dict(p.attributes)) for p in points["kombu_rpc.events.published"]] == [
+        (1, {"exchange": "logs"})
+    ]
     # ... and into Prometheus at the same time
     assert (
         reg.get_sample_value("kombu_rpc_server_calls_total", {"queue": "q", "method": "fib", "outcome": "ok"})
