@@ -57,7 +57,7 @@ def test_a_payload_json_cannot_write_is_a_serialization_error() -> None:
 @pytest.mark.parametrize("payload", [1, b"bytes", None, {"a": 1}, "\ud800"])
 def test_a_plain_publisher_refuses_what_is_not_utf8_text(payload: Any) -> None:
     with EventPublisher("memory://", "logs", "topic", plain=True) as events:
-        with pytest.raises(SerializationError, match="str payloads|UTF-8"):
+        with pytest.raises(SerializationError, match=r"str payloads|UTF-8"):
             events.publish("a", payload)
 
 
