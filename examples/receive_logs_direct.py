@@ -25,13 +25,10 @@ if not args.severity:
     sys.exit(f"Usage: {sys.argv[0]} [info] [warning] [error]")
 
 
+@subscribe(args.exchange, args.severity, type="direct")  # one queue, bound with each severity
 def callback(event: Event) -> None:
     print(f" [x] {event.routing_key!r}:{event.payload!r}")
 
-
-# One subscription (so one queue of this receiver's own) per severity.
-for n, severity in enumerate(dict.fromkeys(args.severity)):
-    subscribe(args.exchange, severity, type="direct", name=f"receive_logs_direct.{n}")(callback)
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # "... consuming" when ready
 print(" [*] Waiting for logs. To exit press CTRL+C")

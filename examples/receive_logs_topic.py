@@ -25,14 +25,10 @@ if not args.binding_key:
     sys.exit(f"Usage: {sys.argv[0]} [binding_key]...")
 
 
+@subscribe(args.exchange, args.binding_key, type="topic")  # one queue, bound with each key
 def callback(event: Event) -> None:
     print(f" [x] {event.routing_key!r}:{event.payload!r}")
 
-
-# One subscription (so one queue of this receiver's own) per binding key: a line that
-# matches two of them is printed twice (the tutorial binds one queue twice: once).
-for n, binding_key in enumerate(dict.fromkeys(args.binding_key)):
-    subscribe(args.exchange, binding_key, type="topic", name=f"receive_logs_topic.{n}")(callback)
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # "... consuming" when ready
 print(" [*] Waiting for logs. To exit press CTRL+C")

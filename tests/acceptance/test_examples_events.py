@@ -306,13 +306,15 @@ def test_receive_logs_direct_gets_its_severities_only(run: Runner, lines: Lines)
     out = emitted(run, "emit_log_direct.py", "error", "Run.", "Run.", "Or", "it", "will", "explode.")
     assert out == " [x] Sent 'error':'Run. Run. Or it will explode.'\n"
     assert emitted(run, "emit_log_direct.py", "warning", "Low", "disk") == " [x] Sent 'warning':'Low disk'\n"
-    # Then each receiver printed the lines of its severities, and no other
-    wait_for(lines, " [x] ", count=3)
-    assert sorted(printed(problems)) == [
+    assert emitted(run, "emit_log_direct.py", "info", "end") == " [x] Sent 'info':'end'\n"
+    # Then each receiver printed the lines of its severities, in order, and no other
+    # (each has one queue: a line of another severity would come before its last one)
+    wait_for(lines, " [x] ", count=4)
+    assert printed(problems) == [
         " [x] 'error':'Run. Run. Or it will explode.'",
         " [x] 'warning':'Low disk'",
     ]
-    assert printed(infos) == [" [x] 'info':'Hello World!'"]
+    assert printed(infos) == [" [x] 'info':'Hello World!'", " [x] 'info':'end'"]
 
 
 def test_receive_logs_direct_without_severities_prints_its_usage(run: Runner) -> None:
@@ -347,15 +349,22 @@ def test_receive_logs_topic_gets_the_lines_its_keys_match(run: Runner, lines: Li
     assert out == " [x] Sent 'kern.critical':'A critical kernel error'\n"
     assert emitted(run, "emit_log_topic.py") == " [x] Sent 'anonymous.info':'Hello World!'\n"
     assert emitted(run, "emit_log_topic.py", "cron.warning", "late") == " [x] Sent 'cron.warning':'late'\n"
-    # Then "#" got all three; the other printed the kernel line once per matching key
-    # (one queue per binding key: see examples/README.md), and nothing else
-    wait_for(lines, " [x] ", count=5)
-    assert sorted(printed(everything)) == [
+    # Then "#" got all three, in order
+    wait_for(lines, " [x] ", count=4)
+    assert printed(everything) == [
+        " [x] 'kern.critical':'A critical kernel error'",
         " [x] 'anonymous.info':'Hello World!'",
         " [x] 'cron.warning':'late'",
-        " [x] 'kern.critical':'A critical kernel error'",
     ]
-    assert printed(kernel) == [" [x] 'kern.critical':'A critical kernel error'"] * 2
+    # And the other printed the kernel line once, though both its keys match it, and
+    # nothing else: its one queue would have had the other lines before a sentinel
+    # line it matches
+    assert emitted(run, "emit_log_topic.py", "cron.critical", "end") == " [x] Sent 'cron.critical':'end'\n"
+    wait_for(lines, " [x] 'cron.critical'")
+    assert printed(kernel) == [
+        " [x] 'kern.critical':'A critical kernel error'",
+        " [x] 'cron.critical':'end'",
+    ]
 
 
 def test_the_tutorials_pika_emit_log_topic_reaches_receive_logs_topic(
