@@ -14,6 +14,11 @@ A handler that raises is logged at ERROR with its traceback and its event is ack
 (not redelivered: a failing handler would otherwise get the same event forever, as
 nameko's handlers do by default); a malformed event (not JSON) is rejected without
 requeueing.
+
+Events are JSON by default. A publisher made with ``plain=True`` sends its payloads as
+bare UTF-8 text (``text/plain``), the tutorials' wire format; subscribers get a
+``text/plain`` event, and one without a content type (as the tutorials' pika programs
+send), as a ``str``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ logger = logging.getLogger("kombu_rpc.events")
 
 #: The content type of events on the wire: the payload as JSON, UTF-8.
 CONTENT_TYPE = "application/json"
+#: The content type of plain events (``EventPublisher(plain=True)``): the text, UTF-8.
+TEXT_CONTENT_TYPE = "text/plain"
 _WILDCARDS = ("*", "#")
 #: Longest routing or binding key (AMQP's short string).
 _MAX_KEY = 255
@@ -57,7 +64,8 @@ class Event:
     exchange: str
     #: The key it was published with (empty on a fanout exchange).
     routing_key: str
-    #: The decoded JSON payload.
+    #: The decoded JSON payload; a ``str`` for a ``text/plain`` event or one without
+    #: a content type.
     payload: Any
 
 
@@ -112,6 +120,23 @@ def encode_payload(payload: Any) -> str:
         return json.dumps(payload, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"cannot encode the event payload as JSON: {exc}") from exc
+
+
+def encode_text(payload: object) -> bytes:
+    """``payload``, a ``str``, as UTF-8 (the body of a plain event).
+
+    Raises:
+        SerializationError: It is not a ``str``, or not encodable (lone surrogates).
+    """
+    if not isinstance(payload, str):
+        raise SerializationError(
+            f"a plain EventPublisher publishes str payloads, got {type_name(payload)}: "
+            "format it first, or publish JSON (plain=False)"
+        )
+    try:
+        return payload.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(f"cannot encode the event payload as UTF-8: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -184,17 +209,29 @@ def type_name(obj: object) -> str:
 
 
 def decode_event(exchange: str, routing_key: str, content_type: str | None, body: Any) -> Event:
-    """The :class:`Event` in a message's body.
+    """The :class:`Event` in a message's body: JSON decoded, or for a ``text/plain``
+    message or one without a content type, the text as a ``str``.
 
     Raises:
-        SerializationError: The message is not JSON.
+        SerializationError: Another content type, a JSON body that is not JSON, or a
+            text body that is not UTF-8.
     """
-    if content_type != CONTENT_TYPE:
-        raise SerializationError(f"an event must be {CONTENT_TYPE}, got {content_type!r}")
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type not in (CONTENT_TYPE, TEXT_CONTENT_TYPE, ""):
+        raise SerializationError(
+            f"an event must be {CONTENT_TYPE} or {TEXT_CONTENT_TYPE}, got {content_type!r}"
+        )
     try:
         text = bytes(body).decode("utf-8") if isinstance(body, (bytes, bytearray, memoryview)) else body
+    except UnicodeDecodeError as exc:
+        raise SerializationError(f"an event body is not UTF-8 text: {exc}") from exc
+    if media_type != CONTENT_TYPE:
+        if not isinstance(text, str):
+            raise SerializationError(f"a text event's body must be text, got {type_name(text)}")
+        return Event(exchange, routing_key, text)
+    try:
         payload = json.loads(text)
-    except (TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+    except (TypeError, ValueError) as exc:
         raise SerializationError(f"an event body is not JSON: {exc}") from exc
     return Event(exchange, routing_key, payload)
 
@@ -221,7 +258,7 @@ def handle_event(
 
 
 class EventPublisher:
-    """Publishes JSON events to an exchange (created if missing).
+    """Publishes JSON (or, with ``plain=True``, text) events to an exchange (created if missing).
 
     Messages are persistent; on RabbitMQ, with publisher confirms (``publish`` returns
     once the broker took the event). A publish that hits a lost connection is retried
@@ -238,6 +275,8 @@ class EventPublisher:
         type: ``"fanout"``, ``"direct"`` or ``"topic"``.
         retry_policy: Overrides of :data:`kombu_rpc.connection.DEFAULT_RETRY_POLICY`.
         confirm_publish: On AMQP, wait for the broker's confirm of each event.
+        plain: Publish ``str`` payloads as bare UTF-8 text (``text/plain``), the
+            RabbitMQ tutorials' format, instead of JSON.
 
     Raises:
         ConfigurationError: An unknown type, an invalid exchange name, a bad broker.
@@ -251,11 +290,14 @@ class EventPublisher:
         *,
         retry_policy: dict[str, Any] | None = None,
         confirm_publish: bool = True,
+        plain: bool = False,
     ) -> None:
         #: The exchange's name.
         self.exchange = check_exchange_name(exchange)
         #: The exchange's type.
         self.exchange_type = check_exchange_type(type)
+        #: Whether payloads go out as text (``text/plain``) rather than JSON.
+        self.plain = bool(plain)
         self._exchange = event_exchange(exchange, type)
         self._retry_policy = merge_retry_policy(retry_policy)
         self._connection = publishing_clone(connect(broker), confirm_publish)
@@ -264,16 +306,18 @@ class EventPublisher:
         self._closed = False
 
     def publish(self, routing_key: str, payload: Any) -> None:
-        """Publish ``payload`` (JSON) with ``routing_key`` (ignored on a fanout exchange).
+        """Publish ``payload`` (JSON; a ``str`` as text if the publisher is ``plain``)
+        with ``routing_key`` (ignored on a fanout exchange).
 
         Raises:
             ConfigurationError: The key holds wildcards or whitespace, or the
                 publisher is closed.
-            SerializationError: The payload cannot be written as JSON.
+            SerializationError: The payload cannot be written as JSON (if ``plain``:
+                it is not a ``str``).
             ConnectionLostError: The broker could not be reached, or refused the event.
         """
         key = check_routing_key(routing_key, self.exchange_type)
-        body = encode_payload(payload)
+        body: str | bytes = encode_text(payload) if self.plain else encode_payload(payload)
         with self._lock:
             if self._closed:
                 raise ConfigurationError("this EventPublisher is closed")
@@ -287,7 +331,7 @@ class EventPublisher:
                     body=body,
                     exchange=self._exchange,
                     routing_key=key,
-                    content_type=CONTENT_TYPE,
+                    content_type=TEXT_CONTENT_TYPE if self.plain else CONTENT_TYPE,
                     content_encoding="utf-8",
                     delivery_mode=2,
                     declare=[self._exchange],

@@ -32,17 +32,16 @@ Lines = SimpleQueue[tuple["Example", str | None]]
 
 
 class Example:
-    """One example script in a subprocess; a thread collects its output and, if
-    ``lines`` is given, forwards it there too."""
+    """One example script (or other Python program, ``argv`` after ``python -u``) in a
+    subprocess; a thread collects its output and, if ``lines`` is given, forwards it
+    there too."""
 
-    def __init__(
-        self, script: str, url: str, queue: str, args: tuple[str, ...], label: str, lines: Lines | None
-    ) -> None:
+    def __init__(self, argv: list[str], label: str, lines: Lines | None) -> None:
         self.label = label
         self.output: list[str] = []
         self.finishing = False
         self.process = subprocess.Popen(
-            [sys.executable, "-u", f"examples/{script}", "--broker", url, "--queue", queue, *args],
+            [sys.executable, "-u", *argv],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -131,7 +130,8 @@ def start(real_broker_url: str, example_queue: str, lines: Lines) -> Iterator[Ca
 
     def run(script: str, *args: str, label: str | None = None, watch: bool = True) -> Example:
         output = lines if watch else None
-        started.append(Example(script, real_broker_url, example_queue, args, label or script, output))
+        argv = [f"examples/{script}", "--broker", real_broker_url, "--queue", example_queue, *args]
+        started.append(Example(argv, label or script, output))
         return started[-1]
 
     yield run

@@ -49,6 +49,9 @@ class Events:
     def publisher(self, type: str) -> EventPublisher:
         return self._stack.enter_context(EventPublisher(self.broker_url, self.exchange, type))
 
+    def publisher_plain(self, type: str) -> EventPublisher:
+        return self._stack.enter_context(EventPublisher(self.broker_url, self.exchange, type, plain=True))
+
     def publish_raw(self, type: str, routing_key: str, body: str, content_type: str) -> None:
         exchange = event_exchange(self.exchange, type)
         with connect(self.broker_url) as conn:
@@ -257,7 +260,7 @@ def test_a_malformed_event_is_rejected(events: Events, log_waiter: Callable[[str
     registry = Registry()
     recording(registry, recorder, events.exchange)
     events.serve(registry)
-    events.publish_raw("topic", "a", "not json", "text/plain")
+    events.publish_raw("topic", "a", "<not-json/>", "application/xml")
     events.publish_raw("topic", "a", "{not json", "application/json")
     events.publisher("topic").publish("a", {"fine": True})
     assert recorder.wait(1) == [("a", {"fine": True})]
@@ -280,7 +283,7 @@ def test_events_are_counted_in_metrics(events: Events) -> None:
                 raise ValueError("cannot handle it")
 
         events.serve(registry)
-        events.publish_raw("topic", "a", "not json", "text/plain")
+        events.publish_raw("topic", "a", "<not/>", "application/xml")
         publisher = events.publisher("topic")
         for payload in ("good", "bad", "good"):
             publisher.publish("a", payload)
@@ -301,6 +304,19 @@ def test_events_are_counted_in_metrics(events: Events) -> None:
         assert published == 3
     finally:
         metrics.disable()
+
+
+def test_a_plain_publishers_events_arrive_as_text(events: Events) -> None:
+    recorder = Recorder()
+    registry = Registry()
+    recording(registry, recorder, events.exchange)
+    events.serve(registry)
+    # (text without a content type, as the tutorials' pika programs send it: see
+    # tests/acceptance/test_examples_events.py)
+    publisher = events.publisher_plain("topic")
+    publisher.publish("a", "info: Hello World!")
+    publisher.publish("b", "42")  # text, not JSON-decoded
+    assert recorder.wait(2) == [("a", "info: Hello World!"), ("b", "42")]
 
 
 def test_a_group_keeps_events_while_no_server_runs(events: Events) -> None:

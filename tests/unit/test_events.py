@@ -54,6 +54,13 @@ def test_a_payload_json_cannot_write_is_a_serialization_error() -> None:
                 publisher.publish("kern.info", payload)
 
 
+@pytest.mark.parametrize("payload", [1, b"bytes", None, {"a": 1}, "\ud800"])
+def test_a_plain_publisher_refuses_what_is_not_utf8_text(payload: Any) -> None:
+    with EventPublisher("memory://", "logs", "topic", plain=True) as events:
+        with pytest.raises(SerializationError, match=r"str payloads|UTF-8"):
+            events.publish("a", payload)
+
+
 def test_a_closed_publisher_refuses_to_publish() -> None:
     publisher = EventPublisher("memory://", "logs")
     publisher.close()
@@ -135,12 +142,22 @@ def test_decoding_an_event() -> None:
     assert decode_event("logs", "a", "application/json", b'{"x": 1}') == Event("logs", "a", {"x": 1})
     assert decode_event("logs", "a", "application/json", '"text"').payload == "text"
     for content_type, body in [
-        ("text/plain", b"1"),
+        ("application/xml", b"<a/>"),
         ("application/json", b"{"),
         ("application/json", b"\xff"),
+        ("text/plain", b"\xff"),
+        (None, b"\xff"),
     ]:
         with pytest.raises(SerializationError):
             decode_event("logs", "a", content_type, body)
+
+
+def test_a_text_event_or_one_without_content_type_is_a_str() -> None:
+    # the tutorials' pika programs publish bare text, without a content type
+    assert decode_event("logs", "a", None, b"info: Hello World!") == Event("logs", "a", "info: Hello World!")
+    assert decode_event("logs", "a", "", "caf\u00e9").payload == "caf\u00e9"
+    assert decode_event("logs", "a", "text/plain", b"1").payload == "1"  # not JSON-decoded
+    assert decode_event("logs", "a", "Text/Plain; charset=utf-8", "caf\u00e9".encode()).payload == "caf\u00e9"
 
 
 def test_a_failing_handler_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
