@@ -19,7 +19,7 @@ from kombu.message import Message
 
 from . import protocol
 from ._cancels import CancelledCalls
-from ._transports import close_channel
+from ._transports import Kind, close_channel, kind
 from .connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from .errors import RemoteError
 from .topology import CANCEL_QUEUE_TEMPLATE, cancel_exchange, cancel_queue, discard_queue
@@ -154,8 +154,7 @@ class CancelListener:
         secret: Accept only cancels signed with this key, if set.
         signature_window: Seconds a signed cancel stays valid.
         retry_policy: The connect's retry policy.
-        stopping: The server's stop flag: the listener ends once it is set.
-        waking: Held while the server wakes its listener (see :meth:`wake`); the
+        waking: A lock, held by :meth:`close` while it wakes the listener; the
             listener deletes its queue under it.
     """
 
@@ -168,7 +167,6 @@ class CancelListener:
         secret: bytes | None,
         signature_window: float,
         retry_policy: dict[str, Any],
-        stopping: threading.Event,
         waking: Any,
     ) -> None:
         self._connection = connection
@@ -178,7 +176,6 @@ class CancelListener:
         self._secret = secret
         self._signature_window = signature_window
         self._retry_policy = retry_policy
-        self._stopping = stopping
         self._waking = waking
         self._closed = threading.Event()
         #: Set while the listener consumes its queue.
@@ -192,28 +189,39 @@ class CancelListener:
         if not self.ready.wait(timeout):
             logger.warning("server %s: cancels are not read yet (no connection)", self._server_id)
 
-    def wake(self, conn: Connection) -> None:
-        """Make the listener leave its wait, publishing on ``conn`` (called by the
-        server's :meth:`~kombu_rpc._consumer.ConsumeLoop.stop`, under ``waking``)."""
-        if self.ready.is_set():
-            wake = protocol.WAKE_UP
-            Producer(conn).publish(
-                wake.payload,
-                exchange="",
-                routing_key=self.queue_name,
-                headers=dict(protocol.WAKE_HEADERS),
-                content_type=wake.content_type,
-                content_encoding=wake.content_encoding,
-            )
-
     def close(self) -> None:
-        """Stop the thread and wait for it (it deletes its queue on its way out)."""
-        self._closed.set()
+        """Stop the thread and wait for it (it deletes its queue on its way out).
+
+        The server closes its listener once its calls in flight ended: until then
+        they may still be cancelled. The listener is woken by a wake-up message
+        through its exchange (kombu's Redis transport reads a queue bound to a fanout
+        exchange only through PUB/SUB), on a connection of its own: the server's may
+        be lost.
+        """
+        with self._waking:
+            self._closed.set()
+            if self.ready.is_set():  # its queue, and so the exchange, exist
+                try:
+                    with self._connection.clone() as conn:
+                        conn.ensure_connection(max_retries=1, interval_start=0)
+                        exchange = cancel_exchange(self._queue)
+                        wake = protocol.WAKE_UP
+                        Producer(conn).publish(
+                            wake.payload,
+                            exchange=exchange,
+                            routing_key="",
+                            declare=[exchange] if kind(conn) is Kind.REDIS else [],
+                            headers=dict(protocol.WAKE_HEADERS),
+                            content_type=wake.content_type,
+                            content_encoding=wake.content_encoding,
+                        )
+                except Exception as exc:  # it sees the flag within IDLE_WAIT
+                    logger.debug("could not wake the cancel listener of %s: %s", self._server_id, exc)
         if self._thread.is_alive():
             self._thread.join(2 * IDLE_WAIT + PUBLISH_TIMEOUT)
 
     def _done(self) -> bool:
-        return self._closed.is_set() or self._stopping.is_set()
+        return self._closed.is_set()
 
     def _check_done(self) -> None:
         if self._done():

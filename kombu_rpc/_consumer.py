@@ -150,9 +150,7 @@ class ConsumeLoop:
                     content_type=wake.content_type,
                     content_encoding=wake.content_encoding,
                 )
-                listener = self._cancel_listener
-                if listener is not None:
-                    listener.wake(conn)
+
         except Exception as exc:  # the loop still sees the flag within IDLE_WAIT
             logger.debug("could not wake server %s: %s", self._server_id, exc)
 
@@ -242,10 +240,10 @@ class ConsumeLoop:
             pool, self.pool = self.pool, None
             if pool is not None:
                 pool.close()
-            self._event_loop.stop()  # the dispatcher's, for async def functions
             listener, self._cancel_listener = self._cancel_listener, None
-            if listener is not None:
+            if listener is not None:  # once no call runs any more
                 listener.close()
+            self._event_loop.stop()  # the dispatcher's, for async def functions
             heartbeater, self._heartbeater = self._heartbeater, None
             if heartbeater is not None:
                 heartbeater.close()
@@ -265,7 +263,6 @@ class ConsumeLoop:
             dispatcher.secret,
             dispatcher.signature_window,
             self._retry_policy,
-            self.stopping,
             self._waking,
         )
         self._cancel_listener.start(timeout=_LISTENER_START)
