@@ -102,7 +102,9 @@ class CancelSender:
                         conn.release()
                         conn = None
                         if attempt == 2:
-                            logger.warning("could not send the cancel of call %s to %r: %s", call_id, queue, exc)
+                            logger.warning(
+                                "could not send the cancel of call %s to %r: %s", call_id, queue, exc
+                            )
         finally:
             if conn is not None:
                 conn.release()
@@ -121,7 +123,9 @@ class CancelSender:
             wake = protocol.WAKE_UP
             headers = protocol.cancel_headers(deadline)
             if self._secret is not None:
-                headers.update(protocol.signature_headers(self._secret, "cancel", wake, call_id, "", deadline))
+                headers.update(
+                    protocol.signature_headers(self._secret, "cancel", wake, call_id, "", deadline)
+                )
             Producer(channel).publish(
                 wake.payload,
                 exchange=exchange,
@@ -262,7 +266,10 @@ class CancelListener:
         channel = conn.channel()
         try:
             consumer = Consumer(
-                channel, [cancel_queue(self._queue, self._server_id)], on_message=self._on_message, no_ack=True
+                channel,
+                [cancel_queue(self._queue, self._server_id)],
+                on_message=self._on_message,
+                no_ack=True,
             )
             consumer.consume()
             self.ready.set()

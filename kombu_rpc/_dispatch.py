@@ -246,7 +246,9 @@ class Dispatcher:
         procedure, request, call, address, serializer, headers = job
         cancels = self.cancels
         if call.call_id in cancels:
-            logger.info("call %s: dropped a request for %r cancelled before it ran", call.call_id, request.method)
+            logger.info(
+                "call %s: dropped a request for %r cancelled before it ran", call.call_id, request.method
+            )
             return None
         recorder = metrics.recorder
         if recorder is not None:
