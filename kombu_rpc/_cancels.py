@@ -39,7 +39,10 @@ class CancelledCalls:
         self.on_cancel = on_cancel
         self._max_ids = max_ids
         self._max_ttl = max_ttl
-        self._expiry: dict[str, float] = {}  # id -> monotonic time it is forgotten
+        #: The ids, each with the (monotonic) time it is forgotten: ``call_id in ids``
+        #: is the plain dict lookup a server makes for every call (no lock needed).
+        self.ids: dict[str, float] = {}
+        self._expiry = self.ids
         self._heap: list[tuple[float, str]] = []
         self._changed = threading.Condition()
 

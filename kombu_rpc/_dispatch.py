@@ -126,6 +126,7 @@ class Dispatcher:
         self.signature_window = signature_window
         self.run_coroutine = run_coroutine
         self.cancels = CancelledCalls() if cancels is None else cancels
+        self._cancelled = self.cancels.ids  # looked up for every call
         self._seen_signatures: OrderedDict[str, float] = OrderedDict()
         self.builtins = {
             p.name: p
@@ -244,8 +245,8 @@ class Dispatcher:
         A call its caller cancelled is not run if it was cancelled before it started,
         and not answered either way (``None``: its request is acked)."""
         procedure, request, call, address, serializer, headers = job
-        cancels = self.cancels
-        if call.call_id in cancels:
+        cancelled = self._cancelled
+        if call.call_id in cancelled:
             logger.info(
                 "call %s: dropped a request for %r cancelled before it ran", call.call_id, request.method
             )
@@ -267,7 +268,7 @@ class Dispatcher:
                 body = protocol.error_body(exc, self.send_tracebacks)
                 outcome = type(exc).__name__
                 what = "cast" if address is None else "call"
-                if isinstance(exc, procedure.expected) or call.call_id in cancels:
+                if isinstance(exc, procedure.expected) or call.call_id in cancelled:
                     logger.info(
                         "call %s: %s %s raised %s: %s", call.call_id, what, request.method, outcome, exc
                     )
@@ -291,7 +292,7 @@ class Dispatcher:
         )
         if address is None:
             return None
-        if call.call_id in cancels:  # the caller no longer waits
+        if call.call_id in cancelled:  # the caller no longer waits
             logger.info("call %s: %s ended after its caller cancelled it", call.call_id, request.method)
             return None
         return self.encode_reply(address, body, serializer)

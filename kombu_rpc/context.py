@@ -86,7 +86,7 @@ class CallContext:
         An ``async def`` function need not: its task is cancelled.
         """
         cancels = self._cancels
-        return cancels is not None and self.call_id in cancels
+        return cancels is not None and self.call_id in cancels.ids
 
     def wait_cancelled(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (``None``: no limit) until the caller
