@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from kombu_rpc import AsyncRPCProxy, Registry, RPCProxy, RPCServer, current_call
+from kombu_rpc._client import Client
 from kombu_rpc.topology import CANCEL_EXCHANGE_TEMPLATE, CANCEL_QUEUE_TEMPLATE
 
 from ..conftest import Gate, Recorder
@@ -287,3 +288,38 @@ def test_a_stopped_server_leaves_no_cancel_queue(
         assert not broker.has_exchange(CANCEL_EXCHANGE_TEMPLATE.format(queue=queue_name))
     finally:
         broker.close()
+
+
+def test_a_task_cancelled_while_its_request_is_sent_cancels_the_call_once_sent(
+    serve: Serve, broker_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve()
+    sending, release = threading.Event(), threading.Event()
+    abandoned: list[str] = []
+    original_call, original_abandon = Client.call, Client.abandon
+
+    def call(self: Client, queue: str, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
+        if method == "waiting":  # hold the proxy's worker thread while it sends
+            sending.set()
+            assert release.wait(20)
+        return original_call(self, queue, method, *args, **kwargs)
+
+    def abandon(self: Client, queue: str, correlation_id: str) -> None:
+        abandoned.append(correlation_id)
+        original_abandon(self, queue, correlation_id)
+
+    monkeypatch.setattr(Client, "call", call)
+    monkeypatch.setattr(Client, "abandon", abandon)
+
+    async def main() -> None:
+        async with AsyncRPCProxy(broker_url, queue=queue_name, timeout=10) as proxy:
+            task = asyncio.ensure_future(proxy.waiting())
+            assert await asyncio.to_thread(sending.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            release.set()
+            assert await proxy.fib(10) == 55  # sent after the cancelled call, on the same thread
+            assert len(abandoned) == 1
+
+    asyncio.run(main(), debug=True)
