@@ -150,7 +150,6 @@ class ConsumeLoop:
                     content_type=wake.content_type,
                     content_encoding=wake.content_encoding,
                 )
-
         except Exception as exc:  # the loop still sees the flag within IDLE_WAIT
             logger.debug("could not wake server %s: %s", self._server_id, exc)
 
@@ -192,7 +191,6 @@ class ConsumeLoop:
                 f"cannot connect to {safe_uri(conn)}: {type(exc).__name__}: {exc}"
             ) from exc
         self.publisher.start(errors)  # new reply producers for this run
-
         if self._concurrency > 1:
             self.pool = WorkerPool(
                 self._concurrency, self._run, self._publish_reply, wake_up=transport_kind is Kind.AMQP

@@ -10,8 +10,10 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
+from kombu import Connection
 
 from kombu_rpc import Registry, protocol
+from kombu_rpc._cancelling import CancelListener
 from kombu_rpc._cancels import MAX_TTL, CancelledCalls
 from kombu_rpc._dispatch import Dispatcher
 from kombu_rpc._execution import EventLoop
@@ -233,3 +235,33 @@ def test_an_async_call_on_the_event_loop_is_cancelled_by_its_id() -> None:
         assert replies == [None]  # cancelled: no reply
     finally:
         loop.stop()
+
+
+def test_a_server_with_a_secret_hears_only_signed_cancels() -> None:
+    secret = b"0123456789abcdef-secret"
+    cancels = CancelledCalls()
+    listener = CancelListener(Connection("memory://"), "q", "s1", cancels, secret, 60.0, {}, threading.Lock())
+
+    def cancel(headers: dict[str, Any]) -> FakeMessage:
+        wake = protocol.WAKE_UP
+        return FakeMessage(
+            wake.payload,
+            wake.content_type,
+            wake.content_encoding,
+            headers,
+            reply_to=None,
+            correlation_id="c1",
+        )
+
+    listener._on_message(cancel(protocol.cancel_headers(None)))  # unsigned
+    assert "c1" not in cancels
+    forged = protocol.cancel_headers(None)
+    forged.update(
+        protocol.signature_headers(b"another-secret-of-16", "cancel", protocol.WAKE_UP, "c1", "", None)
+    )
+    listener._on_message(cancel(forged))
+    assert "c1" not in cancels
+    signed = protocol.cancel_headers(None)
+    signed.update(protocol.signature_headers(secret, "cancel", protocol.WAKE_UP, "c1", "", None))
+    listener._on_message(cancel(signed))
+    assert "c1" in cancels
