@@ -24,7 +24,9 @@ from .connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconn
 from .errors import RemoteError
 from .topology import CANCEL_QUEUE_TEMPLATE, cancel_exchange, cancel_queue, discard_queue
 
-logger = logging.getLogger("kombu_rpc.cancel")
+# The calling side logs as the client, the serving side as the server (the guide's names).
+client_logger = logging.getLogger("kombu_rpc.client")
+server_logger = logging.getLogger("kombu_rpc.server")
 
 #: Longest time the listener blocks reading (bounds heartbeat checks and stopping).
 IDLE_WAIT = 1.0
@@ -102,7 +104,7 @@ class CancelSender:
                         conn.release()
                         conn = None
                         if attempt == 2:
-                            logger.warning(
+                            client_logger.warning(
                                 "could not send the cancel of call %s to %r: %s", call_id, queue, exc
                             )
         finally:
@@ -118,7 +120,7 @@ class CancelSender:
                 try:
                     exchange(channel).declare(passive=True)
                 except broker_errors(conn, connection=False):
-                    logger.debug("call %s: no server of %r to cancel it on", call_id, queue)
+                    client_logger.debug("call %s: no server of %r to cancel it on", call_id, queue)
                     return
             wake = protocol.WAKE_UP
             headers = protocol.cancel_headers(deadline)
@@ -137,7 +139,7 @@ class CancelSender:
                 content_encoding=wake.content_encoding,
                 timeout=PUBLISH_TIMEOUT,
             )
-            logger.debug("call %s: sent its cancel to the servers of %r", call_id, queue)
+            client_logger.debug("call %s: sent its cancel to the servers of %r", call_id, queue)
         finally:
             close_channel(channel, broker_errors(conn))
 
@@ -191,7 +193,7 @@ class CancelListener:
         """Start the thread; return once it consumes, or after ``timeout`` seconds."""
         self._thread.start()
         if not self.ready.wait(timeout):
-            logger.warning("server %s: cancels are not read yet (no connection)", self._server_id)
+            server_logger.warning("server %s: cancels are not read yet (no connection)", self._server_id)
 
     def close(self) -> None:
         """Stop the thread and wait for it (it deletes its queue on its way out).
@@ -220,7 +222,7 @@ class CancelListener:
                             content_encoding=wake.content_encoding,
                         )
                 except Exception as exc:  # it sees the flag within IDLE_WAIT
-                    logger.debug("could not wake the cancel listener of %s: %s", self._server_id, exc)
+                    server_logger.debug("could not wake the cancel listener of %s: %s", self._server_id, exc)
         if self._thread.is_alive():
             self._thread.join(2 * IDLE_WAIT + PUBLISH_TIMEOUT)
 
@@ -248,7 +250,7 @@ class CancelListener:
                     break
                 except Exception as exc:
                     self.ready.clear()
-                    logger.warning(
+                    server_logger.warning(
                         "server %s: the cancel listener lost its connection (%s); reconnecting",
                         self._server_id,
                         exc,
@@ -304,9 +306,11 @@ class CancelListener:
             try:
                 protocol.check_signature(message, self._secret, self._signature_window, "cancel")
             except RemoteError as exc:
-                logger.warning("server %s: ignored a cancel of call %s: %s", self._server_id, call_id, exc)
+                server_logger.warning(
+                    "server %s: ignored a cancel of call %s: %s", self._server_id, call_id, exc
+                )
                 return
-        logger.info("call %s: cancelled by its caller", call_id)
+        server_logger.info("call %s: cancelled by its caller", call_id)
         self._cancels.add(call_id, deadline)
 
 
