@@ -460,7 +460,7 @@ def _measure(recorder: metrics.Recorder, future: Future[Any], queue: str, method
     started = monotonic()
 
     def ended(done: Future[Any]) -> None:
-        exc = None if done.cancelled() else done.exception()
-        recorder.client_call_ended(queue, method, metrics.client_outcome(exc), monotonic() - started)
+        outcome = "cancelled" if done.cancelled() else metrics.client_outcome(done.exception())
+        recorder.client_call_ended(queue, method, outcome, monotonic() - started)
 
     future.add_done_callback(ended)

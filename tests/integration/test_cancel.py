@@ -17,8 +17,9 @@ from time import monotonic
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from kombu_rpc import AsyncRPCProxy, Registry, RPCProxy, RPCServer, current_call
+from kombu_rpc import AsyncRPCProxy, Registry, RPCProxy, RPCServer, current_call, metrics
 from kombu_rpc._client import Client
 from kombu_rpc.topology import CANCEL_EXCHANGE_TEMPLATE, CANCEL_QUEUE_TEMPLATE
 
@@ -323,3 +324,21 @@ def test_a_task_cancelled_while_its_request_is_sent_cancels_the_call_once_sent(
             assert len(abandoned) == 1
 
     asyncio.run(main(), debug=True)
+
+
+def test_a_cancelled_call_is_counted_as_cancelled(
+    serve: Serve, proxy: RPCProxy, gate: Gate, seen: Seen
+) -> None:
+    counted = CollectorRegistry()
+    metrics.enable(counted)
+    try:
+        serve()
+        future = proxy.polling.call_async()
+        gate.wait_entered()
+        cancel_at_once(future)  # counted by the future's callback, as it is cancelled
+        labels = {"queue": proxy.queue, "method": "polling", "outcome": "cancelled"}
+        assert counted.get_sample_value("kombu_rpc_client_calls_total", labels) == 1
+        assert counted.get_sample_value("kombu_rpc_client_calls_in_flight", {"queue": proxy.queue}) == 0
+        assert seen.cancelled.wait(10)
+    finally:
+        metrics.disable()
