@@ -9,6 +9,7 @@ itself (``concurrency=1``), and could not read meanwhile. See ``docs/design.md``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -101,7 +102,8 @@ class CancelSender:
                         self._publish(conn, queue, call_id, deadline)
                         break
                     except Exception as exc:
-                        conn.release()
+                        with contextlib.suppress(Exception):
+                            conn.release()
                         conn = None
                         if attempt == 2:
                             client_logger.warning(
@@ -290,7 +292,7 @@ class CancelListener:
         """Delete the cancel queue (on AMQP it goes with the connection anyway)."""
         try:
             channel = conn.channel()
-        except errors:
+        except Exception:  # the connection is gone: on AMQP, with the queue
             return
         try:
             discard_queue(cancel_queue(self._queue, self._server_id)(channel))

@@ -23,7 +23,8 @@ from kombu_rpc import AsyncRPCProxy, Registry, RPCProxy, RPCServer, current_call
 from kombu_rpc._client import Client
 from kombu_rpc.topology import CANCEL_EXCHANGE_TEMPLATE, CANCEL_QUEUE_TEMPLATE
 
-from ..conftest import Gate, Recorder
+from ..conftest import Gate, LogWaiter, Recorder
+from .tcpproxy import TCPProxy
 from .test_leftovers import Broker
 from .test_transports import stop, wait_ready
 
@@ -342,3 +343,29 @@ def test_a_cancelled_call_is_counted_as_cancelled(
         assert seen.cancelled.wait(10)
     finally:
         metrics.disable()
+
+
+def test_cancels_are_heard_again_once_the_listener_reconnected(
+    real_broker_url: str,
+    registry: Registry,
+    queue_name: str,
+    gate: Gate,
+    seen: Seen,
+    log_waiter: Callable[[str], LogWaiter],
+) -> None:
+    with TCPProxy.for_url(real_broker_url) as tcp:
+        # Given a server that reaches the broker through a TCP proxy
+        server = RPCServer(tcp.url(real_broker_url), registry=registry, queue=queue_name)
+        with server.running(), RPCProxy(real_broker_url, queue=queue_name, timeout=10) as proxy:
+            listener = server._consumer._cancel_listener
+            assert listener is not None
+            lost = log_waiter("the cancel listener lost its connection")
+            # When its connections are cut
+            tcp.sever()
+            assert lost.seen.wait(10)
+            assert listener.ready.wait(20), "the cancel listener did not reconnect"
+            # Then a call it runs is cancelled as before
+            future = proxy.polling.call_async()
+            gate.wait_entered(timeout=20)
+            cancel_at_once(future)
+            assert seen.cancelled.wait(10)
