@@ -253,7 +253,7 @@ class CancelListener:
                 except Exception as exc:
                     self.ready.clear()
                     server_logger.warning(
-                        "server %s: the cancel listener lost its connection (%s); reconnecting",
+                        "server %s: the cancel listener reconnects after a broker error (%s)",
                         self._server_id,
                         exc,
                         exc_info=not isinstance(exc, errors),

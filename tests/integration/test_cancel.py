@@ -359,7 +359,7 @@ def test_cancels_are_heard_again_once_the_listener_reconnected(
         with server.running(), RPCProxy(real_broker_url, queue=queue_name, timeout=10) as proxy:
             listener = server._consumer._cancel_listener
             assert listener is not None
-            lost = log_waiter("the cancel listener lost its connection")
+            lost = log_waiter("the cancel listener reconnects")
             # When its connections are cut
             tcp.sever()
             assert lost.seen.wait(10)
