@@ -195,6 +195,7 @@ def test_a_call_whose_server_is_gone_cancels_at_once_and_leaves_nothing(
         proxy.close()  # sends what cancels it has, without hanging
         assert monotonic() - began < 10
         assert not broker.has_exchange(CANCEL_EXCHANGE_TEMPLATE.format(queue=queue_name))
+        assert "kombu_rpc-cancels" not in {thread.name for thread in threading.enumerate()}
     finally:
         broker.close()
 
