@@ -76,6 +76,7 @@ nitpick_ignore = [
     ("py:class", "kombu_rpc.aio._T"),
     ("py:class", "kombu_rpc.interfaces._R"),  # the result of call_async()
     ("py:class", "CollectorRegistry"),  # prometheus_client's, in metrics.enable()
+    ("py:class", "CancelledCalls"),  # a server's cancelled calls, in CallContext's signature
 ]
 nitpick_ignore_regex = [
     (r"py:.*", r"(kombu|amqp)\..*"),  # kombu.Connection, kombu.Queue, amqp.transport.TCPTransport, ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from kombu import Connection, Exchange
 from kombu.message import Message
 
 from . import context, metrics, protocol
+from ._cancelling import CancelSender
 from ._links import open_link
 from ._pending import PendingCalls, _Outgoing
 from .codecs import Codec, Plain
@@ -36,6 +38,8 @@ from .options import ProxyOptions
 from .topology import broadcast_exchange, new_id
 
 logger = logging.getLogger("kombu_rpc.client")  # the name the guide documents
+#: How many abandoned calls a client remembers, to drop their replies quietly.
+_ABANDONED_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ class Client:
         (the parent's threads did not survive the fork, and on AMQP its exclusive reply
         queue belongs to the parent's connection)."""
         self._pid = os.getpid()
-        self._pending = PendingCalls(self._expired)
+        self._pending = PendingCalls(self._expired, self.abandon)
         self._lock = threading.Lock()  # guards starting and closing
         self._link_started = False
         self._link = open_link(
@@ -141,6 +145,10 @@ class Client:
             confirm=self._confirm_publish,
         )
         self._broadcasts: dict[str, _Gathering] = {}
+        self._canceller = CancelSender(self._connection, self._link.keeps_exchanges, self._secret)
+        # the latest calls abandoned, whose replies are dropped without a warning
+        self._abandoned: OrderedDict[str, None] = OrderedDict()
+        self._abandoning = threading.Lock()
 
     @property
     def reply_queue(self) -> str:
@@ -266,6 +274,28 @@ class Client:
                 del self._broadcasts[correlation_id]
                 self._pending.unanswered(deadline)  # more servers may answer still
 
+    def abandon(self, queue: str, correlation_id: str) -> None:
+        """The caller stopped call ``correlation_id`` to ``queue``: end it locally (its
+        future, if still pending, is cancelled), drop its reply when it comes, take its
+        request back where the transport can (Redis), and have a cancel sent to the
+        servers of ``queue`` (in the background: this never waits for the broker, and
+        may run on an event loop's thread). Unknown or finished calls are cancelled on
+        the servers all the same."""
+        pending = self._pending.pop(correlation_id)
+        deadline = None
+        if pending is not None:
+            if pending.job is not None:
+                deadline = pending.job.headers.get(protocol.DEADLINE_HEADER)
+            pending.cancel()
+        with self._abandoning:
+            abandoned = self._abandoned
+            abandoned[correlation_id] = None
+            if len(abandoned) > _ABANDONED_KEPT:
+                abandoned.popitem(last=False)
+        if self._link_started:
+            self._link.withdraw(queue, correlation_id)
+        self._canceller.send(queue, correlation_id, deadline)
+
     def _may_exist(self, exchange: Exchange, timeout: float) -> bool:
         """False if the broadcast ``exchange`` is sure not to exist on the broker.
 
@@ -302,6 +332,7 @@ class Client:
             link.close()
         link.wake_waiters()
         self._pending.close()
+        self._canceller.close()
 
     @property
     def closed(self) -> bool:
@@ -392,6 +423,9 @@ class Client:
             return
         pending = self._pending.pop(correlation_id)
         if pending is None:
+            if correlation_id in self._abandoned:  # its caller cancelled it
+                logger.debug("dropped the reply of cancelled call %s", correlation_id)
+                return
             logger.warning("dropped a late or duplicate reply %s", correlation_id)
             metrics.count_event("dropped_replies", "late")
             return
@@ -426,7 +460,7 @@ def _measure(recorder: metrics.Recorder, future: Future[Any], queue: str, method
     started = monotonic()
 
     def ended(done: Future[Any]) -> None:
-        exc = None if done.cancelled() else done.exception()
-        recorder.client_call_ended(queue, method, metrics.client_outcome(exc), monotonic() - started)
+        outcome = "cancelled" if done.cancelled() else metrics.client_outcome(done.exception())
+        recorder.client_call_ended(queue, method, outcome, monotonic() - started)
 
     future.add_done_callback(ended)

@@ -20,6 +20,7 @@ from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
 from . import metrics, protocol
+from ._cancelling import CancelListener
 from ._dispatch import Dispatcher, Disposal, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, ReplyPublisher
@@ -43,6 +44,8 @@ _POLL_MIN, _POLL_MAX = 0.0005, 0.05
 #: still exist (a cluster deletes a dead node's queues moments after a client declared
 #: them again), then four times as long after each check, up to ``_VERIFY_MAX``.
 _VERIFY_FIRST, _VERIFY_MAX = 0.5, 30.0
+#: Longest wait at start for the cancel listener to consume (it goes on trying after).
+_LISTENER_START = 10.0
 
 
 class Settings(Protocol):
@@ -108,6 +111,8 @@ class ConsumeLoop:
         self._connection_errors: tuple[type[BaseException], ...] = ()
         # AMQP with heartbeats, calls run inline: beats while a call runs
         self._heartbeater: Heartbeater | None = None
+        # reads the cancels of this run's calls (not on polling transports)
+        self._cancel_listener: CancelListener | None = None
         # bound once: the hot path of each request
         self._prepare = dispatcher.prepare
         self._run = dispatcher.run
@@ -193,6 +198,8 @@ class ConsumeLoop:
         elif transport_kind is Kind.AMQP and conn.heartbeat:
             self._heartbeater = Heartbeater()
         try:
+            if transport_kind is not Kind.POLLING:
+                self._start_cancel_listener()
             consumed = False  # consuming worked at least once
             delay = 0.0  # before reconnecting: grows while attempts keep failing at once
             while not self.stopping.is_set():
@@ -231,6 +238,9 @@ class ConsumeLoop:
             pool, self.pool = self.pool, None
             if pool is not None:
                 pool.close()
+            listener, self._cancel_listener = self._cancel_listener, None
+            if listener is not None:  # once no call runs any more
+                listener.close()
             self._event_loop.stop()  # the dispatcher's, for async def functions
             heartbeater, self._heartbeater = self._heartbeater, None
             if heartbeater is not None:
@@ -238,6 +248,22 @@ class ConsumeLoop:
             self.publisher.close()
             conn.release()
             logger.info("server %s on %r stopped", self._server_id, self._queue)
+
+    def _start_cancel_listener(self) -> None:
+        """Start reading cancels (on a connection and thread of their own: this thread
+        may be running a call when one comes), before the server is ready."""
+        dispatcher = self._dispatcher
+        self._cancel_listener = CancelListener(
+            self._connection,
+            self._queue,
+            self._server_id,
+            dispatcher.cancels,
+            dispatcher.secret,
+            dispatcher.signature_window,
+            self._retry_policy,
+            self._waking,
+        )
+        self._cancel_listener.start(timeout=_LISTENER_START)
 
     def _consume(self, conn: Connection) -> None:
         amqp = kind(conn) is Kind.AMQP

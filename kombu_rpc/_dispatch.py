@@ -27,6 +27,7 @@ from typing import Any, TypeAlias
 from kombu.message import Message
 
 from . import context, metrics, protocol
+from ._cancels import CancelledCalls
 from .codecs import Codec
 from .errors import InvalidArguments, MalformedRequest, MethodNotFound, RemoteError, SerializationError
 from .registry import RESERVED_PREFIX, Procedure, Registry
@@ -96,6 +97,8 @@ class Dispatcher:
             remembered to detect a replay.
         run_coroutine: Runs an ``async def`` function's coroutine to its result
             (by default in a new event loop each time).
+        cancels: The calls cancelled by their callers: never run, or not answered
+            (by default a set of its own, which nothing fills).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class Dispatcher:
         secret: bytes | None = None,
         signature_window: float = protocol.SIGNATURE_WINDOW,
         run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any] = _run_in_new_loop,
+        cancels: CancelledCalls | None = None,
     ) -> None:
         self.registry = registry
         self.codec = codec
@@ -121,6 +125,8 @@ class Dispatcher:
         self.secret = secret
         self.signature_window = signature_window
         self.run_coroutine = run_coroutine
+        self.cancels = CancelledCalls() if cancels is None else cancels
+        self._cancelled = self.cancels.ids  # looked up for every call
         self._seen_signatures: OrderedDict[str, float] = OrderedDict()
         self.builtins = {
             p.name: p
@@ -161,6 +167,7 @@ class Dispatcher:
             request.method,
             self.server_id,
             request.deadline,
+            self.cancels,
         )
         if request.expired():
             logger.warning(
@@ -233,8 +240,17 @@ class Dispatcher:
 
     def run(self, job: Job) -> Reply | None:
         """Run the function as the current call; returns its reply, encoded for
-        publishing (``None`` for a cast). Whatever the function raises is answered."""
+        publishing (``None`` for a cast). Whatever the function raises is answered.
+
+        A call its caller cancelled is not run if it was cancelled before it started,
+        and not answered either way (``None``: its request is acked)."""
         procedure, request, call, address, serializer, headers = job
+        cancelled = self._cancelled
+        if call.call_id in cancelled:
+            logger.info(
+                "call %s: dropped a request for %r cancelled before it ran", call.call_id, request.method
+            )
+            return None
         recorder = metrics.recorder
         if recorder is not None:
             recorder.server_call_started(self.queue)
@@ -252,7 +268,7 @@ class Dispatcher:
                 body = protocol.error_body(exc, self.send_tracebacks)
                 outcome = type(exc).__name__
                 what = "cast" if address is None else "call"
-                if isinstance(exc, procedure.expected):
+                if isinstance(exc, procedure.expected) or call.call_id in cancelled:
                     logger.info(
                         "call %s: %s %s raised %s: %s", call.call_id, what, request.method, outcome, exc
                     )
@@ -275,6 +291,9 @@ class Dispatcher:
             (monotonic() - started) * 1000,
         )
         if address is None:
+            return None
+        if call.call_id in cancelled:  # the caller no longer waits
+            logger.info("call %s: %s ended after its caller cancelled it", call.call_id, request.method)
             return None
         return self.encode_reply(address, body, serializer)
 

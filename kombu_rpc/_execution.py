@@ -16,11 +16,12 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeAlias
 
 from kombu.message import Message
 
+from . import context
 from ._dispatch import Job, Reply
 from ._replies import ACK, Settlement
 
@@ -117,10 +118,30 @@ class EventLoop:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        #: The calls running on the loop, by call id, for :meth:`cancel`.
+        self._running: dict[str, Future[Any]] = {}
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coroutine`` on the loop; block until its result (or raise its error)."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._event_loop()).result()
+        """Run ``coroutine`` on the loop as the current call; block until its result (or
+        raise its error; :class:`concurrent.futures.CancelledError` once cancelled)."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._event_loop())
+        call = context.current_call()
+        if call is None:
+            return future.result()
+        call_id = call.call_id
+        self._running[call_id] = future
+        try:
+            if call.cancelled:  # cancelled before cancel() could find it
+                future.cancel()
+            return future.result()
+        finally:
+            self._running.pop(call_id, None)
+
+    def cancel(self, call_id: str) -> None:
+        """Cancel the task of call ``call_id``, if it runs on the loop (from any thread)."""
+        future = self._running.get(call_id)
+        if future is not None:
+            future.cancel()  # the loop cancels the task; the waiting thread returns at once
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:

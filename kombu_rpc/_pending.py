@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
@@ -38,11 +38,48 @@ class _Pending:
 
     def resolve(self, result: Any) -> None:
         context.end_span(self.span)
-        self.future.set_result(result)
+        try:
+            self.future.set_result(result)
+        except InvalidStateError:  # cancelled meanwhile: the caller no longer waits
+            pass
 
     def reject(self, error: BaseException) -> None:
         context.end_span(self.span, error)
-        self.future.set_exception(error)
+        try:
+            self.future.set_exception(error)
+        except InvalidStateError:
+            pass
+
+    def cancel(self) -> None:
+        """End the call as cancelled (its future's hook does not run again)."""
+        context.end_span(self.span, CancelledError())
+        Future.cancel(self.future)
+
+
+class CallFuture(Future[Any]):
+    """The future of a call (what ``call_async`` returns): :meth:`cancel` ends the
+    call at once and tells its servers (``Client.abandon``).
+
+    It never enters the running state, so it can be cancelled until it is done.
+    """
+
+    def __init__(self, abandon: Callable[[str, str], None] | None, queue: str, correlation_id: str) -> None:
+        super().__init__()
+        self._call = (abandon, queue, correlation_id)
+
+    def cancel(self) -> bool:
+        """Cancel the call unless it ended: the future fails with
+        :class:`concurrent.futures.CancelledError` at once, a reply that comes later is
+        dropped, and the servers of its queue are told to cancel it (see
+        :doc:`/cancellation`). Returns whether the future is cancelled."""
+        if self.cancelled():
+            return True
+        if not super().cancel():
+            return False
+        abandon, queue, correlation_id = self._call
+        if abandon is not None:
+            abandon(queue, correlation_id)
+        return True
 
 
 @dataclass
@@ -148,9 +185,15 @@ class PendingCalls:
     :class:`RPCTimeout`; it sleeps on a condition until the earliest deadline.
     """
 
-    def __init__(self, on_expired: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_expired: Callable[[str, str], None] | None = None,
+        on_cancel: Callable[[str, str], None] | None = None,
+    ) -> None:
         #: Called with (queue, correlation_id) of each call failed at its deadline.
         self._on_expired = on_expired
+        #: Called with (queue, correlation_id) of each call whose future was cancelled.
+        self._on_cancel = on_cancel
         self._calls: dict[str, _Pending] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
@@ -170,8 +213,7 @@ class PendingCalls:
         job: _Outgoing | None = None,
     ) -> Future[Any]:
         """Register a call before its request is published; returns its future."""
-        future: Future[Any] = Future()
-        future.set_running_or_notify_cancel()  # a sent request cannot be cancelled
+        future = CallFuture(self._on_cancel, queue, correlation_id)
         with self._cond:
             self._calls[correlation_id] = _Pending(future, method, timeout, span, queue, job)
             if timeout is not None:

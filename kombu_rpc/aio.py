@@ -49,10 +49,14 @@ class _Sender:
     def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asyncio.Future[_T]:
         """Run ``fn`` on the worker thread; returns a future of the running loop."""
         loop = asyncio.get_running_loop()
+        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=loop)
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        """Run ``fn`` on the worker thread; returns its future."""
         with self._lock:
             if self._closed is not None:
                 raise CallError("the proxy is closed")
-            return asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs), loop=loop)
+            return self._executor.submit(fn, *args, **kwargs)
 
     def close(self, fn: Callable[[], None]) -> Future[None]:
         """Run ``fn`` after the work already queued, then stop the worker; idempotent."""
@@ -231,8 +235,9 @@ class AsyncMethodProxy:
     such as :class:`~kombu_rpc.errors.MethodNotFound`),
     :class:`~kombu_rpc.errors.RPCTimeout`, :class:`~kombu_rpc.errors.CallError` when
     the proxy is closed, and the errors of sending listed under :meth:`call_async`.
-    Cancelling the call stops the wait; the request is not sent if it was still queued
-    behind others, and a reply that arrives later is dropped.
+    Cancelling the call cancels it on its server (see :doc:`/cancellation`); the request
+    is not sent if it was still queued behind others, and a reply that arrives later is
+    dropped.
 
     :meth:`call_async` returns a future once the request is sent and :meth:`cast`
     sends without waiting for a reply. Attribute access extends a dotted name:
@@ -251,8 +256,9 @@ class AsyncMethodProxy:
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the remote function and return its result.
 
-        Cancelling the call stops the wait; the request is not sent if it was still
-        queued behind others, and a reply that arrives later is dropped.
+        Cancelling the call (its task) cancels it: the request is not sent if it
+        was still queued behind others, and otherwise the server running it is told
+        to cancel it (see :doc:`/cancellation`); a reply that arrives later is dropped.
 
         Raises:
             RemoteError: The remote function raised (or the call was refused).
@@ -272,8 +278,9 @@ class AsyncMethodProxy:
         sending are raised here, as by a call; a failed publish (such as
         :class:`~kombu_rpc.errors.NoServerError`) fails the future. Await the future for
         the result; it fails with :class:`~kombu_rpc.RPCTimeout` at the deadline even
-        if nobody awaits it, and cancelling it only stops waiting: the request is
-        already sent.
+        if nobody awaits it. Cancelling it (or the task awaiting it) cancels the call
+        on its server (see :doc:`/cancellation`); cancelling ``call_async`` itself while
+        the request is being sent cancels the call once sent.
 
         Returns:
             An ``asyncio.Future`` of the remote function's result, bound to the running
@@ -287,7 +294,12 @@ class AsyncMethodProxy:
         """
         proxy = self._proxy
         method = proxy._sync[self._name]
-        sent = await proxy._sender.run(method.call_async, *args, **kwargs)
+        sending = proxy._sender.submit(method.call_async, *args, **kwargs)
+        try:
+            sent = await asyncio.wrap_future(sending)
+        except asyncio.CancelledError:  # a request being sent goes out: cancel its call
+            sending.add_done_callback(_cancel_sent)
+            raise
         return asyncio.wrap_future(sent)
 
     async def cast(self, *args: Any, **kwargs: Any) -> None:
@@ -316,3 +328,9 @@ class AsyncMethodProxy:
 
     def __repr__(self) -> str:
         return f"<AsyncMethodProxy {self._name!r} on {self._proxy.queue!r}>"
+
+
+def _cancel_sent(sending: Future[Future[Any]]) -> None:
+    """Cancel the call whose sending was done after its caller was cancelled."""
+    if not sending.cancelled() and sending.exception() is None:
+        sending.result().cancel()

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._cancels import CancelledCalls
 
 try:
     from opentelemetry import propagate, trace
@@ -65,11 +69,42 @@ class CallContext:
     server_id: str = ""
     deadline: float | None = None
     traceparent: str | None = None
+    #: The serving server's cancelled calls (``None`` outside a server).
+    _cancels: CancelledCalls | None = field(default=None, repr=False, compare=False)
 
     @property
     def chain(self) -> tuple[str, ...]:
         """The parents and this call: what a call made from here sends as parents."""
         return (*self.parents, self.call_id)[-MAX_PARENTS:]
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the caller cancelled this call (see :doc:`/cancellation`).
+
+        A sync function that runs long checks it now and then, and stops early: what
+        it returns (or raises) then is not sent, since the caller no longer waits.
+        An ``async def`` function need not: its task is cancelled.
+        """
+        cancels = self._cancels
+        return cancels is not None and self.call_id in cancels.ids
+
+    def wait_cancelled(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (``None``: no limit) until the caller
+        cancels this call; returns :attr:`cancelled`. A sync function that waits for
+        something else in steps can wait here instead of sleeping between them.
+
+        Raises:
+            ValueError: ``timeout`` is negative.
+        """
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
+        cancels = self._cancels
+        if cancels is None:  # not served by a server: never cancelled
+            if timeout is None:
+                raise ValueError("this call cannot be cancelled: waiting without a timeout never ends")
+            threading.Event().wait(timeout)
+            return False
+        return cancels.wait(self.call_id, timeout)
 
 
 _current: ContextVar[CallContext | None] = ContextVar("kombu_rpc_current_call", default=None)
@@ -81,10 +116,16 @@ def current_call() -> CallContext | None:
 
 
 def received(
-    headers: Mapping[str, Any] | None, correlation_id: str | None, method: str, server_id: str, deadline: Any
+    headers: Mapping[str, Any] | None,
+    correlation_id: str | None,
+    method: str,
+    server_id: str,
+    deadline: Any,
+    cancels: CancelledCalls | None = None,
 ) -> CallContext:
-    """The context of a received request. Malformed context headers are ignored, never
-    refused: they only describe the call."""
+    """The context of a received request, whose :attr:`~CallContext.cancelled` reads
+    ``cancels``. Malformed context headers are ignored, never refused: they only
+    describe the call."""
     headers = headers or {}
     call_id = headers.get(CALL_ID_HEADER)
     if not (isinstance(call_id, str) and _ID.fullmatch(call_id)):
@@ -97,7 +138,9 @@ def received(
     traceparent = headers.get(TRACEPARENT_HEADER)
     if not (isinstance(traceparent, str) and _TRACEPARENT.fullmatch(traceparent)):
         traceparent = None
-    return CallContext(call_id, method, tuple(parents)[-MAX_PARENTS:], server_id, deadline, traceparent)
+    return CallContext(
+        call_id, method, tuple(parents)[-MAX_PARENTS:], server_id, deadline, traceparent, cancels
+    )
 
 
 def outgoing_headers(call_id: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ The instruments (``queue`` is the request queue, ``method`` the remote name):
   delivered again, connections opened again, replies the broker refused.
 - ``kombu_rpc_client_calls_total{queue, method, outcome}``: calls a proxy made that
   expect a reply; ``outcome`` is ``ok``, ``remote_error``, ``timeout``, ``no_server``,
-  ``connection_lost`` or ``error``.
+  ``connection_lost``, ``cancelled`` (by the caller) or ``error``.
 - ``kombu_rpc_client_call_duration_seconds{queue, method}``: from sending to the outcome.
 - ``kombu_rpc_client_calls_in_flight{queue}``: calls waiting for their reply.
 - ``kombu_rpc_client_dropped_replies_total{reason}``: replies no call waited for,

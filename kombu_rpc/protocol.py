@@ -80,6 +80,9 @@ class Encoded:
 
 #: The headers of an internal wake-up message.
 WAKE_HEADERS = {CONTROL_HEADER: "wake"}
+#: The :data:`CONTROL_HEADER` value of a cancel: the caller stopped waiting for the call
+#: whose ``correlation_id`` the message carries (``docs/protocol.md``, "Cancel").
+CANCEL = "cancel"
 #: The (empty) body of an internal wake-up message, sent with :data:`WAKE_HEADERS`.
 WAKE_UP = Encoded(b"", "application/data", "binary")
 
@@ -305,6 +308,28 @@ def read_deadline(message: Message) -> float | None:
     if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
         raise MalformedRequest("MalformedRequest", f"{DEADLINE_HEADER} header must be a number")
     return float(deadline)
+
+
+def cancel_headers(deadline: float | None) -> dict[str, Any]:
+    """The headers of a cancel for a call with ``deadline`` (seconds since the epoch):
+    servers remember the cancelled id until then."""
+    headers: dict[str, Any] = {CONTROL_HEADER: CANCEL}
+    if deadline is not None:
+        headers[DEADLINE_HEADER] = deadline
+    return headers
+
+
+def read_cancel(message: Message) -> tuple[str, float | None] | None:
+    """The call id and deadline a cancel message carries; ``None`` if ``message`` is
+    no well-formed cancel."""
+    headers = message.headers or {}
+    call_id = (message.properties or {}).get("correlation_id")
+    if headers.get(CONTROL_HEADER) != CANCEL or not isinstance(call_id, str) or not call_id:
+        return None
+    try:
+        return call_id, read_deadline(message)
+    except MalformedRequest:
+        return None
 
 
 # -- signing ----------------------------------------------------------------------

@@ -269,7 +269,10 @@ class MethodProxy:
         """Send the call and return a :class:`concurrent.futures.Future` of its result.
 
         The future fails with :class:`~kombu_rpc.RPCTimeout` at the deadline even if
-        nobody waits on it. It cannot be cancelled: the request is already sent.
+        nobody waits on it. ``future.cancel()`` cancels the call: the future fails with
+        :class:`concurrent.futures.CancelledError` at once, and the server running the
+        call is told to stop it, or one that has yet to take the request drops it (see
+        :doc:`/cancellation`). Calls made by calling the proxy cannot be cancelled.
         """
         proxy = self._proxy
         return proxy._client.call(

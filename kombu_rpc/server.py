@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from . import protocol
+from ._cancels import CancelledCalls
 from ._consumer import ConsumeLoop
 from ._dispatch import Dispatcher
 from ._execution import EventLoop
@@ -159,6 +160,7 @@ class RPCServer:
             secret=protocol.secret_bytes(options.secret),
             signature_window=self.signature_window,
             run_coroutine=event_loop.run,
+            cancels=CancelledCalls(on_cancel=event_loop.cancel),
         )
         self._consumer = ConsumeLoop(
             self._connection,

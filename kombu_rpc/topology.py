@@ -23,6 +23,10 @@ CONTROL_QUEUE_TEMPLATE = "kombu_rpc.server.{server_id}"
 BROADCAST_EXCHANGE_TEMPLATE = "kombu_rpc.broadcast.{queue}"
 #: Each server receives broadcasts on one queue named after this, bound to the exchange.
 BROADCAST_QUEUE_TEMPLATE = "kombu_rpc.broadcast.{queue}.{server_id}"
+#: Cancels of calls to request queue ``queue`` go through this fanout exchange.
+CANCEL_EXCHANGE_TEMPLATE = "kombu_rpc.cancel.{queue}"
+#: Each server's cancel listener reads cancels from one queue named after this.
+CANCEL_QUEUE_TEMPLATE = "kombu_rpc.cancel.{queue}.{server_id}"
 #: The exchange types events go through (:mod:`kombu_rpc.events`).
 EVENT_EXCHANGE_TYPES = ("fanout", "direct", "topic")
 #: A subscription without a group: each server's own queue, bound to the event exchange.
@@ -108,6 +112,30 @@ def broadcast_queue(queue: str, server_id: str) -> Queue:
     return Queue(
         name,
         exchange=broadcast_exchange(queue),
+        routing_key="",
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+    )
+
+
+def cancel_exchange(queue: str) -> Exchange:
+    """The fanout exchange that takes a cancel to every server of request queue
+    ``queue`` (see :doc:`/cancellation`). Servers declare it; auto-delete, like
+    :func:`broadcast_exchange`."""
+    return Exchange(
+        CANCEL_EXCHANGE_TEMPLATE.format(queue=queue), type="fanout", durable=False, auto_delete=True
+    )
+
+
+def cancel_queue(queue: str, server_id: str) -> Queue:
+    """The queue of server ``server_id``'s cancel listener, bound to
+    :func:`cancel_exchange` (exclusive, with an empty binding key, like
+    :func:`broadcast_queue`)."""
+    name = CANCEL_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id)
+    return Queue(
+        name,
+        exchange=cancel_exchange(queue),
         routing_key="",
         durable=False,
         exclusive=True,

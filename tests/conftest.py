@@ -21,7 +21,7 @@ from kombu import Connection, Queue
 
 from kombu_rpc import Registry, RPCProxy, RPCServer
 from kombu_rpc.testing import unique_queue_name
-from kombu_rpc.topology import broadcast_exchange
+from kombu_rpc.topology import broadcast_exchange, cancel_exchange
 
 DEFAULT_BROKERS = "amqp://guest:guest@127.0.0.1:5672//,redis://127.0.0.1:6379/0"
 MEMORY = "memory://"
@@ -195,8 +195,8 @@ def servers(
 def delete_queue(broker_url: str, name: str) -> None:
     """Delete a request queue a test used: servers never delete theirs, and the real
     brokers are shared by every run. On Redis, purging removes the list itself, and
-    the binding tables of the queue's broadcast exchange go too: a server killed in the
-    test left its broadcast queue in them (on RabbitMQ that queue went with its
+    the binding tables of the queue's broadcast and cancel exchanges go too: a server
+    killed in the test left its queues in them (on RabbitMQ that queue went with its
     connection, and the exchange with it)."""
     if broker_url == MEMORY:
         return
@@ -206,10 +206,10 @@ def delete_queue(broker_url: str, name: str) -> None:
             queue.purge()
             queue.delete()
             if broker_url.startswith("redis"):
-                exchange = broadcast_exchange(name).name
-                conn.default_channel.client.delete(
-                    f"_kombu.binding.{exchange}", f"_kombu.binding_permanent.{exchange}"
-                )
+                for exchange in (broadcast_exchange(name).name, cancel_exchange(name).name):
+                    conn.default_channel.client.delete(
+                        f"_kombu.binding.{exchange}", f"_kombu.binding_permanent.{exchange}"
+                    )
         except conn.connection_errors + conn.channel_errors:
             pass
 

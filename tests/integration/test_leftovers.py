@@ -17,6 +17,8 @@ from kombu_rpc._transports import memory as memory_transport
 from kombu_rpc.topology import (
     BROADCAST_EXCHANGE_TEMPLATE,
     BROADCAST_QUEUE_TEMPLATE,
+    CANCEL_EXCHANGE_TEMPLATE,
+    CANCEL_QUEUE_TEMPLATE,
     CONTROL_QUEUE_TEMPLATE,
 )
 
@@ -189,7 +191,11 @@ def test_stopped_servers_leave_no_queue_exchange_or_binding(
         assert not broker.has_queue(
             BROADCAST_QUEUE_TEMPLATE.format(queue=queue_name, server_id=server.server_id)
         )
+        assert not broker.has_queue(
+            CANCEL_QUEUE_TEMPLATE.format(queue=queue_name, server_id=server.server_id)
+        )
     assert not broker.has_exchange(exchange)  # with its last queue: auto-delete
+    assert not broker.has_exchange(CANCEL_EXCHANGE_TEMPLATE.format(queue=queue_name))
     if broker.url == MEMORY:
         assert broker.bindings_of(queue_name) == []
     if broker.redis is not None:
