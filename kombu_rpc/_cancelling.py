@@ -20,7 +20,7 @@ from kombu.message import Message
 
 from . import protocol
 from ._cancels import CancelledCalls
-from ._transports import Kind, close_channel, kind
+from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, start_listening
 from .connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from .errors import RemoteError
 from .topology import CANCEL_QUEUE_TEMPLATE, cancel_exchange, cancel_queue, discard_queue
@@ -276,6 +276,7 @@ class CancelListener:
                 no_ack=True,
             )
             consumer.consume()
+            start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, cancels come by PUB/SUB
             self.ready.set()
             heartbeats = conn.supports_heartbeats
             while not self._done():
