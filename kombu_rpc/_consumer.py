@@ -112,6 +112,7 @@ class ConsumeLoop:
         self._prepare = dispatcher.prepare
         self._run = dispatcher.run
         self._publish_reply = self.publisher.publish_reply
+        dispatcher.parts = self.publisher  # items, progress and keepalives
         self._settle_message = self.publisher.settle
 
     # -- stopping ---------------------------------------------------------------------
@@ -191,7 +192,7 @@ class ConsumeLoop:
                 self._concurrency, self._run, self._publish_reply, wake_up=transport_kind is Kind.AMQP
             )
         elif transport_kind is Kind.AMQP and conn.heartbeat:
-            self._heartbeater = Heartbeater()
+            self._heartbeater = self.publisher.heartbeater = Heartbeater()
         try:
             consumed = False  # consuming worked at least once
             delay = 0.0  # before reconnecting: grows while attempts keep failing at once
@@ -233,6 +234,7 @@ class ConsumeLoop:
                 pool.close()
             self._event_loop.stop()  # the dispatcher's, for async def functions
             heartbeater, self._heartbeater = self._heartbeater, None
+            self.publisher.heartbeater = None
             if heartbeater is not None:
                 heartbeater.close()
             self.publisher.close()

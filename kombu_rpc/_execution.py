@@ -75,11 +75,13 @@ class WorkerPool:
 
     def _work(self, message: Message, generation: int, job: Job) -> None:
         # With a wake-up pair (AMQP) the consuming thread publishes the reply, on its
-        # channel, confirmed as it reads; otherwise the worker publishes it.
+        # channel, confirmed as it reads; otherwise the worker publishes it. The final
+        # reply of a call that sent other messages (items, progress) goes after them,
+        # on the same connection: the worker's.
         reply = self._run(job)
         if reply is None:
             done: Done = (message, generation, None, ACK)
-        elif self.wake_w is not None:
+        elif self.wake_w is not None and job[6] is None:
             done = (message, generation, reply, ACK)
         else:
             done = (message, generation, None, self._publish(reply))
