@@ -1,0 +1,354 @@
+"""Streamed results, run on memory:// and on every real broker: remote generators
+iterated with ``proxy.f.stream(...)`` and ``async for``, their failures, early stops and
+idle timeouts, and streams whose server is killed or whose connection is cut."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from time import monotonic
+from typing import Any
+
+import pytest
+from kombu import Queue
+
+from kombu_rpc import (
+    AsyncRPCProxy,
+    IdleTimeout,
+    Registry,
+    RemoteError,
+    RPCError,
+    RPCProxy,
+    RPCServer,
+    RPCTimeout,
+)
+from kombu_rpc._client import Client
+from kombu_rpc.connection import connect
+
+from ..conftest import LogWaiter, broker_id
+from .tcpproxy import TCPProxy
+from .test_transports import REPO, stop, wait_ready
+
+pytestmark = pytest.mark.timeout(60)
+
+Serve = Callable[..., RPCServer]
+MakeProxy = Callable[..., RPCProxy]
+
+
+@pytest.fixture
+def streams() -> Registry:
+    reg = Registry()
+
+    @reg.remote
+    def count(n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @reg.remote
+    async def acount(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+
+    @reg.remote
+    def failing(n: int) -> Iterator[int]:
+        yield from range(n)
+        raise ValueError(f"broke after {n}")
+
+    @reg.remote
+    def slow(n: int, pause: float) -> Iterator[int]:
+        """Yields ``pause`` seconds apart: alive, but quiet between items."""
+        for i in range(n):
+            if i:
+                time.sleep(pause)
+            yield i
+
+    @reg.remote
+    def plain(value: Any) -> Any:
+        return value
+
+    return reg
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+@pytest.mark.parametrize("method", ["count", "acount"])
+def test_a_stream_yields_every_item_in_order(
+    serve: Serve, proxy: RPCProxy, streams: Registry, method: str, concurrency: int
+) -> None:
+    serve(registry=streams, concurrency=concurrency)
+    assert list(proxy[method].stream(50)) == list(range(50))
+    assert list(proxy[method].stream(0)) == []
+
+
+def test_concurrent_streams_keep_their_own_items(serve: Serve, proxy: RPCProxy, streams: Registry) -> None:
+    serve(registry=streams, concurrency=4)
+    results: dict[int, list[int]] = {}
+
+    def consume(n: int) -> None:
+        results[n] = list(proxy.count.stream(n))
+
+    threads = [threading.Thread(target=consume, args=(n,)) for n in (5, 30, 60, 90)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {n: list(range(n)) for n in (5, 30, 60, 90)}
+
+
+def test_a_plain_call_of_a_generator_returns_its_items_as_a_list(
+    serve: Serve, proxy: RPCProxy, streams: Registry
+) -> None:
+    serve(registry=streams)
+    assert proxy.count(4) == [0, 1, 2, 3]
+    assert proxy.acount(3) == [0, 1, 2]
+
+
+def test_a_failure_mid_stream_raises_after_the_items_sent_before(
+    serve: Serve, proxy: RPCProxy, streams: Registry
+) -> None:
+    serve(registry=streams)
+    received = []
+    with pytest.raises(RemoteError) as info:
+        for item in proxy.failing.stream(3):
+            received.append(item)
+    assert received == [0, 1, 2]
+    assert (info.value.exc_type, info.value.exc_message) == ("ValueError", "broke after 3")
+
+
+def test_streaming_a_function_that_is_no_generator_fails_clearly(
+    serve: Serve, proxy: RPCProxy, streams: Registry
+) -> None:
+    serve(registry=streams)
+    with pytest.raises(RemoteError, match="NotAStream"):
+        list(proxy.plain.stream(1))
+
+
+def test_breaking_out_early_ends_the_call_here_and_drops_its_late_items_quietly(
+    serve: Serve,
+    proxy: RPCProxy,
+    streams: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    log_waiter: Callable[[str], LogWaiter],
+) -> None:
+    serve(registry=streams)
+    abandoned: list[str] = []
+    original = Client.abandon
+
+    def spy(self: Client, queue: str, correlation_id: str) -> None:
+        abandoned.append(correlation_id)
+        original(self, queue, correlation_id)
+
+    monkeypatch.setattr(Client, "abandon", spy)
+    late = log_waiter("dropped a late or duplicate reply")
+    over = log_waiter("which is over")
+    for item in proxy.count.stream(200):
+        if item == 2:
+            break
+    assert len(abandoned) == 1  # at once: the loop dropped the only reference
+    assert proxy.plain("after") == "after"  # the proxy goes on; the stream's rest is dropped
+    stream = proxy.count.stream(5)
+    assert next(stream) == 0
+    stream.close()
+    stream.close()
+    assert list(stream) == [] and len(abandoned) == 2
+    with proxy.count.stream(3) as whole:
+        assert list(whole) == [0, 1, 2]
+    assert len(abandoned) == 2  # a stream that ended has nothing to stop
+    assert proxy.plain("end") == "end"
+    assert over.seen.wait(10)  # the late items of the stopped streams came, and were dropped
+    assert not late.seen.is_set() and not [r for r in over.records if r.levelno > logging.DEBUG]
+
+
+def test_the_stream_deadline_covers_the_whole_stream(
+    serve: Serve, proxies: MakeProxy, streams: Registry
+) -> None:
+    serve(registry=streams)
+    proxy = proxies(timeout=0.5)
+    received = []
+    started = monotonic()
+    with pytest.raises(RPCTimeout) as info:
+        for item in proxy.slow.stream(100, 0.05):
+            received.append(item)
+    assert type(info.value) is RPCTimeout and monotonic() - started < 3
+    assert received == list(range(len(received))) and received
+
+
+def test_keepalives_keep_a_slow_but_alive_server_from_looking_dead(
+    serve: Serve, proxies: MakeProxy, streams: Registry
+) -> None:
+    serve(registry=streams)
+    proxy = proxies(idle_timeout=0.3)
+    assert list(proxy.slow.stream(3, 0.7)) == [0, 1, 2]  # quiet for 0.7 s between items
+
+
+def test_an_idle_timeout_fires_when_nothing_answers(
+    broker_url: str, queue_name: str, proxies: MakeProxy
+) -> None:
+    """No server consumes the queue: nothing comes, not even keepalives."""
+    with connect(broker_url) as conn:
+        Queue(queue_name, routing_key=queue_name)(conn.default_channel).declare()
+    proxy = proxies(idle_timeout=0.3, timeout=20)
+    started = monotonic()
+    with pytest.raises(IdleTimeout):
+        list(proxy.count.stream(3))
+    with pytest.raises(IdleTimeout):
+        proxy.count(3)
+    assert monotonic() - started < 4
+
+
+def test_async_streams(serve: Serve, broker_url: str, queue_name: str, streams: Registry) -> None:
+    serve(registry=streams, concurrency=2)
+
+    async def main() -> None:
+        async with AsyncRPCProxy(broker_url, queue=queue_name, timeout=10) as proxy:
+            assert [item async for item in proxy.count.stream(20)] == list(range(20))
+            assert [item async for item in proxy.acount.stream(5)] == list(range(5))
+            received = []
+            with pytest.raises(RemoteError, match="broke after 2"):
+                async for item in proxy.failing.stream(2):
+                    received.append(item)
+            assert received == [0, 1]
+            async with proxy.count.stream(100) as stream:
+                async for item in stream:
+                    if item == 1:
+                        break
+            assert await proxy.plain("after") == "after"
+            assert [item async for item in proxy.options(idle_timeout=0.3).slow.stream(2, 0.7)] == [0, 1]
+
+    asyncio.run(main(), debug=True)
+
+
+# -- a server killed, frozen or cut off mid-stream -----------------------------------------
+
+STREAM_SERVER = Path(__file__).with_name("stream_server.py")
+
+
+class ServerProcess:
+    """A stream_server.py process."""
+
+    def __init__(self, url: str, queue: str, log: Path) -> None:
+        self.log = log
+        pythonpath = os.environ.get("PYTHONPATH", "")
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(STREAM_SERVER), url, queue],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), pythonpath)))},
+            )
+        wait_ready(self.process, log, queue)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+        stop(self.process)
+
+
+@pytest.fixture
+def server_processes(tmp_path: Path) -> Iterator[Callable[[str, str], ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(url: str, queue: str) -> ServerProcess:
+        started.append(ServerProcess(url, queue, tmp_path / f"server-{len(started)}.log"))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def killable_url(request: pytest.FixtureRequest, real_broker_url: str) -> str:
+    """A broker whose server processes a test may kill: RabbitMQ requeues what a dead
+    consumer held; on Redis the request would wait in the shared ``unacked`` table,
+    so those tests use a private redis-server."""
+    if broker_id(real_broker_url) == "redis":
+        node = request.getfixturevalue("private_redis")
+        return str(node.url)
+    return real_broker_url
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_dead_or_frozen_server_is_noticed_within_the_idle_timeout(
+    killable_url: str, queue_name: str, server_processes: Callable[[str, str], ServerProcess], how: str
+) -> None:
+    server = server_processes(killable_url, queue_name)
+    with RPCProxy(killable_url, queue=queue_name, timeout=30, idle_timeout=1.0) as proxy:
+        stream = proxy.ticks.stream(1000, 0.02)
+        assert [next(stream) for _ in range(3)] == [0, 1, 2]
+        if how == "killed":
+            server.kill()
+        else:
+            server.signal(signal.SIGSTOP)  # keepalives stop too
+        received = []
+        started = monotonic()
+        with pytest.raises(IdleTimeout):
+            for item in stream:
+                received.append(item)
+        assert monotonic() - started < 1.0 + 2.0
+        assert received == list(range(3, 3 + len(received)))  # in order, none twice
+
+
+def test_a_killed_servers_stream_resumes_on_another_server_exactly_once(
+    amqp_url: str, queue_name: str, server_processes: Callable[[str, str], ServerProcess]
+) -> None:
+    """RabbitMQ hands the unacknowledged request to the next server, which streams it
+    again from the start: the caller drops the items it has, and goes on."""
+    server = server_processes(amqp_url, queue_name)
+    with RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy:
+        stream = proxy.ticks.stream(60, 0.02)
+        first = [next(stream) for _ in range(5)]
+        server.kill()
+        server_processes(amqp_url, queue_name)
+        assert first + list(stream) == list(range(60))
+
+
+@pytest.mark.parametrize("side", ["server", "proxy"])
+def test_a_connection_cut_mid_stream(
+    real_broker_url: str, queue_name: str, streams: Registry, side: str
+) -> None:
+    """The server's connection cut mid-stream: it reconnects and runs the redelivered
+    request again, and the caller drops the items it has. The proxy's: on Redis it reads
+    on after reconnecting; on RabbitMQ the reply queue went with the connection, so the
+    call is sent again (``retry=True``), and streamed again from the start.
+
+    Either way the caller gets each item once, in order, or an error: never a wrong
+    stream."""
+    with TCPProxy.for_url(real_broker_url) as tcp:
+        via = tcp.url(real_broker_url)
+        if side == "server":
+            server = RPCServer(via, registry=streams, queue=queue_name)
+            proxy = RPCProxy(real_broker_url, queue=queue_name, timeout=30, idle_timeout=5.0)
+        else:
+            server = RPCServer(real_broker_url, registry=streams, queue=queue_name)
+            proxy = RPCProxy(via, queue=queue_name, timeout=30, idle_timeout=5.0, retry=True)
+        with server.running(), proxy:
+            stream = proxy.slow.stream(40, 0.02)
+            received = [next(stream) for _ in range(5)]
+            tcp.sever()
+            try:
+                received += list(stream)
+            except RPCError as exc:  # the caller was told; what it got is still right
+                outcome = type(exc).__name__
+            else:
+                outcome = "complete"
+            assert received == list(range(len(received)))
+            assert proxy.plain("after") == "after"
+    print(f"\n  {side} cut mid-stream, {broker_id(real_broker_url)}: {outcome} after {len(received)} items")
+    if broker_id(real_broker_url) == "amqp":
+        assert outcome == "complete"
