@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from kombu_rpc import Registry, RPCServer
+from kombu_rpc import Registry, RPCServer, current_call
 
 
 def make_registry() -> Registry:
@@ -28,6 +28,16 @@ def make_registry() -> Registry:
             if i:
                 time.sleep(pause)
             yield i
+
+    @reg.remote
+    def work(steps: int, pause: float) -> int:
+        """Report progress ``steps`` times, ``pause`` seconds apart."""
+        call = current_call()
+        assert call is not None
+        for step in range(steps):
+            call.progress(step)
+            time.sleep(pause)
+        return steps
 
     return reg
 
