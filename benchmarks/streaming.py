@@ -77,7 +77,9 @@ WAYS: dict[str, Callable[[RPCProxy, int], float]] = {
 
 def main(argv: list[str] | None = None) -> int:
     """Measure and print the comparison; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.streaming", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.streaming", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--broker", default="memory,amqp,redis", help="brokers (default memory,amqp,redis)")
     parser.add_argument("--items", type=int, default=10_000, help="items per measurement (default 10,000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")

@@ -20,9 +20,9 @@ from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
 from . import metrics, protocol
-from ._dispatch import Dispatcher, Disposal, Refused
+from ._dispatch import Dispatcher, Disposal, PartNotSent, Refused
 from ._execution import EventLoop, WorkerPool
-from ._replies import ACK, ReplyPublisher
+from ._replies import ACK, REQUEUE, ReplyPublisher
 from ._transports import Kind, close_channel, kind, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError, SerializationError
@@ -442,14 +442,18 @@ class ConsumeLoop:
             pool.submit(message, self._generation, job)
             return
         heartbeater = self._heartbeater
-        if heartbeater is None:
-            reply = self._run(job)
-        else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
-            heartbeater.away()
-            try:
+        try:
+            if heartbeater is None:
                 reply = self._run(job)
-            finally:
-                heartbeater.back()
+            else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
+                heartbeater.away()
+                try:
+                    reply = self._run(job)
+                finally:
+                    heartbeater.back()
+        except PartNotSent:  # a stream's item was lost: the request runs again
+            self._settle_message(message, REQUEUE)
+            return
         self._settle_message(message, ACK if reply is None else self._publish_reply(reply))
 
     def _event_callback(self, subscription: Subscription) -> Any:

@@ -95,6 +95,12 @@ class Refused(Exception):
         self.reply = reply
 
 
+class PartNotSent(Exception):
+    """A call's item or progress message could not be published (the connection was
+    lost): :meth:`Dispatcher.run` raises it instead of answering, and the request is
+    requeued, as when a final reply could not be published."""
+
+
 class _Parts:
     """How one call that needs more than one reply runs: a generator function (its
     items streamed, or returned as a list), or a call whose caller asked for progress
@@ -127,7 +133,10 @@ class _Parts:
         if self._sink is None:
             raise RuntimeError("this dispatcher has nowhere to send the parts of a call")
         reply = self._dispatcher.encode_part(self._address, part, body, self._serializer, seq)
-        self._sink.publish_part(reply)
+        try:
+            self._sink.publish_part(reply)
+        except Exception as exc:
+            raise PartNotSent(f"could not publish a {part} to {self._address.reply_to}: {exc}") from exc
 
     def _report(self, value: Any) -> None:
         self._publish(protocol.PROGRESS, protocol.progress_body(value))
@@ -371,6 +380,10 @@ class Dispatcher:
         """Run the function as the current call; returns its reply, encoded for
         publishing (``None`` for a cast). Whatever the function raises is answered.
 
+        Raises:
+            PartNotSent: An item or progress message could not be published: the
+                request is to be requeued, unanswered.
+
         A generator function's items are streamed when the request asks for it, else
         returned as a list; a request that asks for progress or keepalives gets them
         (:class:`_Parts`)."""
@@ -386,6 +399,7 @@ class Dispatcher:
             queue_wait = protocol.queue_wait(headers)
         started = monotonic()
         end: dict[str, Any] | None = None  # the headers of a stream's end
+        not_sent: PartNotSent | None = None
         if parts is not None:
             call = parts.call
         with context.server_span(call, self.queue, headers) as span:
@@ -402,6 +416,11 @@ class Dispatcher:
                             end = parts.end_headers()
                 body = protocol.result_body(result)
                 outcome = "ok"
+            except PartNotSent as exc:  # not the function's failure: no answer, run again
+                context.record_error(span, exc)
+                not_sent = exc
+                outcome = type(exc).__name__
+                logger.warning("call %s: %s; its request is requeued", call.call_id, exc)
             except BaseException as exc:  # SystemExit too must be answered
                 context.record_error(span, exc)
                 body = protocol.error_body(exc, self.send_tracebacks)
@@ -429,6 +448,8 @@ class Dispatcher:
             outcome,
             (monotonic() - started) * 1000,
         )
+        if not_sent is not None:
+            raise not_sent
         if address is None:
             return None
         return self.encode_reply(address, body, serializer, end)

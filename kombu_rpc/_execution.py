@@ -21,8 +21,8 @@ from typing import Any, TypeAlias
 
 from kombu.message import Message
 
-from ._dispatch import Job, Reply
-from ._replies import ACK, Settlement
+from ._dispatch import Job, PartNotSent, Reply
+from ._replies import ACK, REQUEUE, Settlement
 
 #: A finished call: its request, the connection generation it came on, the reply the
 #: consuming thread is to publish (``None``: nothing to publish) and, when there is
@@ -78,13 +78,18 @@ class WorkerPool:
         # channel, confirmed as it reads; otherwise the worker publishes it. The final
         # reply of a call that sent other messages (items, progress) goes after them,
         # on the same connection: the worker's.
-        reply = self._run(job)
-        if reply is None:
-            done: Done = (message, generation, None, ACK)
-        elif self.wake_w is not None and job[6] is None:
-            done = (message, generation, reply, ACK)
+        done: Done
+        try:
+            reply = self._run(job)
+        except PartNotSent:  # a stream's item was lost: the request runs again
+            done = (message, generation, None, REQUEUE)
         else:
-            done = (message, generation, None, self._publish(reply))
+            if reply is None:
+                done = (message, generation, None, ACK)
+            elif self.wake_w is not None and job[6] is None:
+                done = (message, generation, reply, ACK)
+            else:
+                done = (message, generation, None, self._publish(reply))
         with self.cond:
             self.done.append(done)
             self.cond.notify_all()

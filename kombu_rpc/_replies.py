@@ -230,6 +230,11 @@ def publish_args(reply: Reply) -> dict[str, Any]:
     }
 
 
+#: A keepalive is published again once, at once, on a revived connection: the thread
+#: must not stall the keepalives of other calls.
+_KEEPALIVE_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
+
+
 class Keepalives:
     """Sends the keepalives of the calls running whose callers asked for them, from a
     thread and a connection of its own (both made on first use): ordinary calls never
@@ -284,7 +289,7 @@ class Keepalives:
                     try:
                         if producer is None:
                             producer = Producer(publishing_clone(self._connection, False), auto_declare=False)
-                        publish(producer, None, **publish_args(entry[2]()))
+                        publish(producer, _KEEPALIVE_RETRY, **publish_args(entry[2]()))
                     except Exception as exc:
                         logger.warning("could not send a keepalive: %s", exc)
                         if producer is not None:

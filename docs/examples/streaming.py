@@ -13,8 +13,7 @@ registry = Registry()
 @registry.remote
 def count(n: int) -> Iterator[int]:
     """A remote generator: each item goes to the caller as soon as it is yielded."""
-    for i in range(n):
-        yield i
+    yield from range(n)
 
 
 @registry.remote

@@ -322,13 +322,12 @@ def test_a_killed_servers_stream_resumes_on_another_server_exactly_once(
 def test_a_connection_cut_mid_stream(
     real_broker_url: str, queue_name: str, streams: Registry, side: str
 ) -> None:
-    """The server's connection cut mid-stream: it reconnects and runs the redelivered
-    request again, and the caller drops the items it has. The proxy's: on Redis it reads
-    on after reconnecting; on RabbitMQ the reply queue went with the connection, so the
-    call is sent again (``retry=True``), and streamed again from the start.
-
-    Either way the caller gets each item once, in order, or an error: never a wrong
-    stream."""
+    """The server's connection cut mid-stream: an item cannot be published, so the
+    request is requeued unanswered; the server reconnects and runs it again, and the
+    caller drops the items it has. The proxy's: on Redis it reads on after
+    reconnecting; on RabbitMQ the reply queue went with the connection, so the call is
+    sent again (``retry=True``), and streamed again from the start. Either way the
+    caller gets each item once, in order."""
     with TCPProxy.for_url(real_broker_url) as tcp:
         via = tcp.url(real_broker_url)
         if side == "server":
@@ -344,11 +343,32 @@ def test_a_connection_cut_mid_stream(
             try:
                 received += list(stream)
             except RPCError as exc:  # the caller was told; what it got is still right
-                outcome = type(exc).__name__
+                outcome = f"{type(exc).__name__}: {exc}"
             else:
                 outcome = "complete"
             assert received == list(range(len(received)))
             assert proxy.plain("after") == "after"
     print(f"\n  {side} cut mid-stream, {broker_id(real_broker_url)}: {outcome} after {len(received)} items")
-    if broker_id(real_broker_url) == "amqp":
-        assert outcome == "complete"
+    assert outcome == "complete"
+
+
+def test_a_slow_stream_on_a_server_with_heartbeats_runs_once(amqp_url: str, queue_name: str) -> None:
+    """The consuming thread publishes the items while its heartbeater beats for it
+    (``concurrency=1``): they never write at once, and the broker never finds the
+    connection silent, so the request is not delivered again."""
+    runs: list[int] = []
+    reg = Registry()
+
+    @reg.remote
+    def slow(n: int, pause: float) -> Iterator[int]:
+        runs.append(n)
+        for i in range(n):
+            if i:
+                time.sleep(pause)
+            yield i
+
+    server = RPCServer(f"{amqp_url}?heartbeat=1", registry=reg, queue=queue_name)
+    with server.running(), RPCProxy(amqp_url, queue=queue_name, timeout=30) as proxy:
+        assert list(proxy.slow.stream(6, 0.8)) == list(range(6))  # 4 s: 4 heartbeat intervals
+        assert list(proxy.slow.stream(300, 0.002)) == list(range(300))
+    assert runs == [6, 300]
