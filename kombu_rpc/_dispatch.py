@@ -387,12 +387,8 @@ class Dispatcher:
         A generator function's items are streamed when the request asks for it, else
         returned as a list; a request that asks for progress or keepalives gets them
         (:class:`_Parts`)."""
-        if job[6] is not None or job[0].streams:
-            return self._run(job, _Parts(self, job))
-        return self._run(job, None)
-
-    def _run(self, job: Job, parts: _Parts | None) -> Reply | None:
-        procedure, request, call, address, serializer, headers, _ = job
+        procedure, request, call, address, serializer, headers, wants = job
+        parts = _Parts(self, job) if wants is not None or procedure.streams else None
         recorder = metrics.recorder
         if recorder is not None:
             recorder.server_call_started(self.queue)
