@@ -235,11 +235,25 @@ def publish_args(reply: Reply) -> dict[str, Any]:
 _KEEPALIVE_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
 
 
+class _Keepalive:
+    """One call's keepalives: every ``interval`` seconds, ``make()``, while ``alive``."""
+
+    def __init__(self, interval: float, make: Callable[[], Reply]) -> None:
+        self.interval = interval
+        self.due = monotonic() + interval
+        self.make = make
+        #: Held while one is published: once the call ends, none goes out any more
+        #: (on Redis one sent after its caller deleted its reply queue would make the
+        #: queue again, for ever).
+        self.lock = threading.Lock()
+        self.alive = True
+
+
 class Keepalives:
     """Sends the keepalives of the calls running whose callers asked for them, from a
     thread and a connection of its own (both made on first use): ordinary calls never
-    pay for them. A keepalive that cannot be sent is logged and sent again at its next
-    turn, on a new connection.
+    pay for them. A keepalive that cannot be sent is logged and sent at its next turn,
+    on a new connection.
 
     Args:
         connection: The server's connection, cloned (without confirms).
@@ -248,64 +262,75 @@ class Keepalives:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._cond = threading.Condition()
-        #: Per call running: [interval, when the next keepalive is due, make it].
-        self._calls: dict[object, list[Any]] = {}
+        self._calls: set[_Keepalive] = set()
+        self._stop: threading.Event | None = None  # the running thread's
         self._thread: threading.Thread | None = None
-        self._closed = False
 
     @contextmanager
     def running(self, interval: float, make: Callable[[], Reply]) -> Iterator[None]:
-        """Send ``make()`` every ``interval`` seconds while the ``with`` block runs."""
-        token = object()
+        """Send ``make()`` every ``interval`` seconds while the ``with`` block runs;
+        none goes out after it."""
+        call = _Keepalive(interval, make)
         with self._cond:
-            self._calls[token] = [interval, monotonic() + interval, make]
-            if self._thread is None:
-                self._closed = False
-                self._thread = threading.Thread(target=self._run, name="kombu_rpc-keepalive", daemon=True)
+            self._calls.add(call)
+            if self._stop is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._stop,), name="kombu_rpc-keepalive", daemon=True
+                )
                 self._thread.start()
             self._cond.notify()
         try:
             yield
         finally:
             with self._cond:
-                del self._calls[token]
+                self._calls.discard(call)
+            with call.lock:
+                call.alive = False
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         producer: Producer | None = None
         try:
             while True:
                 with self._cond:
-                    if self._closed:
+                    if stop.is_set():
                         return
                     now = monotonic()
-                    due = [entry for entry in self._calls.values() if entry[1] <= now]
-                    for entry in due:
-                        entry[1] = now + entry[0]
+                    due = [call for call in self._calls if call.due <= now]
+                    for call in due:
+                        call.due = now + call.interval
                     if not due:
-                        wait = min((entry[1] for entry in self._calls.values()), default=now + 1.0) - now
-                        self._cond.wait(wait)
+                        self._cond.wait(min((call.due for call in self._calls), default=now + 1.0) - now)
                         continue
-                for entry in due:
-                    try:
-                        if producer is None:
-                            producer = Producer(publishing_clone(self._connection, False), auto_declare=False)
-                        publish(producer, _KEEPALIVE_RETRY, **publish_args(entry[2]()))
-                    except Exception as exc:
-                        logger.warning("could not send a keepalive: %s", exc)
-                        if producer is not None:
-                            producer.connection.release()
-                            producer = None
+                for call in due:
+                    with call.lock:
+                        if not call.alive:
+                            continue
+                        try:
+                            if producer is None:
+                                producer = Producer(
+                                    publishing_clone(self._connection, False), auto_declare=False
+                                )
+                            publish(producer, _KEEPALIVE_RETRY, **publish_args(call.make()))
+                        except Exception as exc:
+                            logger.warning("could not send a keepalive: %s", exc)
+                            if producer is not None:
+                                producer.connection.release()
+                                producer = None
         finally:
             if producer is not None:
                 producer.connection.release()
 
     def close(self) -> None:
-        """Stop the thread (a later call starts another)."""
+        """Stop the thread, if one runs (a later call starts another), and wait for it
+        at most :data:`PUBLISH_TIMEOUT`."""
         with self._cond:
-            self._closed = True
-            self._cond.notify()
+            stop, self._stop = self._stop, None
             thread, self._thread = self._thread, None
-        if thread is not None:
+            if stop is not None:
+                stop.set()
+                self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
             thread.join(PUBLISH_TIMEOUT)
 
 

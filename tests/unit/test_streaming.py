@@ -309,3 +309,30 @@ def test_a_malformed_wants_header_is_rejected(registry: Registry, loop: EventLoo
     with pytest.raises(Refused) as refused:
         dispatch.prepare(request("count", 1, headers={protocol.WANTS_HEADER: {"keepalive": -1}}))
     assert refused.value.disposal is Disposal.REJECT
+
+
+def test_keepalives_go_out_while_a_call_runs_and_never_after() -> None:
+    from kombu import Connection
+
+    from kombu_rpc._replies import Keepalives
+
+    sent = threading.Semaphore(0)
+    made: list[bool] = []  # each keepalive: made after its call ended?
+    ended = threading.Event()
+
+    def make() -> Reply:
+        made.append(ended.is_set())
+        sent.release()
+        return (protocol.ReplyAddress("test.keepalive.nowhere", "c"), protocol.encode({}, "json"), {})
+
+    keepalives = Keepalives(Connection("memory://"))
+    try:
+        with keepalives.running(0.02, make):
+            for _ in range(3):
+                assert sent.acquire(timeout=5)
+        ended.set()
+        with keepalives.running(5.0, make):  # the thread goes on for the next call
+            pass
+    finally:
+        keepalives.close()
+    assert len(made) >= 3 and not any(made)
