@@ -372,3 +372,12 @@ def test_a_slow_stream_on_a_server_with_heartbeats_runs_once(amqp_url: str, queu
         assert list(proxy.slow.stream(6, 0.8)) == list(range(6))  # 4 s: 4 heartbeat intervals
         assert list(proxy.slow.stream(300, 0.002)) == list(range(300))
     assert runs == [6, 300]
+
+
+def test_signed_streams_progress_and_keepalives(serve: Serve, proxies: MakeProxy, streams: Registry) -> None:
+    """Every message of a signed call is signed, and checked by the caller."""
+    secret = "0123456789abcdef-streams"
+    serve(registry=streams, secret=secret, concurrency=2)
+    proxy = proxies(secret=secret, idle_timeout=0.3)
+    assert list(proxy.count.stream(20)) == list(range(20))
+    assert list(proxy.slow.stream(2, 0.7)) == [0, 1]  # kept alive by signed keepalives
