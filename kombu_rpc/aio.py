@@ -103,8 +103,9 @@ class AsyncRPCProxy:
 
     Note:
         Remote names that clash with the proxy's own attributes (``options``,
-        ``aclose``, ``queue``, ``timeout``, ``reply_queue``) or with ``call_async`` and
-        ``cast`` are reached by item access: ``await proxy["options"]()``.
+        ``aclose``, ``queue``, ``timeout``, ``reply_queue``) or with the methods of a
+        remote function (``call_async``, ``cast``, ``broadcast``, ``stream``) are
+        reached by item access: ``await proxy["options"]()``.
     """
 
     def __init__(
@@ -255,8 +256,9 @@ class AsyncMethodProxy:
     Cancelling the call stops the wait; the request is not sent if it was still queued
     behind others, and a reply that arrives later is dropped.
 
-    :meth:`call_async` returns a future once the request is sent and :meth:`cast`
-    sends without waiting for a reply. Attribute access extends a dotted name:
+    :meth:`call_async` returns a future once the request is sent, :meth:`cast`
+    sends without waiting for a reply and :meth:`stream` iterates over a remote
+    generator's items (``async for``). Attribute access extends a dotted name:
     ``proxy.math.add`` is ``proxy["math.add"]``.
     """
 

@@ -74,8 +74,10 @@ class RPCProxy:
     Note:
         Remote names that clash with the proxy's own attributes (``options``,
         ``typed``, ``check_interface``, ``close``, ``queue``, ``timeout``,
-        ``reply_queue``) or with ``call_async`` and ``cast`` are reached by item
-        access: ``proxy["close"]()``.
+        ``reply_queue``) or with the methods of a remote function (``call_async``,
+        ``cast``, ``broadcast``, ``stream``: ``proxy.jobs.stream`` is a method, not
+        the remote ``jobs.stream``) are reached by item access: ``proxy["close"]()``,
+        ``proxy["jobs.stream"]()``.
     """
 
     def __init__(
@@ -260,9 +262,10 @@ class RPCProxy:
 class MethodProxy:
     """One remote function, reached as ``proxy.name`` or ``proxy["dotted.name"]``.
 
-    Calling it blocks for the result; :meth:`call_async` returns a future and
-    :meth:`cast` sends without waiting. Attribute access extends a dotted name:
-    ``proxy.math.add`` is ``proxy["math.add"]``.
+    Calling it blocks for the result; :meth:`call_async` returns a future,
+    :meth:`cast` sends without waiting and :meth:`stream` iterates over a remote
+    generator's items. Attribute access extends a dotted name: ``proxy.math.add`` is
+    ``proxy["math.add"]``.
     """
 
     def __init__(self, proxy: RPCProxy, name: str) -> None:
