@@ -1,10 +1,11 @@
 """Streaming throughput next to plain calls: ``python -m benchmarks.streaming``.
 
-On each broker, one in-process :class:`~kombu_rpc.RPCServer` (``concurrency=1``) and
-one proxy. A measurement moves ``--items`` small values (the integers 0 .. N-1) from the
-server to the caller three ways: one stream of N items (``proxy.count.stream(N)``), one
-plain call of the same generator returning them as a list (``proxy.count(N)``), and N
-plain calls ``proxy.echo(i)``, sequential then with 64 in flight (``call_async``).
+On each broker, one in-process :class:`~kombu_rpc.RPCServer` (``concurrency=1``, or
+``--concurrency``) and one proxy. A measurement moves ``--items`` small values (the
+integers 0 .. N-1) from the server to the caller three ways: one stream of N items
+(``proxy.count.stream(N)``), one plain call of the same generator returning them as a
+list (``proxy.count(N)``), and N plain calls ``proxy.echo(i)``, sequential then with 64
+in flight (``call_async``).
 Prints the median items/s of ``--rounds`` rounds.
 """
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", default="memory,amqp,redis", help="brokers (default memory,amqp,redis)")
     parser.add_argument("--items", type=int, default=10_000, help="items per measurement (default 10,000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--concurrency", type=int, default=1, help="the server's concurrency (default 1)")
     args = parser.parse_args(argv)
     registry = Registry()
     registry.remote(name="count")(count)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         queue = unique_queue()
         results: dict[str, list[float]] = {}
         try:
-            server = RPCServer(broker.url, registry=registry, queue=queue)
+            server = RPCServer(broker.url, registry=registry, queue=queue, concurrency=args.concurrency)
             with server.running(), RPCProxy(broker.url, queue=queue, timeout=120) as proxy:
                 for way in WAYS.values():
                     way(proxy, 200)  # warm-up
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault(name, []).append(way(proxy, args.items))
         finally:
             delete_queues(broker, [queue])
-        print(f"{broker.name}: medians of {args.rounds} rounds of {args.items:,} items")
+        rounds = f"medians of {args.rounds} rounds of {args.items:,} items"
+        print(f"{broker.name}, concurrency={args.concurrency}: {rounds}")
         for name, values in results.items():
             print(f"  {name:<30} {statistics.median(values):9,.0f} items/s")
     return 0
