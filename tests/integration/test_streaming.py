@@ -381,3 +381,10 @@ def test_signed_streams_progress_and_keepalives(serve: Serve, proxies: MakeProxy
     proxy = proxies(secret=secret, idle_timeout=0.3)
     assert list(proxy.count.stream(20)) == list(range(20))
     assert list(proxy.slow.stream(2, 0.7)) == [0, 1]  # kept alive by signed keepalives
+
+
+def test_streams_through_direct_reply_to(amqp_url: str, queue_name: str, streams: Registry) -> None:
+    server = RPCServer(amqp_url, registry=streams, queue=queue_name, concurrency=2)
+    with server.running(), RPCProxy(amqp_url, queue=queue_name, timeout=30, direct_reply_to=True) as proxy:
+        assert list(proxy.count.stream(30)) == list(range(30))
+        assert list(proxy.options(idle_timeout=0.3).slow.stream(2, 0.7)) == [0, 1]
