@@ -148,12 +148,12 @@ def test_breaking_out_early_ends_the_call_here_and_drops_its_late_items_quietly(
     monkeypatch.setattr(Client, "abandon", spy)
     late = log_waiter("dropped a late or duplicate reply")
     over = log_waiter("which is over")
-    for item in proxy.count.stream(200):
+    for item in proxy.slow.stream(50, 0.01):  # still running at the break
         if item == 2:
             break
     assert len(abandoned) == 1  # at once: the loop dropped the only reference
     assert proxy.plain("after") == "after"  # the proxy goes on; the stream's rest is dropped
-    stream = proxy.count.stream(5)
+    stream = proxy.slow.stream(5, 0.01)
     assert next(stream) == 0
     stream.close()
     stream.close()
@@ -203,8 +203,18 @@ def test_an_idle_timeout_fires_when_nothing_answers(
     assert monotonic() - started < 4
 
 
-def test_async_streams(serve: Serve, broker_url: str, queue_name: str, streams: Registry) -> None:
+def test_async_streams(
+    serve: Serve, broker_url: str, queue_name: str, streams: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     serve(registry=streams, concurrency=2)
+    abandoned: list[str] = []
+    original = Client.abandon
+
+    def spy(self: Client, queue: str, correlation_id: str) -> None:
+        abandoned.append(correlation_id)
+        original(self, queue, correlation_id)
+
+    monkeypatch.setattr(Client, "abandon", spy)
 
     async def main() -> None:
         async with AsyncRPCProxy(broker_url, queue=queue_name, timeout=10) as proxy:
@@ -215,10 +225,15 @@ def test_async_streams(serve: Serve, broker_url: str, queue_name: str, streams: 
                 async for item in proxy.failing.stream(2):
                     received.append(item)
             assert received == [0, 1]
-            async with proxy.count.stream(100) as stream:
+            async with proxy.slow.stream(50, 0.01) as stream:  # still running at the break
                 async for item in stream:
                     if item == 1:
                         break
+            assert len(abandoned) == 1
+            async for item in proxy.slow.stream(50, 0.01):  # dropped: ends the call at once
+                if item == 1:
+                    break
+            assert len(abandoned) == 2
             assert await proxy.plain("after") == "after"
             assert [item async for item in proxy.options(idle_timeout=0.3).slow.stream(2, 0.7)] == [0, 1]
 
