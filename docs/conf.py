@@ -77,6 +77,8 @@ nitpick_ignore = [
     ("py:class", "kombu_rpc.interfaces._R"),  # the result of call_async()
     ("py:class", "CollectorRegistry"),  # prometheus_client's, in metrics.enable()
     ("py:class", "CancelledCalls"),  # a server's cancelled calls, in CallContext's signature
+    ("py:class", "kombu_rpc._client.Client"),  # Stream's constructor: made by stream()
+    ("py:class", "kombu_rpc._pending.CallParts"),
 ]
 nitpick_ignore_regex = [
     (r"py:.*", r"(kombu|amqp)\..*"),  # kombu.Connection, kombu.Queue, amqp.transport.TCPTransport, ...

@@ -6,13 +6,14 @@ session starts an inner pytest run (pytester) after kombu_rpc was imported.
 """
 
 from ._client import BroadcastReply
-from .aio import AsyncRPCProxy
+from .aio import AsyncRPCProxy, AsyncStream
 from .codecs import Codec, Envelope, Plain
 from .context import CallContext, CallIdFilter, current_call
 from .errors import (
     CallError,
     ConfigurationError,
     ConnectionLostError,
+    IdleTimeout,
     InvalidArguments,
     MalformedRequest,
     MethodNotFound,
@@ -24,7 +25,7 @@ from .errors import (
 )
 from .events import Event, EventPublisher
 from .interfaces import call_async
-from .proxy import MethodProxy, RPCProxy
+from .proxy import MethodProxy, RPCProxy, Stream
 from .registry import Registry, default_registry, remote, subscribe
 from .server import RPCServer
 
@@ -46,6 +47,9 @@ __all__ = [
     "AsyncRPCProxy",
     "BroadcastReply",
     "call_async",
+    # streamed results
+    "Stream",
+    "AsyncStream",
     # call context
     "current_call",
     "CallContext",
@@ -60,6 +64,7 @@ __all__ = [
     "SerializationError",
     "CallError",
     "RPCTimeout",
+    "IdleTimeout",
     "NoServerError",
     "ConnectionLostError",
     "RemoteError",

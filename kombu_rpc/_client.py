@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from kombu.message import Message
 from . import context, metrics, protocol
 from ._cancelling import CancelSender
 from ._links import open_link
-from ._pending import PendingCalls, _Outgoing
+from ._pending import CallParts, PendingCalls, _Outgoing
 from .codecs import Codec, Plain
 from .connection import PUBLISH_TIMEOUT, broker_errors, safe_uri
 from .errors import (
@@ -167,6 +168,9 @@ class Client:
         timeout: float | None,
         attended: bool = False,
         retry: bool = False,
+        wants: protocol.Wants | None = None,
+        parts: CallParts | None = None,
+        correlation_id: str | None = None,
     ) -> Future[Any]:
         """Send a request (or queue it for publishing) and return the future of its result.
 
@@ -176,12 +180,16 @@ class Client:
         or if the reply can no longer arrive (on AMQP, the connection was lost) and
         not ``retry``. ``retry``: the call is safe to run twice, so it is published
         again instead. ``attended``: the caller goes on to wait in :meth:`wait`.
+        ``wants``: what the call asks for besides its reply (a stream, progress,
+        keepalives), received into ``parts``; the future's result is then a stream's
+        end (``None``). ``correlation_id``: the call's id, if the caller chose it (to
+        :meth:`abandon` the call).
         """
-        correlation_id = new_id()
+        correlation_id = correlation_id or new_id()
         with context.client_span(method, queue, correlation_id) as span:
             try:
                 encoded, headers = self._request(
-                    method, args, kwargs, correlation_id, self.reply_queue, timeout
+                    method, args, kwargs, correlation_id, self.reply_queue, timeout, wants
                 )
                 self._start()
             except BaseException as exc:
@@ -192,7 +200,7 @@ class Client:
         job = _Outgoing(
             encoded, queue, headers, properties, deadline, correlation_id, retry=retry, secret=self._secret
         )
-        future = self._pending.add(correlation_id, method, timeout, span, queue, job)
+        future = self._pending.add(correlation_id, method, timeout, span, queue, job, parts)
         recorder = metrics.recorder
         if recorder is not None:
             _measure(recorder, future, queue, method)
@@ -210,6 +218,12 @@ class Client:
         thread); the future holds its outcome, if it ended."""
         if not future.done():
             self._link.wait(future.done, timeout)
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds until ``ready()`` (reading replies in this
+        thread): a stream's next item, or its end."""
+        if not ready():
+            self._link.wait(ready, timeout)
 
     def cast(self, queue: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Publish a request that asks for no reply; returns once the broker took it.
@@ -349,13 +363,17 @@ class Client:
         correlation_id: str,
         reply_to: str,
         timeout: float | None,
+        wants: protocol.Wants | None = None,
     ) -> tuple[protocol.Encoded, dict[str, Any]]:
-        """Encode a request body and build its headers: deadline, and signature if any."""
+        """Encode a request body and build its headers: deadline, what it wants besides
+        its reply, and signature if any."""
         encoded = self._codec.encode_request(method, args, kwargs, self.serializer)
         deadline = protocol.deadline_after(timeout)
         headers = context.outgoing_headers(correlation_id)
         if deadline is not None:
             headers[protocol.DEADLINE_HEADER] = deadline
+        if wants is not None:
+            headers[protocol.WANTS_HEADER] = wants.header()
         headers[protocol.SENT_AT_HEADER] = time()
         if self._secret is not None:
             headers.update(
@@ -421,6 +439,10 @@ class Client:
             except RemoteError as exc:
                 gathering.add(BroadcastReply(server_id, error=exc))
             return
+        headers = message.headers
+        if headers and protocol.PART_HEADER in headers:
+            self._on_part(correlation_id, message, headers, decode_error)
+            return
         pending = self._pending.pop(correlation_id)
         if pending is None:
             if correlation_id in self._abandoned:  # its caller cancelled it
@@ -435,6 +457,55 @@ class Client:
             pending.reject(exc.with_traceback(None))  # where its reply was read is no news
         else:
             pending.resolve(result)
+
+    def _on_part(
+        self, correlation_id: str, message: Message, headers: dict[str, Any], decode_error: Exception | None
+    ) -> None:
+        """Route a message of a call other than a plain reply (``x-rpc-part``) to the
+        call, left pending; a stream's end completes it. Messages of calls that ended
+        (stopped by their caller, failed, timed out) are dropped quietly."""
+        pending = self._pending.get(correlation_id)
+        parts = None if pending is None else pending.parts
+        if parts is None:
+            logger.debug("dropped a message of call %s, which is over", correlation_id)
+            return
+        error: RemoteError | None = None
+        result: Any = None
+        try:
+            part, seq = protocol.read_part(headers)
+            if part == protocol.END:
+                assert seq is not None
+                error = parts.end(seq)
+                if error is None:
+                    result = self._read_reply(message, decode_error)  # its signature too
+            else:
+                if self._secret is not None:
+                    protocol.check_signature(message, self._secret, protocol.SIGNATURE_WINDOW, "reply")
+                if part == protocol.KEEPALIVE:
+                    parts.seen()
+                    return
+                if decode_error is not None:
+                    raise decode_error
+                value = protocol.parse_part(part, protocol.decode(message))
+                if part == protocol.PROGRESS:
+                    parts.progress(value)
+                    return
+                assert seq is not None
+                error = parts.item(seq, value)
+                if error is None:
+                    return
+        except RemoteError as exc:
+            error = exc
+        except Exception as exc:
+            kind = headers.get(protocol.PART_HEADER)
+            error = RemoteError("MalformedReply", f"a message ({kind!r:.20}) could not be decoded: {exc}")
+        ended = self._pending.pop(correlation_id)
+        if ended is None:
+            return
+        if error is not None:
+            ended.reject(error.with_traceback(None))
+        else:
+            ended.resolve(result)
 
     def _read_reply(self, message: Message, decode_error: Exception | None) -> Any:
         """The result a reply carries; raises :class:`RemoteError` for a failure or a

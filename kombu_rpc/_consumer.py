@@ -21,9 +21,9 @@ from kombu.message import Message
 
 from . import metrics, protocol
 from ._cancelling import CancelListener
-from ._dispatch import Dispatcher, Disposal, Refused
+from ._dispatch import Dispatcher, Disposal, PartNotSent, Refused
 from ._execution import EventLoop, WorkerPool
-from ._replies import ACK, ReplyPublisher
+from ._replies import ACK, REQUEUE, ReplyPublisher
 from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, start_listening, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError, SerializationError
@@ -117,6 +117,7 @@ class ConsumeLoop:
         self._prepare = dispatcher.prepare
         self._run = dispatcher.run
         self._publish_reply = self.publisher.publish_reply
+        dispatcher.parts = self.publisher  # items, progress and keepalives
         self._settle_message = self.publisher.settle
 
     # -- stopping ---------------------------------------------------------------------
@@ -196,7 +197,7 @@ class ConsumeLoop:
                 self._concurrency, self._run, self._publish_reply, wake_up=transport_kind is Kind.AMQP
             )
         elif transport_kind is Kind.AMQP and conn.heartbeat:
-            self._heartbeater = Heartbeater()
+            self._heartbeater = self.publisher.heartbeater = Heartbeater()
         try:
             if transport_kind is not Kind.POLLING:
                 self._start_cancel_listener()
@@ -243,6 +244,7 @@ class ConsumeLoop:
                 listener.close()
             self._event_loop.stop()  # the dispatcher's, for async def functions
             heartbeater, self._heartbeater = self._heartbeater, None
+            self.publisher.heartbeater = None
             if heartbeater is not None:
                 heartbeater.close()
             self.publisher.close()
@@ -467,14 +469,18 @@ class ConsumeLoop:
             pool.submit(message, self._generation, job)
             return
         heartbeater = self._heartbeater
-        if heartbeater is None:
-            reply = self._run(job)
-        else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
-            heartbeater.away()
-            try:
+        try:
+            if heartbeater is None:
                 reply = self._run(job)
-            finally:
-                heartbeater.back()
+            else:  # no I/O on the connection meanwhile: another thread sends its heartbeats
+                heartbeater.away()
+                try:
+                    reply = self._run(job)
+                finally:
+                    heartbeater.back()
+        except PartNotSent:  # a stream's item was lost: the request runs again
+            self._settle_message(message, REQUEUE)
+            return
         self._settle_message(message, ACK if reply is None else self._publish_reply(reply))
 
     def _event_callback(self, subscription: Subscription) -> Any:

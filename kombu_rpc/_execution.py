@@ -22,8 +22,8 @@ from typing import Any, TypeAlias
 from kombu.message import Message
 
 from . import context
-from ._dispatch import Job, Reply
-from ._replies import ACK, Settlement
+from ._dispatch import Job, PartNotSent, Reply
+from ._replies import ACK, REQUEUE, Settlement
 
 #: A finished call: its request, the connection generation it came on, the reply the
 #: consuming thread is to publish (``None``: nothing to publish) and, when there is
@@ -76,14 +76,21 @@ class WorkerPool:
 
     def _work(self, message: Message, generation: int, job: Job) -> None:
         # With a wake-up pair (AMQP) the consuming thread publishes the reply, on its
-        # channel, confirmed as it reads; otherwise the worker publishes it.
-        reply = self._run(job)
-        if reply is None:
-            done: Done = (message, generation, None, ACK)
-        elif self.wake_w is not None:
-            done = (message, generation, reply, ACK)
+        # channel, confirmed as it reads; otherwise the worker publishes it. The final
+        # reply of a call that sent other messages (items, progress) goes after them,
+        # on the same connection: the worker's.
+        done: Done
+        try:
+            reply = self._run(job)
+        except PartNotSent:  # a stream's item was lost: the request runs again
+            done = (message, generation, None, REQUEUE)
         else:
-            done = (message, generation, None, self._publish(reply))
+            if reply is None:
+                done = (message, generation, None, ACK)
+            elif self.wake_w is not None and job[6] is None:
+                done = (message, generation, reply, ACK)
+            else:
+                done = (message, generation, None, self._publish(reply))
         with self.cond:
             self.done.append(done)
             self.cond.notify_all()

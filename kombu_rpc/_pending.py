@@ -12,6 +12,7 @@ import heapq
 import logging
 import math
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -22,9 +23,89 @@ from kombu import Exchange
 
 from . import context, protocol
 from .connection import PUBLISH_TIMEOUT
-from .errors import ConnectionLostError, RPCError, RPCTimeout
+from .errors import ConnectionLostError, IdleTimeout, RemoteError, RPCError, RPCTimeout
 
 logger = logging.getLogger("kombu_rpc.client")  # the calling side logs as one
+
+
+class CallParts:
+    """What a call receives besides its final reply: a stream's items, progress and
+    keepalives. Pure bookkeeping, fed by the thread that reads the replies.
+
+    Items are kept in order, exactly once: an item whose sequence number was seen
+    already (a redelivered request run again) is dropped; one that skips a number
+    fails the call.
+
+    Args:
+        method: The remote function's name (for errors).
+        idle_timeout: Fail the call after this many seconds without a message.
+        on_progress: Called with each progress value, in the reading thread.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        idle_timeout: float | None = None,
+        on_progress: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.method = method
+        self.idle_timeout = idle_timeout
+        self.on_progress = on_progress
+        #: Items received, not taken yet.
+        self.items: deque[Any] = deque()
+        #: The sequence number of the next item.
+        self.next_seq = 0
+        #: Duplicates dropped.
+        self.duplicates = 0
+        #: When a message of the call last arrived (monotonic).
+        self.last_seen = monotonic()
+        #: Called after an item arrived (an async stream's wake-up), if set.
+        self.notify: Callable[[], None] | None = None
+
+    def seen(self) -> None:
+        """A message of the call arrived."""
+        self.last_seen = monotonic()
+
+    def idle_due(self) -> float | None:
+        """When (monotonic) the call fails for silence, if it has an idle timeout."""
+        return None if self.idle_timeout is None else self.last_seen + self.idle_timeout
+
+    def item(self, seq: int, value: Any) -> RemoteError | None:
+        """Take item number ``seq``; returns the error that ends the call, if any."""
+        self.seen()
+        if seq < self.next_seq:
+            self.duplicates += 1
+            logger.debug("dropped a duplicate item %d of %r", seq, self.method)
+            return None
+        if seq > self.next_seq:
+            return self.gap(seq)
+        self.items.append(value)
+        self.next_seq += 1
+        notify = self.notify
+        if notify is not None:
+            notify()
+        return None
+
+    def progress(self, value: Any) -> None:
+        """Hand a progress value to the callback (whose errors are logged)."""
+        self.seen()
+        if self.on_progress is not None:
+            try:
+                self.on_progress(value)
+            except Exception:
+                logger.exception("the on_progress callback of a call to %r failed", self.method)
+
+    def end(self, count: int) -> RemoteError | None:
+        """The stream ended after ``count`` items; returns an error if some never came."""
+        self.seen()
+        return self.gap(count) if count > self.next_seq else None
+
+    def gap(self, seq: int) -> RemoteError:
+        """The error for a stream whose item ``next_seq`` is missing, seen at ``seq``."""
+        return RemoteError(
+            "StreamGap",
+            f"item {self.next_seq} of the stream of {self.method!r} never arrived (next seen: {seq})",
+        )
 
 
 @dataclass
@@ -35,6 +116,8 @@ class _Pending:
     span: Any = None  # the call's OpenTelemetry span, ended before the future completes
     queue: str = ""  # where its request went
     job: _Outgoing | None = None  # its request (AMQP: published again after a lost reply queue)
+    parts: CallParts | None = None  # what it receives besides its reply, if anything
+    deadline: float | None = None  # monotonic, when it has a timeout
 
     def resolve(self, result: Any) -> None:
         context.end_span(self.span)
@@ -211,16 +294,23 @@ class PendingCalls:
         span: Any = None,
         queue: str = "",
         job: _Outgoing | None = None,
+        parts: CallParts | None = None,
     ) -> Future[Any]:
-        """Register a call before its request is published; returns its future."""
+        """Register a call before its request is published; returns its future.
+        ``parts``: the call receives more than its reply (its idle timeout is enforced
+        here too)."""
         future = CallFuture(self._on_cancel, queue, correlation_id)
+        deadline = None if timeout is None else monotonic() + timeout
         with self._cond:
-            self._calls[correlation_id] = _Pending(future, method, timeout, span, queue, job)
-            if timeout is not None:
-                deadline = monotonic() + timeout
+            self._calls[correlation_id] = _Pending(future, method, timeout, span, queue, job, parts, deadline)
+            due = deadline
+            if parts is not None and parts.idle_timeout is not None:
+                idle = monotonic() + parts.idle_timeout
+                due = idle if due is None else min(due, idle)
+            if due is not None:
                 if len(self._deadlines) > 2 * len(self._calls) + 1024:
                     self._compact()
-                heapq.heappush(self._deadlines, (deadline, correlation_id))
+                heapq.heappush(self._deadlines, (due, correlation_id))
                 if self._deadlines[0][1] == correlation_id:
                     self._cond.notify()
                 if self._watcher is None:
@@ -238,6 +328,10 @@ class PendingCalls:
         """
         self._deadlines = [entry for entry in self._deadlines if entry[1] in self._calls]
         heapq.heapify(self._deadlines)
+
+    def get(self, correlation_id: str) -> _Pending | None:
+        """The call, left in place (for the messages that do not end it), or ``None``."""
+        return self._calls.get(correlation_id)
 
     def pop(self, correlation_id: str) -> _Pending | None:
         """Remove and return the call, or ``None`` if it is unknown or already done."""
@@ -319,16 +413,33 @@ class PendingCalls:
                 now = monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     _, cid = heapq.heappop(self._deadlines)
-                    pending = self._calls.pop(cid, None)
-                    if pending is not None:
-                        expired.append((cid, pending))
+                    pending = self._calls.get(cid)
+                    if pending is None:
+                        continue
+                    parts = pending.parts
+                    if parts is not None and parts.idle_timeout is not None:
+                        # due at the deadline or when idle: messages may have come since
+                        due = parts.last_seen + parts.idle_timeout
+                        if pending.deadline is not None and pending.deadline <= due:
+                            due = pending.deadline
+                        if due > now:
+                            heapq.heappush(self._deadlines, (due, cid))
+                            continue
+                    expired.append((cid, self._calls.pop(cid)))
                 if expired:
                     self._unanswered_until = max(self._unanswered_until, now)
                 else:
                     wait = self._deadlines[0][0] - now if self._deadlines else None
                     self._cond.wait(wait)
             for cid, pending in expired:
-                assert pending.timeout is not None
-                pending.reject(RPCTimeout(pending.method, pending.timeout))
+                parts = pending.parts
+                error: RPCTimeout
+                if pending.deadline is not None and pending.deadline <= now:
+                    assert pending.timeout is not None
+                    error = RPCTimeout(pending.method, pending.timeout)
+                else:
+                    assert parts is not None and parts.idle_timeout is not None
+                    error = IdleTimeout(pending.method, parts.idle_timeout)
+                pending.reject(error)
                 if self._on_expired is not None:
                     self._on_expired(pending.queue, cid)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from threading import get_ident
 from time import monotonic
 from typing import Any
@@ -24,7 +26,7 @@ from kombu.message import Message
 
 from . import metrics, protocol
 from ._dispatch import Reply
-from .connection import PUBLISH_TIMEOUT, publish, publishing_clone, take_confirmed
+from .connection import PUBLISH_TIMEOUT, Heartbeater, publish, publishing_clone, take_confirmed
 
 logger = logging.getLogger("kombu_rpc.server")
 
@@ -74,6 +76,10 @@ class ReplyPublisher:
         self.reply_tag = 0
         #: Reply delivery tag -> the request to ack once the broker confirms the reply.
         self.unconfirmed: dict[int, Message] = {}
+        #: The consuming thread's heartbeater while it runs calls itself (AMQP with
+        #: heartbeats): it steps back while that thread publishes an item.
+        self.heartbeater: Heartbeater | None = None
+        self._keepalives = Keepalives(connection)
 
     def start(self, connection_errors: tuple[type[BaseException], ...]) -> None:
         """Begin a run: worker threads make new producers on their first reply."""
@@ -104,18 +110,7 @@ class ReplyPublisher:
             if on_channel:  # a lost connection is the consume loop's to handle: no retry
                 publish_on_channel(channel, address, encoded, headers)
             else:
-                publish(
-                    self._worker_producer(),
-                    self._retry_policy,
-                    body=encoded.payload,
-                    exchange="",
-                    routing_key=address.reply_to,
-                    correlation_id=address.correlation_id,
-                    headers=headers,
-                    content_type=encoded.content_type,
-                    content_encoding=encoded.content_encoding,
-                    timeout=PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
-                )
+                publish(self._worker_producer(), self._retry_policy, **publish_args(reply))
         except Exception as exc:
             logger.error("could not publish the reply to %s: %s", address.reply_to, exc)
             return REQUEUE
@@ -123,6 +118,37 @@ class ReplyPublisher:
             self.reply_tag += 1
             return ACK_AFTER_CONFIRM
         return ACK
+
+    def publish_part(self, reply: Reply) -> None:
+        """Publish a message of a call other than its final reply (a stream's item, a
+        progress message) from the thread that runs the call, the way its final reply
+        goes: on the consumed channel from the consuming thread (the heartbeater
+        stepping back meanwhile), else on the thread's own connection. So a call's
+        messages arrive in the order they were sent.
+
+        Raises:
+            Exception: What publishing raised.
+        """
+        channel = self._channel
+        if channel is not None and get_ident() == self._consuming_thread:
+            address, encoded, headers = reply
+            heartbeater = self.heartbeater
+            if heartbeater is not None:
+                heartbeater.back()
+            try:
+                publish_on_channel(channel, address, encoded, headers)
+            finally:
+                if heartbeater is not None:
+                    heartbeater.away()
+            if self._confirming:
+                self.reply_tag += 1  # its confirm comes too: the final reply's tag is later
+        else:
+            publish(self._worker_producer(), self._retry_policy, **publish_args(reply))
+
+    def keep_alive(self, interval: float, make: Callable[[], Reply]) -> Any:
+        """A context manager sending the keepalive ``make()`` every ``interval`` seconds
+        during its ``with`` block (see :class:`Keepalives`)."""
+        return self._keepalives.running(interval, make)
 
     def settle(self, message: Message, settlement: Settlement) -> None:
         """Ack or requeue a handled request (from the consuming thread only); with
@@ -181,11 +207,131 @@ class ReplyPublisher:
         return producer
 
     def close(self) -> None:
-        """Release the worker threads' connections."""
+        """Release the worker threads' connections, and stop sending keepalives."""
+        self._keepalives.close()
         with self._producers_lock:
             producers, self._producers = self._producers, []
         for producer in producers:
             producer.connection.release()
+
+
+def publish_args(reply: Reply) -> dict[str, Any]:
+    """The keywords of ``Producer.publish`` for ``reply``."""
+    address, encoded, headers = reply
+    return {
+        "body": encoded.payload,
+        "exchange": "",
+        "routing_key": address.reply_to,
+        "correlation_id": address.correlation_id,
+        "headers": headers,
+        "content_type": encoded.content_type,
+        "content_encoding": encoded.content_encoding,
+        "timeout": PUBLISH_TIMEOUT,  # py-amqp also bounds the wait for the confirm by it
+    }
+
+
+#: A keepalive is published again once, at once, on a revived connection: the thread
+#: must not stall the keepalives of other calls.
+_KEEPALIVE_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
+
+
+class _Keepalive:
+    """One call's keepalives: every ``interval`` seconds, ``make()``, while ``alive``."""
+
+    def __init__(self, interval: float, make: Callable[[], Reply]) -> None:
+        self.interval = interval
+        self.due = monotonic() + interval
+        self.make = make
+        #: Held while one is published: once the call ends, none goes out any more
+        #: (on Redis one sent after its caller deleted its reply queue would make the
+        #: queue again, for ever).
+        self.lock = threading.Lock()
+        self.alive = True
+
+
+class Keepalives:
+    """Sends the keepalives of the calls running whose callers asked for them, from a
+    thread and a connection of its own (both made on first use): ordinary calls never
+    pay for them. A keepalive that cannot be sent is logged and sent at its next turn,
+    on a new connection.
+
+    Args:
+        connection: The server's connection, cloned (without confirms).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._cond = threading.Condition()
+        self._calls: set[_Keepalive] = set()
+        self._stop: threading.Event | None = None  # the running thread's
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def running(self, interval: float, make: Callable[[], Reply]) -> Iterator[None]:
+        """Send ``make()`` every ``interval`` seconds while the ``with`` block runs;
+        none goes out after it."""
+        call = _Keepalive(interval, make)
+        with self._cond:
+            self._calls.add(call)
+            if self._stop is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._stop,), name="kombu_rpc-keepalive", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls.discard(call)
+            with call.lock:
+                call.alive = False
+
+    def _run(self, stop: threading.Event) -> None:
+        producer: Producer | None = None
+        try:
+            while True:
+                with self._cond:
+                    if stop.is_set():
+                        return
+                    now = monotonic()
+                    due = [call for call in self._calls if call.due <= now]
+                    for call in due:
+                        call.due = now + call.interval
+                    if not due:
+                        self._cond.wait(min((call.due for call in self._calls), default=now + 1.0) - now)
+                        continue
+                for call in due:
+                    with call.lock:
+                        if not call.alive:
+                            continue
+                        try:
+                            if producer is None:
+                                producer = Producer(
+                                    publishing_clone(self._connection, False), auto_declare=False
+                                )
+                            publish(producer, _KEEPALIVE_RETRY, **publish_args(call.make()))
+                        except Exception as exc:
+                            logger.warning("could not send a keepalive: %s", exc)
+                            if producer is not None:
+                                producer.connection.release()
+                                producer = None
+        finally:
+            if producer is not None:
+                producer.connection.release()
+
+    def close(self) -> None:
+        """Stop the thread, if one runs (a later call starts another), and wait for it
+        at most :data:`PUBLISH_TIMEOUT`."""
+        with self._cond:
+            stop, self._stop = self._stop, None
+            thread, self._thread = self._thread, None
+            if stop is not None:
+                stop.set()
+                self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(PUBLISH_TIMEOUT)
 
 
 def publish_on_channel(

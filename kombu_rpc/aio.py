@@ -26,10 +26,10 @@ from typing import Any, TypeVar, cast
 from ._client import BroadcastReply
 from .codecs import Codec
 from .connection import Broker
-from .errors import CallError, ConfigurationError
+from .errors import CallError, ConfigurationError, RemoteError
 from .interfaces import interface_methods, mismatches, typed_view
 from .options import ProxyOptions
-from .proxy import _UNSET, RPCProxy, _not_as_declared
+from .proxy import _UNSET, RPCProxy, Stream, _not_as_declared
 from .registry import RESERVED_PREFIX
 from .topology import DEFAULT_QUEUE
 
@@ -94,6 +94,8 @@ class AsyncRPCProxy:
             reply-to instead of a reply queue.
         retry: As for :class:`~kombu_rpc.proxy.RPCProxy`: the calls are safe to run
             twice, so a call whose reply was lost with a connection is sent again.
+        idle_timeout: As for :class:`~kombu_rpc.proxy.RPCProxy`: fail a call after this
+            many seconds without any message about it.
 
     Raises:
         ConfigurationError: An argument is invalid (nothing is connected yet).
@@ -105,8 +107,9 @@ class AsyncRPCProxy:
 
     Note:
         Remote names that clash with the proxy's own attributes (``options``,
-        ``aclose``, ``queue``, ``timeout``, ``reply_queue``) or with ``call_async`` and
-        ``cast`` are reached by item access: ``await proxy["options"]()``.
+        ``aclose``, ``queue``, ``timeout``, ``reply_queue``) or with the methods of a
+        remote function (``call_async``, ``cast``, ``broadcast``, ``stream``) are
+        reached by item access: ``await proxy["options"]()``.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class AsyncRPCProxy:
         codec: Codec | None = None,
         direct_reply_to: bool = False,
         retry: bool = False,
+        idle_timeout: float | None = None,
     ) -> None:
         options = ProxyOptions(
             queue=queue,
@@ -132,6 +136,7 @@ class AsyncRPCProxy:
             codec=codec,
             direct_reply_to=direct_reply_to,
             retry=retry,
+            idle_timeout=idle_timeout,
         )
         self._bind(RPCProxy._from_options(broker, options), _Sender(), owner=True)
 
@@ -140,7 +145,14 @@ class AsyncRPCProxy:
         self._sender = sender
         self._owner = owner  # closing closes the proxy (not a view's)
 
-    def options(self, *, timeout: float | None = _UNSET, retry: bool = _UNSET) -> AsyncRPCProxy:
+    def options(
+        self,
+        *,
+        timeout: float | None = _UNSET,
+        retry: bool = _UNSET,
+        idle_timeout: float | None = _UNSET,
+        on_progress: Callable[[Any], None] | None = _UNSET,
+    ) -> AsyncRPCProxy:
         """Return a view of this proxy with per-call options overridden.
 
         The view shares the reply queue, the connections and the worker thread; it is
@@ -150,13 +162,23 @@ class AsyncRPCProxy:
             timeout: Seconds to wait for each reply (``None``: wait forever). Omit to
                 keep this proxy's timeout.
             retry: Whether the calls are safe to run twice. Omit to keep this proxy's.
+            idle_timeout: Seconds without any message about a call after which it
+                fails with :class:`~kombu_rpc.errors.IdleTimeout`. Omit to keep this
+                proxy's.
+            on_progress: As for :meth:`RPCProxy.options
+                <kombu_rpc.proxy.RPCProxy.options>`: called with each progress value,
+                in the thread that reads the replies (not in the event loop).
 
         Raises:
-            ConfigurationError: ``timeout`` is not a positive number or ``None``, or
-                ``retry`` not a bool.
+            ConfigurationError: ``timeout`` or ``idle_timeout`` is not a positive
+                number or ``None``, ``retry`` not a bool, or ``on_progress`` not
+                callable.
         """
         view = type(self).__new__(type(self))
-        view._bind(self._sync.options(timeout=timeout, retry=retry), self._sender, owner=False)
+        sync = self._sync.options(
+            timeout=timeout, retry=retry, idle_timeout=idle_timeout, on_progress=on_progress
+        )
+        view._bind(sync, self._sender, owner=False)
         return view
 
     def typed(self, interface: Callable[..., _T], *, prefix: str = "") -> _T:
@@ -239,8 +261,9 @@ class AsyncMethodProxy:
     is not sent if it was still queued behind others, and a reply that arrives later is
     dropped.
 
-    :meth:`call_async` returns a future once the request is sent and :meth:`cast`
-    sends without waiting for a reply. Attribute access extends a dotted name:
+    :meth:`call_async` returns a future once the request is sent, :meth:`cast`
+    sends without waiting for a reply and :meth:`stream` iterates over a remote
+    generator's items (``async for``). Attribute access extends a dotted name:
     ``proxy.math.add`` is ``proxy["math.add"]``.
     """
 
@@ -302,6 +325,17 @@ class AsyncMethodProxy:
             raise
         return asyncio.wrap_future(sent)
 
+    def stream(self, *args: Any, **kwargs: Any) -> AsyncStream:
+        """Call a remote generator function and iterate over its items as the server
+        produces them: ``async for item in proxy.count.stream(10): ...``.
+
+        The request is sent when the iteration starts. Otherwise as
+        :meth:`RPCProxy.stream <kombu_rpc.proxy.MethodProxy.stream>`; closing the stream
+        early (:meth:`AsyncStream.aclose`, leaving its ``async with`` block, or dropping
+        it) ends the call here at once. See :doc:`/streaming`.
+        """
+        return AsyncStream(self._proxy, self._name, args, kwargs)
+
     async def cast(self, *args: Any, **kwargs: Any) -> None:
         """Send the call without asking for a reply (fire and forget); returns ``None``.
 
@@ -334,3 +368,96 @@ def _cancel_sent(sending: Future[Future[Any]]) -> None:
     """Cancel the call whose sending was done after its caller was cancelled."""
     if not sending.cancelled() and sending.exception() is None:
         sending.result().cancel()
+
+
+class AsyncStream:
+    """The items of a remote generator, as they arrive: an asynchronous iterator
+    returned by :meth:`AsyncMethodProxy.stream`, and an asynchronous context manager
+    that closes it.
+
+    The request is sent on the first ``__anext__``. The link's thread reads the
+    replies; the event loop only awaits them.
+    """
+
+    def __init__(
+        self, proxy: AsyncRPCProxy, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self._proxy = proxy
+        self._name = name
+        self._args = args
+        self._kwargs = kwargs
+        self._stream: Stream | None = None
+        self._arrived: asyncio.Event | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = await self._start()
+        parts, future, arrived = stream._parts, stream._future, self._arrived
+        assert arrived is not None
+        while True:
+            if parts.items:
+                return parts.items.popleft()
+            if future.done():
+                self._closed = stream._closed = True
+                try:
+                    future.result()
+                except RemoteError as exc:
+                    raise exc.with_traceback(None) from None
+                raise StopAsyncIteration
+            arrived.clear()
+            if not (parts.items or future.done()):  # checked again: a wake-up cannot slip by
+                try:
+                    await arrived.wait()
+                except asyncio.CancelledError:  # the task was cancelled: so is the call
+                    await self.aclose()
+                    raise
+
+    async def _start(self) -> Stream:
+        proxy = self._proxy
+        method = proxy._sync[self._name]
+        loop = asyncio.get_running_loop()
+        arrived = self._arrived = asyncio.Event()
+
+        def notify() -> None:
+            try:
+                loop.call_soon_threadsafe(arrived.set)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        stream: Stream = await proxy._sender.run(method._start_stream, False, self._args, self._kwargs)
+        stream._parts.notify = notify
+        stream._future.add_done_callback(lambda _: notify())
+        return stream
+
+    async def aclose(self) -> None:
+        """End the call here, if it is still running; as :meth:`Stream.close
+        <kombu_rpc.proxy.Stream.close>`."""
+        self._closed = True
+        if self._stream is not None:
+            self._stream.close()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # at interpreter exit, or a broken client
+                pass
+
+    def __repr__(self) -> str:
+        return f"<AsyncStream {self._name!r} on {self._proxy.queue!r}>"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -71,6 +71,20 @@ class CallContext:
     traceparent: str | None = None
     #: The serving server's cancelled calls (``None`` outside a server).
     _cancels: CancelledCalls | None = field(default=None, repr=False, compare=False)
+    #: Sends a progress message to the caller; ``None`` when the caller asked for none.
+    _report: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+
+    def progress(self, value: Any) -> None:
+        """Report progress to the caller: ``value`` (any value the call's serializer
+        encodes, such as a fraction done or a mapping) reaches the caller's
+        ``on_progress`` callback (see :doc:`/streaming`). Does nothing when the caller
+        asked for no progress, and for a cast.
+
+        Raises:
+            SerializationError: ``value`` cannot be encoded.
+        """
+        if self._report is not None:
+            self._report(value)
 
     @property
     def chain(self) -> tuple[str, ...]:

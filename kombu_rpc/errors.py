@@ -55,6 +55,20 @@ class RPCTimeout(CallError, TimeoutError):
         return f"no reply to {self.method!r} within {self.timeout:g}s"
 
 
+class IdleTimeout(RPCTimeout):
+    """Raised when a call with an ``idle_timeout`` heard nothing (no item, progress,
+    keepalive or reply) for that long: its server is gone or hung (see
+    :doc:`/streaming`).
+
+    Args:
+        method: Name of the remote function that was called.
+        timeout: The idle timeout, in seconds, that passed.
+    """
+
+    def __str__(self) -> str:
+        return f"nothing heard about {self.method!r} for {self.timeout:g}s (idle_timeout)"
+
+
 class NoServerError(CallError):
     """Raised at once when the broker cannot route a request: on AMQP, no queue of that
     name exists, so no server has ever consumed it. Needs publisher confirms (the

@@ -34,8 +34,8 @@ __all__ = ["ProxyOptions", "ServerOptions", "QUEUE_TYPES", "check_timeout", "che
 QUEUE_TYPES = ("classic", "quorum")
 
 
-def check_timeout(timeout: object) -> float | None:
-    """``timeout`` as a float, or ``None`` (wait forever).
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """``timeout`` as a float, or ``None`` (wait forever); ``name`` names it in the error.
 
     Raises:
         ConfigurationError: It is not a positive number or ``None``.
@@ -43,7 +43,7 @@ def check_timeout(timeout: object) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        raise ConfigurationError(f"{name} must be a positive number of seconds or None, got {timeout!r}")
     return float(timeout)
 
 
@@ -98,10 +98,14 @@ class ProxyOptions:
     direct_reply_to: bool = False
     #: The calls are safe to run twice.
     retry: bool = False
+    #: Fail a call after this many seconds without any message about it (``None``:
+    #: never); servers send keepalives meanwhile. A float once checked.
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         _set(self, "queue", check_queue_name(self.queue))
         _set(self, "timeout", check_timeout(self.timeout))
+        _set(self, "idle_timeout", check_timeout(self.idle_timeout, "idle_timeout"))
         _set(self, "retry", check_flag("retry", self.retry))
         protocol.check_serializer(self.serializer)
         _set(self, "retry_policy", merge_retry_policy(self.retry_policy))

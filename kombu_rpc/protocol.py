@@ -47,6 +47,22 @@ CONTROL_HEADER = "x-rpc-control"
 #: and the hex HMAC-SHA256 of :func:`signed_text`.
 SIGNED_AT_HEADER = "x-rpc-signed-at"
 SIGNATURE_HEADER = "x-rpc-signature"
+#: Request header asking for more than the one reply: a mapping with the optional keys
+#: ``stream`` (a generator's items one message each), ``progress`` (progress messages)
+#: and ``keepalive`` (seconds between keepalives while the call runs). See
+#: :func:`read_wants`.
+WANTS_HEADER = "x-rpc-wants"
+#: Header of every message of a call other than its one plain reply: which part it is
+#: (:data:`ITEM`, :data:`PROGRESS`, :data:`KEEPALIVE`), or :data:`END` on the final reply
+#: of a stream.
+PART_HEADER = "x-rpc-part"
+#: Header with an item's sequence number (0, 1, ...), and on a stream's :data:`END` the
+#: number of items sent before it.
+SEQ_HEADER = "x-rpc-seq"
+#: The values of :data:`PART_HEADER`.
+ITEM, PROGRESS, KEEPALIVE, END = "item", "progress", "keepalive", "end"
+#: Shortest and longest keepalive interval a request may ask for, in seconds.
+MIN_KEEPALIVE, MAX_KEEPALIVE = 0.01, 3600.0
 
 
 def check_serializer(name: str) -> str:
@@ -241,6 +257,64 @@ class Request:
     def expired(self) -> bool:
         """True when the caller's deadline has passed."""
         return self.deadline is not None and time.time() > self.deadline
+
+
+@dataclass(frozen=True)
+class Wants:
+    """What a request asks for besides its reply (its :data:`WANTS_HEADER`).
+
+    Attributes:
+        stream: Send a generator's items as they come, then an :data:`END`.
+        progress: Send what the function reports with ``current_call().progress()``.
+        keepalive: Seconds between keepalives while the call runs, or ``None``.
+    """
+
+    stream: bool = False
+    progress: bool = False
+    keepalive: float | None = None
+
+    def header(self) -> dict[str, Any]:
+        """The :data:`WANTS_HEADER` value that asks for this."""
+        value: dict[str, Any] = {}
+        if self.stream:
+            value["stream"] = True
+        if self.progress:
+            value["progress"] = True
+        if self.keepalive is not None:
+            value["keepalive"] = self.keepalive
+        return value
+
+
+def read_wants(value: Any) -> Wants:
+    """Check a request's :data:`WANTS_HEADER` value.
+
+    Raises:
+        MalformedRequest: It is not a mapping, ``stream`` or ``progress`` is not a
+            bool, or ``keepalive`` is not a number of seconds between
+            :data:`MIN_KEEPALIVE` and :data:`MAX_KEEPALIVE`.
+    """
+    if not isinstance(value, Mapping):
+        raise MalformedRequest("MalformedRequest", f"{WANTS_HEADER} header must be a mapping")
+    stream, progress = value.get("stream", False), value.get("progress", False)
+    keepalive = value.get("keepalive")
+    if not isinstance(stream, bool) or not isinstance(progress, bool):
+        raise MalformedRequest("MalformedRequest", f"{WANTS_HEADER}: stream and progress must be booleans")
+    if keepalive is not None and (
+        isinstance(keepalive, bool)
+        or not isinstance(keepalive, (int, float))
+        or not MIN_KEEPALIVE <= keepalive <= MAX_KEEPALIVE
+    ):
+        raise MalformedRequest(
+            "MalformedRequest",
+            f"{WANTS_HEADER}: keepalive must be a number of seconds from {MIN_KEEPALIVE} to {MAX_KEEPALIVE}",
+        )
+    return Wants(stream, progress, None if keepalive is None else float(keepalive))
+
+
+def keepalive_for(idle_timeout: float) -> float:
+    """The keepalive interval a caller with ``idle_timeout`` asks for: a third of it, so
+    that a lost keepalive is no idle timeout."""
+    return min(MAX_KEEPALIVE, max(MIN_KEEPALIVE, idle_timeout / 3))
 
 
 @dataclass(frozen=True)
@@ -444,6 +518,52 @@ def error_body(error: RemoteError | BaseException, send_traceback: bool = True) 
             "traceback": tb if send_traceback else "",
         }
     }
+
+
+def item_body(item: Any) -> dict[str, Any]:
+    """The body of a stream's item (:data:`ITEM`)."""
+    return {"item": item}
+
+
+def progress_body(value: Any) -> dict[str, Any]:
+    """The body of a progress message (:data:`PROGRESS`)."""
+    return {"progress": value}
+
+
+#: The body of a keepalive (:data:`KEEPALIVE`).
+KEEPALIVE_BODY: dict[str, Any] = {}
+
+
+def part_headers(part: str, seq: int | None = None) -> dict[str, Any]:
+    """The headers that mark a message as ``part`` of a call (with its sequence number)."""
+    return {PART_HEADER: part} if seq is None else {PART_HEADER: part, SEQ_HEADER: seq}
+
+
+def read_part(headers: Mapping[str, Any]) -> tuple[str, int | None]:
+    """The part a message of a call is, and its sequence number (``None`` if it has
+    none), from its headers.
+
+    Raises:
+        RemoteError: ``MalformedReply``: an unknown part, or an item or end without a
+            sequence number (a non-negative integer).
+    """
+    part, seq = headers.get(PART_HEADER), headers.get(SEQ_HEADER)
+    if part not in (ITEM, PROGRESS, KEEPALIVE, END):
+        raise RemoteError("MalformedReply", f"unknown {PART_HEADER} {part!r:.50}")
+    if part in (ITEM, END) and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+        raise RemoteError("MalformedReply", f"a stream's {part} needs {SEQ_HEADER}, got {seq!r:.50}")
+    return part, seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def parse_part(part: str, body: Any) -> Any:
+    """The value a decoded item or progress body carries.
+
+    Raises:
+        RemoteError: ``MalformedReply``: the body is not ``{part: value}``.
+    """
+    if isinstance(body, dict) and part in body:
+        return body[part]
+    raise RemoteError("MalformedReply", f"{part} body has no {part!r}: {body!r:.200}")
 
 
 def parse_reply(body: Any) -> Any:

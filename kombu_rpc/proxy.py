@@ -7,18 +7,20 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
+from time import monotonic
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from ._client import BroadcastReply, Client
+from ._pending import CallParts
 from .codecs import Codec
 from .connection import Broker, connect
-from .errors import ConfigurationError, RemoteError, RPCTimeout
+from .errors import ConfigurationError, IdleTimeout, RemoteError, RPCTimeout
 from .interfaces import interface_methods, mismatches, typed_view
 from .options import ProxyOptions, check_timeout
-from .protocol import NAME_PATTERN
+from .protocol import NAME_PATTERN, Wants, keepalive_for
 from .registry import RESERVED_PREFIX
-from .topology import DEFAULT_QUEUE
+from .topology import DEFAULT_QUEUE, new_id
 
 _T = TypeVar("_T")
 _UNSET: Any = object()
@@ -59,6 +61,10 @@ class RPCProxy:
             :class:`~kombu_rpc.errors.ConnectionLostError` (its request may have
             run), unless ``retry``, when its request is published again. See
             :doc:`/reliability`.
+        idle_timeout: Fail a call with :class:`~kombu_rpc.errors.IdleTimeout` once
+            nothing was heard about it (no stream item, progress, keepalive or reply)
+            for this many seconds; servers send keepalives to such calls while they
+            run. ``None``: no idle timeout. See :doc:`/streaming`.
 
     Example:
         >>> with RPCProxy("memory://", queue="rpc_queue") as proxy:  # doctest: +SKIP
@@ -68,8 +74,10 @@ class RPCProxy:
     Note:
         Remote names that clash with the proxy's own attributes (``options``,
         ``typed``, ``check_interface``, ``close``, ``queue``, ``timeout``,
-        ``reply_queue``) or with ``call_async`` and ``cast`` are reached by item
-        access: ``proxy["close"]()``.
+        ``reply_queue``) or with the methods of a remote function (``call_async``,
+        ``cast``, ``broadcast``, ``stream``: ``proxy.jobs.stream`` is a method, not
+        the remote ``jobs.stream``) are reached by item access: ``proxy["close"]()``,
+        ``proxy["jobs.stream"]()``.
     """
 
     def __init__(
@@ -84,6 +92,7 @@ class RPCProxy:
         codec: Codec | None = None,
         direct_reply_to: bool = False,
         retry: bool = False,
+        idle_timeout: float | None = None,
     ) -> None:
         options = ProxyOptions(
             queue=queue,
@@ -95,6 +104,7 @@ class RPCProxy:
             codec=codec,
             direct_reply_to=direct_reply_to,
             retry=retry,
+            idle_timeout=idle_timeout,
         )
         self._bind(Client(connect(broker), options), options, owner=True)
 
@@ -111,9 +121,18 @@ class RPCProxy:
         self._queue = options.queue
         self._timeout = options.timeout
         self._retry = options.retry
+        self._idle_timeout = options.idle_timeout
+        self._on_progress: Callable[[Any], None] | None = None
         self._owner = owner  # closing closes the client (not a view's)
 
-    def options(self, *, timeout: float | None = _UNSET, retry: bool = _UNSET) -> RPCProxy:
+    def options(
+        self,
+        *,
+        timeout: float | None = _UNSET,
+        retry: bool = _UNSET,
+        idle_timeout: float | None = _UNSET,
+        on_progress: Callable[[Any], None] | None = _UNSET,
+    ) -> RPCProxy:
         """Return a view of this proxy with per-call options overridden.
 
         The view shares the reply queue and connections; it is closed with this proxy.
@@ -123,19 +142,42 @@ class RPCProxy:
                 keep this proxy's timeout.
             retry: Whether the calls are safe to run twice (see :class:`RPCProxy`).
                 Omit to keep this proxy's.
+            idle_timeout: Seconds without any message about a call after which it
+                fails with :class:`~kombu_rpc.errors.IdleTimeout` (see
+                :class:`RPCProxy`). Omit to keep this proxy's.
+            on_progress: Called with each value the remote function reports with
+                ``current_call().progress(value)``, in the thread that reads the
+                replies (keep it short; what it raises is logged). ``None``: no
+                progress is sent. Omit to keep this proxy's.
 
         Raises:
-            ConfigurationError: ``timeout`` is not a positive number or ``None``, or
-                ``retry`` not a bool.
+            ConfigurationError: ``timeout`` or ``idle_timeout`` is not a positive
+                number or ``None``, ``retry`` not a bool, or ``on_progress`` not
+                callable.
         """
         changes: dict[str, Any] = {}
         if timeout is not _UNSET:
             changes["timeout"] = timeout
         if retry is not _UNSET:
             changes["retry"] = retry
+        if idle_timeout is not _UNSET:
+            changes["idle_timeout"] = idle_timeout
+        progress = self._on_progress if on_progress is _UNSET else on_progress
+        if progress is not None and not callable(progress):
+            raise ConfigurationError(f"on_progress must be callable or None, got {progress!r}")
         view = type(self).__new__(type(self))
         view._bind(self._client, dataclasses.replace(self._options, **changes), owner=False)
+        view._on_progress = progress
         return view
+
+    def _parts(self, method: str, stream: bool) -> tuple[Wants | None, CallParts | None]:
+        """What a call asks for besides its reply, and where it receives it: ``None``
+        and ``None`` for a plain call without idle timeout or progress."""
+        idle, on_progress = self._idle_timeout, self._on_progress
+        if not stream and idle is None and on_progress is None:
+            return None, None
+        wants = Wants(stream, on_progress is not None, None if idle is None else keepalive_for(idle))
+        return wants, CallParts(method, idle, on_progress)
 
     def typed(self, interface: Callable[..., _T], *, prefix: str = "") -> _T:
         """Return a view of this proxy that type checkers see as ``interface``.
@@ -220,9 +262,10 @@ class RPCProxy:
 class MethodProxy:
     """One remote function, reached as ``proxy.name`` or ``proxy["dotted.name"]``.
 
-    Calling it blocks for the result; :meth:`call_async` returns a future and
-    :meth:`cast` sends without waiting. Attribute access extends a dotted name:
-    ``proxy.math.add`` is ``proxy["math.add"]``.
+    Calling it blocks for the result; :meth:`call_async` returns a future,
+    :meth:`cast` sends without waiting and :meth:`stream` iterates over a remote
+    generator's items. Attribute access extends a dotted name: ``proxy.math.add`` is
+    ``proxy["math.add"]``.
     """
 
     def __init__(self, proxy: RPCProxy, name: str) -> None:
@@ -247,6 +290,8 @@ class MethodProxy:
         proxy = self._proxy
         timeout = proxy._timeout
         client = proxy._client
+        if proxy._idle_timeout is not None or proxy._on_progress is not None:
+            return self._call_with_parts(args, kwargs)
         future = client.call(
             proxy._queue, self._checked_name(), args, kwargs, timeout, attended=True, retry=proxy._retry
         )
@@ -265,18 +310,90 @@ class MethodProxy:
         except RemoteError as exc:  # the frames that read its reply are no news to the caller
             raise exc.with_traceback(None) from None
 
+    def _call_with_parts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A blocking call with an idle timeout or a progress callback."""
+        __tracebackhide__ = True
+        proxy = self._proxy
+        name = self._checked_name()
+        wants, parts = proxy._parts(name, stream=False)
+        assert parts is not None
+        client, timeout = proxy._client, proxy._timeout
+        future = client.call(
+            proxy._queue,
+            name,
+            args,
+            kwargs,
+            timeout,
+            attended=True,
+            retry=proxy._retry,
+            wants=wants,
+            parts=parts,
+        )
+        deadline = None if timeout is None else monotonic() + timeout
+        _wait(client, future.done, future, parts, deadline, timeout)
+        try:
+            return future.result()
+        except RemoteError as exc:
+            raise exc.with_traceback(None) from None
+
+    def stream(self, *args: Any, **kwargs: Any) -> Stream:
+        """Call a remote generator function and iterate over its items as the server
+        produces them: ``for item in proxy.count.stream(10): ...``.
+
+        The request is sent at once. The items come in order, each exactly once; the
+        iteration ends when the server says the stream ended, or raises what ended it
+        otherwise (after the items received before): the remote function's error as a
+        :class:`~kombu_rpc.errors.RemoteError`, :class:`~kombu_rpc.errors.RPCTimeout` at
+        the proxy's ``timeout`` (for the whole stream),
+        :class:`~kombu_rpc.errors.IdleTimeout` after ``idle_timeout`` seconds without
+        news. Closing the stream early (``close()``, leaving a ``with`` block, or
+        breaking out of the ``for`` loop that holds the only reference) ends the call
+        here at once. See :doc:`/streaming`.
+
+        Raises:
+            SerializationError: The arguments cannot be encoded.
+            ConnectionLostError: The broker could not be reached.
+            ConfigurationError: The name is not a valid remote name.
+        """
+        return self._start_stream(True, args, kwargs)
+
+    def _start_stream(self, attended: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stream:
+        """Send a stream's request; ``attended``: the caller reads the replies."""
+        proxy = self._proxy
+        name = self._checked_name()
+        wants, parts = proxy._parts(name, stream=True)
+        assert parts is not None
+        client, timeout = proxy._client, proxy._timeout
+        correlation_id = new_id()
+        future = client.call(
+            proxy._queue,
+            name,
+            args,
+            kwargs,
+            timeout,
+            attended=attended,
+            retry=proxy._retry,
+            wants=wants,
+            parts=parts,
+            correlation_id=correlation_id,
+        )
+        return Stream(client, proxy._queue, correlation_id, future, parts, timeout)
+
     def call_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """Send the call and return a :class:`concurrent.futures.Future` of its result.
 
-        The future fails with :class:`~kombu_rpc.RPCTimeout` at the deadline even if
-        nobody waits on it. ``future.cancel()`` cancels the call: the future fails with
+        The future fails with :class:`~kombu_rpc.RPCTimeout` at the deadline (and with
+        :class:`~kombu_rpc.errors.IdleTimeout` after the proxy's ``idle_timeout``) even
+        if nobody waits on it. ``future.cancel()`` cancels the call: the future fails with
         :class:`concurrent.futures.CancelledError` at once, and the server running the
         call is told to stop it, or one that has yet to take the request drops it (see
         :doc:`/cancellation`). Calls made by calling the proxy cannot be cancelled.
         """
         proxy = self._proxy
+        name = self._checked_name()
+        wants, parts = proxy._parts(name, stream=False)
         return proxy._client.call(
-            proxy._queue, self._checked_name(), args, kwargs, proxy._timeout, retry=proxy._retry
+            proxy._queue, name, args, kwargs, proxy._timeout, retry=proxy._retry, wants=wants, parts=parts
         )
 
     def cast(self, *args: Any, **kwargs: Any) -> None:
@@ -327,6 +444,128 @@ class MethodProxy:
 
     def __repr__(self) -> str:
         return f"<MethodProxy {self._name!r} on {self._proxy.queue!r}>"
+
+
+class Stream:
+    """The items of a remote generator, as they arrive: an iterator returned by
+    :meth:`MethodProxy.stream`, and a context manager that closes it.
+
+    Iterating reads the replies in the calling thread while it waits. Closing the
+    stream before its end (:meth:`close`, leaving its ``with`` block, or dropping the
+    last reference to it, as breaking out of a ``for`` loop over
+    ``proxy.f.stream(...)`` does) ends the call here at once; items that arrive later
+    are dropped.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        queue: str,
+        correlation_id: str,
+        future: Future[Any],
+        parts: CallParts,
+        timeout: float | None,
+    ) -> None:
+        self._client = client
+        self._queue = queue
+        self._correlation_id = correlation_id
+        self._future = future
+        self._parts = parts
+        self._timeout = timeout
+        self._deadline = None if timeout is None else monotonic() + timeout
+        self._closed = False
+
+    @property
+    def call_id(self) -> str:
+        """The call's id (its ``correlation_id``)."""
+        return self._correlation_id
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Any:
+        __tracebackhide__ = True
+        parts, future = self._parts, self._future
+        while not self._closed:
+            if parts.items:
+                return parts.items.popleft()
+            if future.done():
+                self._closed = True
+                try:
+                    future.result()
+                except RemoteError as exc:  # where its reply was read is no news
+                    raise exc.with_traceback(None) from None
+                break
+            try:
+                _wait(
+                    self._client,
+                    lambda: bool(parts.items) or future.done(),
+                    future,
+                    parts,
+                    self._deadline,
+                    self._timeout,
+                )
+            except BaseException:
+                self.close()
+                raise
+        raise StopIteration
+
+    def close(self) -> None:
+        """End the call here, if it is still running, and have its server stop
+        producing (see :doc:`/cancellation`); the items not taken yet are dropped.
+        Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._parts.items.clear()
+        if not self._future.done():
+            self._client.abandon(self._queue, self._correlation_id)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit, or a broken client: nothing to end
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Stream {self._parts.method!r} on {self._queue!r}>"
+
+
+def _wait(
+    client: Client,
+    ready: Callable[[], bool],
+    future: Future[Any],
+    parts: CallParts,
+    deadline: float | None,
+    timeout: float | None,
+) -> None:
+    """Read replies until ``ready()`` or the call ended. The client's deadline thread
+    fails the call at its deadline or idle timeout; if it is more than ``_GUARD``
+    seconds late, the call fails here.
+
+    Raises:
+        RPCTimeout: The guard fired (:class:`IdleTimeout` for the idle timeout).
+    """
+    while not (ready() or future.done()):
+        idle = parts.idle_due()
+        due = deadline if idle is None or (deadline is not None and deadline <= idle) else idle
+        now = monotonic()
+        if due is not None and now > due + _GUARD:
+            logger.error("call to %r outlived its deadline by %ss; failing it", parts.method, _GUARD)
+            if due is deadline:
+                assert timeout is not None
+                raise RPCTimeout(parts.method, timeout)
+            assert parts.idle_timeout is not None
+            raise IdleTimeout(parts.method, parts.idle_timeout)
+        client.wait_for(lambda: ready() or future.done(), None if due is None else max(0.001, due - now))
 
 
 def _not_as_declared(interface: Callable[..., Any], queue: str, found: list[str]) -> str:

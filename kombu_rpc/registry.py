@@ -33,12 +33,18 @@ class Procedure:
     expected: tuple[type[BaseException], ...] = ()
     #: True for ``async def`` functions, which the server runs on an event loop.
     is_coroutine: bool = field(init=False)
+    #: True for generator functions, plain or ``async def``: their items can be
+    #: streamed (a plain call returns them as a list).
+    streams: bool = field(init=False)
     #: How many positional arguments fit when there are no keyword arguments, if the
     #: signature has only positional parameters (a check without ``Signature.bind``).
     _positional: range | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "is_coroutine", inspect.iscoroutinefunction(self.func))
+        object.__setattr__(
+            self, "streams", inspect.isgeneratorfunction(self.func) or inspect.isasyncgenfunction(self.func)
+        )
         object.__setattr__(self, "_positional", _positional_counts(self.signature))
 
     @classmethod

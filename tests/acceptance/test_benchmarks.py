@@ -127,3 +127,34 @@ def test_reply_to_comparison_reports_both_modes(amqp_url: str) -> None:
     for mode in ("declared reply queue", "direct reply-to"):
         for shape in ("sequential", "64 in flight"):
             assert run.stdout.count(f"{mode}, {shape}") == 2, run.stdout
+
+
+@pytest.mark.timeout(150)
+def test_streaming_comparison_reports_every_way(broker_url: str) -> None:
+    # When the streaming benchmark runs briefly on a broker
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.streaming",
+            "--broker",
+            broker_url,
+            "--items",
+            "200",
+            "--rounds",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # Then it reports items/s of a stream, of a list, and of plain calls both ways
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    for way in (
+        "one stream",
+        "one call returning a list",
+        "plain calls, sequential",
+        "plain calls, 64 in flight",
+    ):
+        assert f"  {way} " in run.stdout and "items/s" in run.stdout, run.stdout

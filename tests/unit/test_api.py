@@ -36,12 +36,16 @@ def test_all_lists_exactly_the_public_names() -> None:
         "RemoteError",
         "MethodNotFound",
         "RPCTimeout",
+        "IdleTimeout",
+        "Stream",
+        "AsyncStream",
     ]:
         assert contract in kombu_rpc.__all__
 
 
 def test_error_hierarchy() -> None:
     assert issubclass(RPCTimeout, RPCError) and issubclass(RPCTimeout, TimeoutError)
+    assert issubclass(kombu_rpc.IdleTimeout, RPCTimeout)
     assert issubclass(MethodNotFound, RemoteError) and issubclass(RemoteError, RPCError)
     assert issubclass(ConfigurationError, ValueError)
 
@@ -52,6 +56,7 @@ def test_error_hierarchy() -> None:
         RemoteError("ValueError", "bad n", "Traceback..."),
         MethodNotFound("MethodNotFound", "no f"),
         RPCTimeout("fib", 2.5),
+        kombu_rpc.IdleTimeout("count", 1.5),
     ],
 )
 def test_errors_pickle_and_copy_intact(error: RPCError) -> None:
