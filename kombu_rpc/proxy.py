@@ -297,7 +297,11 @@ class MethodProxy:
         )
         # This thread reads replies until the call's deadline, when the client fails
         # the call; waiting a little longer for that is a guard against a hang.
-        client.wait(future, timeout)
+        try:
+            client.wait(future, timeout)
+        except BaseException:  # Ctrl+C (KeyboardInterrupt) while waiting: so much for the call
+            future.cancel()
+            raise
         if not future.done():
             try:
                 future.exception(_GUARD)
@@ -330,7 +334,11 @@ class MethodProxy:
             parts=parts,
         )
         deadline = None if timeout is None else monotonic() + timeout
-        _wait(client, future.done, future, parts, deadline, timeout)
+        try:
+            _wait(client, future.done, future, parts, deadline, timeout)
+        except BaseException:  # interrupted while waiting (KeyboardInterrupt), or the guard fired
+            future.cancel()
+            raise
         try:
             return future.result()
         except RemoteError as exc:
@@ -387,7 +395,8 @@ class MethodProxy:
         if nobody waits on it. ``future.cancel()`` cancels the call: the future fails with
         :class:`concurrent.futures.CancelledError` at once, and the server running the
         call is told to stop it, or one that has yet to take the request drops it (see
-        :doc:`/cancellation`). Calls made by calling the proxy cannot be cancelled.
+        :doc:`/cancellation`). A call made by calling the proxy is cancelled so when
+        its caller is interrupted while it waits (``KeyboardInterrupt``).
         """
         proxy = self._proxy
         name = self._checked_name()

@@ -4,6 +4,7 @@ still queued never runs, and a call whose server is gone cancels all the same.""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import json
 import os
@@ -171,6 +172,22 @@ def test_a_cancelled_call_does_not_cancel_the_others(
     assert seen.cancelled.wait(10)
     assert not kept.done()
     cancel_at_once(kept)
+
+
+def test_an_interrupted_blocking_call_is_cancelled(
+    serve: Serve, proxy: RPCProxy, gate: Gate, seen: Seen
+) -> None:
+    serve()
+
+    def interrupt() -> None:  # Ctrl+C, once the call runs on the server
+        if gate.entered.acquire(timeout=10):
+            _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        proxy.waiting()
+    assert seen.cancelled.wait(10), "the server never saw the cancel"
+    assert proxy.fib(10) == 55
 
 
 def test_cancelling_a_finished_call_does_nothing(serve: Serve, proxy: RPCProxy) -> None:
