@@ -400,9 +400,14 @@ class Client:
                 raise ConnectionLostError(f"cannot connect to {safe_uri(self._connection)}: {exc}") from exc
             self._link_started = True
 
-    def _expired(self, queue: str, correlation_id: str) -> None:
-        """A call ended at its deadline: have the link take its request back, if it can."""
-        self._link.withdraw(queue, correlation_id)
+    def _expired(self, queue: str, correlation_id: str, has_parts: bool) -> None:
+        """A call ended at its deadline or idle timeout: have the link take its request
+        back, if it can; a stream (or a long call with an idle timeout or progress) is
+        also cancelled on the servers, whose generator would otherwise run on unread."""
+        if has_parts:
+            self.abandon(queue, correlation_id)
+        else:
+            self._link.withdraw(queue, correlation_id)
 
     def _wait_sent(self, sent: Future[None], timeout: float, what: str) -> None:
         """Wait until a request was sent (confirmed on AMQP); raise what publishing raised.
@@ -504,6 +509,8 @@ class Client:
             return
         if error is not None:
             ended.reject(error.with_traceback(None))
+            if headers.get(protocol.PART_HEADER) != protocol.END:  # a gap, an unreadable
+                self.abandon(ended.queue, correlation_id)  # item: the server would run on
         else:
             ended.resolve(result)
 

@@ -196,8 +196,12 @@ class ConsumeLoop:
             self.pool = WorkerPool(
                 self._concurrency, self._run, self._publish_reply, wake_up=transport_kind is Kind.AMQP
             )
-        elif transport_kind is Kind.AMQP and conn.heartbeat:
-            self._heartbeater = self.publisher.heartbeater = Heartbeater()
+        if transport_kind is Kind.AMQP and conn.heartbeat:
+            # for the calls run inline, and for event handlers, which always are
+            if self.pool is None:
+                self._heartbeater = self.publisher.heartbeater = Heartbeater()
+            elif self._dispatcher.registry.subscriptions():
+                self._heartbeater = Heartbeater()
         try:
             if transport_kind is not Kind.POLLING:
                 self._start_cancel_listener()

@@ -109,7 +109,8 @@ class _Parts:
 
     The items are published, in order, by the thread that runs the call, the one that
     publishes its final reply; between two items it stops early once the call is
-    cancelled (``cancelled`` on its :class:`~kombu_rpc.context.CallContext`).
+    cancelled (``cancelled`` on its :class:`~kombu_rpc.context.CallContext`) or past
+    its deadline.
     """
 
     def __init__(self, dispatcher: Dispatcher, job: Job) -> None:
@@ -178,7 +179,7 @@ class _Parts:
                     self.sent += 1
                 else:
                     collected.append(item)
-                if self._cancelled():
+                if self._stopped():
                     break
         return None if self._streaming else collected
 
@@ -187,7 +188,7 @@ class _Parts:
         closing this closes it there."""
         run = self._dispatcher.run_coroutine
         try:
-            while not self._cancelled():
+            while not self._stopped():
                 try:
                     item = run(_anext(agen))
                 except StopAsyncIteration:
@@ -196,8 +197,10 @@ class _Parts:
         finally:
             run(agen.aclose())
 
-    def _cancelled(self) -> bool:
-        return self.call.cancelled
+    def _stopped(self) -> bool:
+        """Whether the caller no longer waits: it cancelled the call, or its deadline
+        passed (a stream whose cancel was lost stops all the same)."""
+        return self.call.cancelled or self._request.expired()
 
     def end_headers(self) -> dict[str, Any] | None:
         """The headers of the final reply: a stream's end, with the items sent."""

@@ -270,10 +270,12 @@ class PendingCalls:
 
     def __init__(
         self,
-        on_expired: Callable[[str, str], None] | None = None,
+        on_expired: Callable[[str, str, bool], None] | None = None,
         on_cancel: Callable[[str, str], None] | None = None,
     ) -> None:
-        #: Called with (queue, correlation_id) of each call failed at its deadline.
+        #: Called with (queue, correlation_id, has_parts) of each call failed at its
+        #: deadline or idle timeout (``has_parts``: a stream, or a call with an idle
+        #: timeout or progress).
         self._on_expired = on_expired
         #: Called with (queue, correlation_id) of each call whose future was cancelled.
         self._on_cancel = on_cancel
@@ -442,4 +444,4 @@ class PendingCalls:
                     error = IdleTimeout(pending.method, parts.idle_timeout)
                 pending.reject(error)
                 if self._on_expired is not None:
-                    self._on_expired(pending.queue, cid)
+                    self._on_expired(pending.queue, cid, parts is not None)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kombu_rpc import RPCProxy, RPCServer
+from kombu_rpc import Event, EventPublisher, Registry, RPCProxy, RPCServer
 from kombu_rpc import _consumer as consumer_module
 from kombu_rpc.testing import make_registry, unique_queue_name
 
@@ -128,3 +128,30 @@ def test_a_proxy_waiting_on_a_long_call_keeps_its_connection(
     assert result == "done"
     assert runs.count == 2
     assert lost(caplog, "link") == [] and lost(caplog, "client") == []
+
+
+def test_a_long_event_handler_keeps_the_connection_of_a_server_with_a_pool(
+    url: str, queue: str, private_rabbit: PrivateRabbit, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Event handlers run on the consuming thread whatever the server's concurrency:
+    its heartbeater beats for them too, or the broker would close the connection
+    mid-handler and deliver the event again (and again)."""
+    caplog.set_level(logging.INFO, logger="kombu_rpc")
+    runs = Runs()
+    handled: list[float] = []
+    exchange = unique_queue_name("test.heartbeats.events")
+    registry = Registry()
+
+    @registry.subscribe(exchange, "#", group="g")
+    def handle(event: Event) -> None:
+        handled.append(event.payload)
+        runs.long_call(event.payload)
+
+    server = RPCServer(url, registry=registry, queue=queue, concurrency=2)
+    with server.running():
+        with EventPublisher(private_rabbit.url, exchange, "topic") as events:
+            events.publish("long", CALL_SECONDS)
+            events.publish("short", 0)
+        assert runs.wait(2, 4 * CALL_SECONDS)
+    assert handled == [CALL_SECONDS, 0]  # each event once: the long one was not delivered again
+    assert lost(caplog, "server") == []

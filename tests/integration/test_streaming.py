@@ -214,6 +214,19 @@ def test_stopping_a_stream_early_stops_its_server_producing(
     assert stopped_at < 500
 
 
+def test_a_stream_past_its_deadline_stops_its_server_producing(serve: Serve, proxies: MakeProxy) -> None:
+    registry = Registry()
+    producer = Producer()
+    producer.register(registry)
+    serve(registry=registry)
+    proxy = proxies(timeout=1.5)
+    with pytest.raises(RPCTimeout):
+        for _ in proxy.endless.stream(0.5):
+            pass
+    assert producer.stopped.wait(10), "the server ran on after the caller's timeout"
+    assert producer.produced < 10
+
+
 def test_cancelling_the_task_of_an_async_for_stops_the_server(
     serve: Serve, broker_url: str, queue_name: str
 ) -> None:
