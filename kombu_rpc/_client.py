@@ -306,6 +306,9 @@ class Client:
             abandoned[correlation_id] = None
             if len(abandoned) > _ABANDONED_KEPT:
                 abandoned.popitem(last=False)
+        # messages of the call may still come until its server hears the cancel: a
+        # Redis proxy closed meanwhile leaves its reply list to expire (RedisLink)
+        self._pending.unanswered(monotonic())
         if self._link_started:
             self._link.withdraw(queue, correlation_id)
         self._canceller.send(queue, correlation_id, deadline)

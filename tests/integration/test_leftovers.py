@@ -4,6 +4,7 @@ itself is allowed: see ``RedisLink._discard``)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -148,6 +149,32 @@ def test_the_late_reply_of_a_call_that_timed_out_before_close_leaves_nothing_for
         finally:
             gate.released.set()
     assert_reply_queue_gone_or_expiring(broker, proxy, LATE_REPLY_WINDOW, replies=1)
+
+
+def test_the_late_items_of_a_stream_stopped_before_close_leave_nothing_for_ever(
+    broker: Broker, broker_url: str, queue_name: str
+) -> None:
+    registry = Registry()
+    stopped = threading.Event()
+
+    @registry.remote
+    def endless() -> Iterator[int]:
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield n
+        finally:
+            stopped.set()
+
+    with RPCServer(broker_url, registry=registry, queue=queue_name, concurrency=2).running():
+        proxy = RPCProxy(broker.url, queue=queue_name, timeout=30)
+        for item in proxy.endless.stream():
+            if item == 3:
+                break  # items keep coming until the server heard the cancel
+        proxy.close()
+        assert stopped.wait(10)
+    assert_reply_queue_gone_or_expiring(broker, proxy, LATE_REPLY_WINDOW)
 
 
 def test_the_late_replies_of_a_broadcast_leave_nothing_for_ever(
