@@ -13,17 +13,18 @@ import contextlib
 import logging
 import threading
 from collections import deque
+from time import time
 from typing import Any
 
-from kombu import Connection, Consumer, Producer
+from kombu import Connection, Consumer, Exchange, Producer
 from kombu.message import Message
 
 from . import protocol
-from ._cancels import CancelledCalls
+from ._cancels import MAX_TTL, CancelledCalls
 from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, start_listening
 from .connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from .errors import RemoteError
-from .topology import CANCEL_QUEUE_TEMPLATE, cancel_exchange, cancel_queue, discard_queue
+from .topology import CANCEL_QUEUE_TEMPLATE, cancel_exchange, cancel_queue, discard_queue, held_cancels
 
 # The calling side logs as the client, the serving side as the server (the guide's names).
 client_logger = logging.getLogger("kombu_rpc.client")
@@ -116,34 +117,65 @@ class CancelSender:
     def _publish(self, conn: Connection, queue: str, call_id: str, deadline: float | None) -> None:
         conn.ensure_connection(max_retries=1, timeout=PUBLISH_TIMEOUT)
         exchange = cancel_exchange(queue)
+        wake = protocol.WAKE_UP
+        headers = protocol.cancel_headers(deadline)
+        if self._secret is not None:
+            headers.update(protocol.signature_headers(self._secret, "cancel", wake, call_id, "", deadline))
+        message: dict[str, Any] = {
+            "headers": headers,
+            "correlation_id": call_id,
+            "content_type": wake.content_type,
+            "content_encoding": wake.content_encoding,
+            "timeout": PUBLISH_TIMEOUT,
+        }
+        if self._keeps_exchanges and not _exists(conn, exchange):
+            self._hold(queue, call_id, deadline, wake.payload, message)
+            # a server that bound its cancel queue before this check may have read the
+            # held cancels before this one was held: it hears it through the exchange
+            if not _exists(conn, exchange):
+                client_logger.debug("call %s: no server of %r runs; its cancel waits", call_id, queue)
+                return
         channel = conn.channel()
         try:
-            if self._keeps_exchanges:
-                try:
-                    exchange(channel).declare(passive=True)
-                except broker_errors(conn, connection=False):
-                    client_logger.debug("call %s: no server of %r to cancel it on", call_id, queue)
-                    return
-            wake = protocol.WAKE_UP
-            headers = protocol.cancel_headers(deadline)
-            if self._secret is not None:
-                headers.update(
-                    protocol.signature_headers(self._secret, "cancel", wake, call_id, "", deadline)
-                )
             Producer(channel).publish(
                 wake.payload,
                 exchange=exchange,
                 routing_key="",
                 declare=[] if self._keeps_exchanges else [exchange],
-                headers=headers,
-                correlation_id=call_id,
-                content_type=wake.content_type,
-                content_encoding=wake.content_encoding,
-                timeout=PUBLISH_TIMEOUT,
+                **message,
             )
             client_logger.debug("call %s: sent its cancel to the servers of %r", call_id, queue)
         finally:
             close_channel(channel, broker_errors(conn))
+
+    def _hold(
+        self, queue: str, call_id: str, deadline: float | None, body: Any, message: dict[str, Any]
+    ) -> None:
+        """Leave the cancel in the queue's held cancels until the call's deadline (at
+        most :data:`~kombu_rpc._cancels.MAX_TTL`), confirmed: the next server to start
+        reads it before it takes a request."""
+        ttl = MAX_TTL if deadline is None else min(MAX_TTL, deadline - time())
+        if ttl <= 0:
+            return  # past its deadline: no server runs the call any more
+        held = held_cancels(queue)
+        with publishing_clone(self._origin, confirm=True) as conn:
+            Producer(conn).publish(
+                body, exchange="", routing_key=held.name, declare=[held], expiration=ttl, **message
+            )
+        client_logger.debug("call %s: its cancel waits for a server of %r", call_id, queue)
+
+
+def _exists(conn: Connection, exchange: Exchange) -> bool:
+    """Whether ``exchange`` exists (a passive declare, on a channel of its own: one
+    that fails closes its channel)."""
+    channel = conn.channel()
+    try:
+        exchange(channel).declare(passive=True)
+        return True
+    except broker_errors(conn, connection=False):
+        return False
+    finally:
+        close_channel(channel, broker_errors(conn))
 
 
 # -- the serving side -------------------------------------------------------------------
@@ -277,6 +309,8 @@ class CancelListener:
             )
             consumer.consume()
             start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, cancels come by PUB/SUB
+            if kind(conn) is not Kind.REDIS:  # where exchanges are kept, cancels may be held
+                self._read_held(conn)
             self.ready.set()
             heartbeats = conn.supports_heartbeats
             while not self._done():
@@ -300,14 +334,36 @@ class CancelListener:
         finally:
             close_channel(channel, errors)
 
-    def _on_message(self, message: Message) -> None:
+    def _read_held(self, conn: Connection) -> None:
+        """Take in the cancels held while no server ran (:func:`held_cancels`), and
+        leave them there for the servers that start next."""
+        held = held_cancels(self._queue)
+        channel = conn.channel()
+        taken: list[Message] = []
+        try:
+            try:
+                _, count, _ = held(channel).queue_declare(passive=True)
+            except broker_errors(conn, connection=False):
+                return  # none was ever held, or they expired
+            for _ in range(count):
+                message = held(channel).get(no_ack=False)
+                if message is None:
+                    break
+                taken.append(message)
+                self._on_message(message, window=MAX_TTL)  # signed when held: maybe long ago
+            for message in taken:
+                message.requeue()
+        finally:
+            close_channel(channel, broker_errors(conn))
+
+    def _on_message(self, message: Message, window: float | None = None) -> None:
         cancel = protocol.read_cancel(message)
         if cancel is None:
             return  # a wake-up, or not a cancel
         call_id, deadline = cancel
         if self._secret is not None:
             try:
-                protocol.check_signature(message, self._secret, self._signature_window, "cancel")
+                protocol.check_signature(message, self._secret, window or self._signature_window, "cancel")
             except RemoteError as exc:
                 server_logger.warning(
                     "server %s: ignored a cancel of call %s: %s", self._server_id, call_id, exc

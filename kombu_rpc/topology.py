@@ -27,6 +27,11 @@ BROADCAST_QUEUE_TEMPLATE = "kombu_rpc.broadcast.{queue}.{server_id}"
 CANCEL_EXCHANGE_TEMPLATE = "kombu_rpc.cancel.{queue}"
 #: Each server's cancel listener reads cancels from one queue named after this.
 CANCEL_QUEUE_TEMPLATE = "kombu_rpc.cancel.{queue}.{server_id}"
+#: Where cancels wait while no server of the queue runs (RabbitMQ, memory://).
+HELD_CANCELS_TEMPLATE = "kombu_rpc.cancel.{queue}.held"
+#: Milliseconds a queue of held cancels outlives its last use (RabbitMQ's ``x-expires``):
+#: as long as a cancel is kept at most.
+HELD_CANCELS_EXPIRE_MS = 3_600_000
 #: The exchange types events go through (:mod:`kombu_rpc.events`).
 EVENT_EXCHANGE_TYPES = ("fanout", "direct", "topic")
 #: A subscription without a group: each server's own queue, bound to the event exchange.
@@ -140,6 +145,21 @@ def cancel_queue(queue: str, server_id: str) -> Queue:
         durable=False,
         exclusive=True,
         auto_delete=True,
+    )
+
+
+def held_cancels(queue: str) -> Queue:
+    """The durable queue where the cancels of calls to ``queue`` wait while no server
+    of it runs, each until its call's deadline (see :doc:`/cancellation`): a server's
+    cancel listener reads them when it starts, and leaves them for the next server.
+    RabbitMQ deletes the queue an hour after its last use."""
+    name = HELD_CANCELS_TEMPLATE.format(queue=queue)
+    return Queue(
+        name,
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        queue_arguments={"x-expires": HELD_CANCELS_EXPIRE_MS},
     )
 
 

@@ -21,7 +21,7 @@ from kombu import Connection, Queue
 
 from kombu_rpc import Registry, RPCProxy, RPCServer
 from kombu_rpc.testing import unique_queue_name
-from kombu_rpc.topology import broadcast_exchange, cancel_exchange
+from kombu_rpc.topology import broadcast_exchange, cancel_exchange, held_cancels
 
 DEFAULT_BROKERS = "amqp://guest:guest@127.0.0.1:5672//,redis://127.0.0.1:6379/0"
 MEMORY = "memory://"
@@ -205,6 +205,7 @@ def delete_queue(broker_url: str, name: str) -> None:
         try:
             queue.purge()
             queue.delete()
+            held_cancels(name)(conn.default_channel).delete()  # cancels sent while no server ran
             if broker_url.startswith("redis"):
                 for exchange in (broadcast_exchange(name).name, cancel_exchange(name).name):
                     conn.default_channel.client.delete(

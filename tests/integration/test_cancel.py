@@ -161,6 +161,23 @@ def test_a_request_still_queued_when_cancelled_never_runs(
     assert seen.counted == 0
 
 
+def test_a_request_cancelled_while_no_server_runs_never_runs(
+    broker_url: str, registry: Registry, queue_name: str, proxy: RPCProxy, seen: Seen
+) -> None:
+    with RPCServer(broker_url, registry=registry, queue=queue_name).running():
+        pass  # the request queue exists; no server runs from here
+    queued = proxy.count.call_async()
+    cancel_at_once(queued)
+    # RabbitMQ and memory://: the cancel waits in the queue's held cancels, which a
+    # server reads before it takes a request; Redis: the request was taken back
+    proxy._client._canceller.close()  # sent (it is sent in the background)
+    with RPCServer(broker_url, registry=registry, queue=queue_name).running():
+        assert proxy.fib(10) == 55  # taken after the cancelled request
+        with RPCServer(broker_url, registry=registry, queue=queue_name).running():
+            pass  # a second server reads the held cancel too (and leaves it)
+    assert seen.counted == 0
+
+
 def test_a_cancelled_call_does_not_cancel_the_others(
     serve: Serve, proxy: RPCProxy, gate: Gate, seen: Seen
 ) -> None:
