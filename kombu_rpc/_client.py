@@ -149,7 +149,7 @@ class Client:
         self._canceller = CancelSender(self._connection, self._link.keeps_exchanges, self._secret)
         # the latest calls abandoned, whose replies are dropped without a warning
         self._abandoned: OrderedDict[str, None] = OrderedDict()
-        self._abandoning = threading.Lock()
+        self._abandoning = threading.RLock()  # a Stream finalizer may abandon in a thread holding it
 
     @property
     def reply_queue(self) -> str:
