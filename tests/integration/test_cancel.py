@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from kombu_rpc import AsyncRPCProxy, Registry, RPCProxy, RPCServer, current_call, metrics
 from kombu_rpc._client import Client
-from kombu_rpc.topology import CANCEL_EXCHANGE_TEMPLATE, CANCEL_QUEUE_TEMPLATE
+from kombu_rpc.topology import CANCEL_EXCHANGE_TEMPLATE, CANCEL_QUEUE_TEMPLATE, HELD_CANCELS_TEMPLATE
 
 from ..conftest import Gate, LogWaiter, Recorder
 from .tcpproxy import TCPProxy
@@ -229,6 +229,10 @@ def test_a_call_whose_server_is_gone_cancels_at_once_and_leaves_nothing(
         proxy.close()  # sends what cancels it has, without hanging
         assert monotonic() - began < 10
         assert not broker.has_exchange(CANCEL_EXCHANGE_TEMPLATE.format(queue=queue_name))
+        # the cancel waits for the next server where exchanges are kept (the queue of
+        # held cancels expires by itself); on Redis the request was taken back instead
+        held = HELD_CANCELS_TEMPLATE.format(queue=queue_name)
+        assert broker.has_queue(held) is (broker.redis is None)
         assert "kombu_rpc-cancels" not in {thread.name for thread in threading.enumerate()}
     finally:
         broker.close()
