@@ -113,14 +113,8 @@ def broadcast_queue(queue: str, server_id: str) -> Queue:
     binding has an empty routing key, as broadcasts are published with: kombu's Redis
     transport subscribes to a topic named after the binding's routing key.
     """
-    name = BROADCAST_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id)
-    return Queue(
-        name,
-        exchange=broadcast_exchange(queue),
-        routing_key="",
-        durable=False,
-        exclusive=True,
-        auto_delete=True,
+    return _bound_to_fanout(
+        BROADCAST_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id), broadcast_exchange(queue)
     )
 
 
@@ -137,15 +131,15 @@ def cancel_queue(queue: str, server_id: str) -> Queue:
     """The queue of server ``server_id``'s cancel listener, bound to
     :func:`cancel_exchange` (exclusive, with an empty binding key, like
     :func:`broadcast_queue`)."""
-    name = CANCEL_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id)
-    return Queue(
-        name,
-        exchange=cancel_exchange(queue),
-        routing_key="",
-        durable=False,
-        exclusive=True,
-        auto_delete=True,
+    return _bound_to_fanout(
+        CANCEL_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id), cancel_exchange(queue)
     )
+
+
+def _bound_to_fanout(name: str, exchange: Exchange) -> Queue:
+    """A server's own queue ``name``, bound to the fanout ``exchange`` with an empty
+    routing key: non-durable, exclusive and auto-delete."""
+    return Queue(name, exchange=exchange, routing_key="", durable=False, exclusive=True, auto_delete=True)
 
 
 def held_cancels(queue: str) -> Queue:
