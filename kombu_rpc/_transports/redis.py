@@ -166,13 +166,7 @@ def check() -> str | None:
     base = kombu_redis.Channel
     missing = [
         name
-        for name in (
-            "conn_or_acquire",
-            "_create_client",
-            "_disconnect_pools",
-            "_subscribe",
-            "_get_subscribe_topics",
-        )
+        for name in ("conn_or_acquire", "_create_client", "_disconnect_pools", "_handle_message")
         if not callable(getattr(base, name, None))
     ]
     missing += [name for name in ("_pool", "subclient") if not hasattr(base, name)]
