@@ -8,6 +8,7 @@ An unreachable real broker skips its tests, unless ``KOMBU_RPC_REQUIRE_BROKERS=1
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -207,12 +208,28 @@ def delete_queue(broker_url: str, name: str) -> None:
             queue.delete()
             held_cancels(name)(conn.default_channel).delete()  # cancels sent while no server ran
             if broker_url.startswith("redis"):
+                forget_unacked(conn.default_channel.client, name)
                 for exchange in (broadcast_exchange(name).name, cancel_exchange(name).name):
                     conn.default_channel.client.delete(
                         f"_kombu.binding.{exchange}", f"_kombu.binding_permanent.{exchange}"
                     )
         except conn.connection_errors + conn.channel_errors:
             pass
+
+
+def forget_unacked(client: Any, queue: str) -> None:
+    """Drop from kombu's table of unacknowledged Redis messages (shared by every client
+    of the database) those taken from ``queue`` by a server that died before it acked
+    them: another client would restore them to the queue, after the test deleted it,
+    and the queue would stay for ever."""
+    for tag, raw in client.hscan_iter("unacked"):
+        try:
+            routing_key = json.loads(raw)[2]
+        except (ValueError, TypeError, IndexError):
+            continue
+        if routing_key == queue:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
 
 
 @pytest.fixture
