@@ -486,14 +486,7 @@ class Dispatcher:
         except SerializationError as exc:
             unserializable = RemoteError("UnserializableResult", f"the result cannot be serialized: {exc}")
             encoded, headers = self.codec.encode_reply(protocol.error_body(unserializable), serializer)
-        headers = {**headers, protocol.SERVER_ID_HEADER: self.server_id}
-        if extra_headers:
-            headers.update(extra_headers)
-        if self.secret is not None:
-            headers.update(
-                protocol.signature_headers(self.secret, "reply", encoded, address.correlation_id, "", None)
-            )
-        return address, encoded, headers
+        return self._sent_by_this_server(address, encoded, {**headers, **(extra_headers or {})})
 
     def encode_part(
         self,
@@ -510,7 +503,14 @@ class Dispatcher:
             SerializationError: ``body`` cannot be encoded.
         """
         encoded = protocol.encode(body, serializer)
-        headers = {**protocol.part_headers(part, seq), protocol.SERVER_ID_HEADER: self.server_id}
+        return self._sent_by_this_server(address, encoded, protocol.part_headers(part, seq))
+
+    def _sent_by_this_server(
+        self, address: protocol.ReplyAddress, encoded: protocol.Encoded, headers: dict[str, Any]
+    ) -> Reply:
+        """A message to ``address`` naming this server, signed as a reply if there is
+        a secret."""
+        headers = {**headers, protocol.SERVER_ID_HEADER: self.server_id}
         if self.secret is not None:
             headers.update(
                 protocol.signature_headers(self.secret, "reply", encoded, address.correlation_id, "", None)
