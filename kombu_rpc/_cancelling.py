@@ -245,15 +245,11 @@ class CancelListener:
                     with self._connection.clone() as conn:
                         conn.ensure_connection(max_retries=1, interval_start=0)
                         exchange = cancel_exchange(self._queue)
-                        wake = protocol.WAKE_UP
                         Producer(conn).publish(
-                            wake.payload,
                             exchange=exchange,
                             routing_key="",
                             declare=[exchange] if kind(conn) is Kind.REDIS else [],
-                            headers=dict(protocol.WAKE_HEADERS),
-                            content_type=wake.content_type,
-                            content_encoding=wake.content_encoding,
+                            **protocol.wake_up_message(),
                         )
                 except Exception as exc:  # it sees the flag within IDLE_WAIT
                     server_logger.debug("could not wake the cancel listener of %s: %s", self._server_id, exc)

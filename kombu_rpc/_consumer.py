@@ -142,14 +142,8 @@ class ConsumeLoop:
         try:
             with self._connection.clone() as conn:
                 conn.ensure_connection(max_retries=1, interval_start=0)
-                wake = protocol.WAKE_UP
                 Producer(conn).publish(
-                    wake.payload,
-                    exchange="",
-                    routing_key=self._control_queue,
-                    headers=dict(protocol.WAKE_HEADERS),
-                    content_type=wake.content_type,
-                    content_encoding=wake.content_encoding,
+                    exchange="", routing_key=self._control_queue, **protocol.wake_up_message()
                 )
         except Exception as exc:  # the loop still sees the flag within IDLE_WAIT
             logger.debug("could not wake server %s: %s", self._server_id, exc)

@@ -103,6 +103,17 @@ CANCEL = "cancel"
 WAKE_UP = Encoded(b"", "application/data", "binary")
 
 
+def wake_up_message() -> dict[str, Any]:
+    """The keywords of ``Producer.publish`` for an internal wake-up message (its
+    body, headers and content type; the caller adds where it goes)."""
+    return {
+        "body": WAKE_UP.payload,
+        "headers": dict(WAKE_HEADERS),
+        "content_type": WAKE_UP.content_type,
+        "content_encoding": WAKE_UP.content_encoding,
+    }
+
+
 # -- JSON values ------------------------------------------------------------------
 #
 # kombu's JSON serializer (kombu.utils.json) writes datetime, date, time, Decimal, UUID

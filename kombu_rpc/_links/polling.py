@@ -32,7 +32,7 @@ from .._pending import _Outgoing
 from .._transports import close_channel
 from ..connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from ..metrics import count_event
-from ..protocol import WAKE_HEADERS, WAKE_UP
+from ..protocol import wake_up_message
 from ..topology import discard_queue
 from .base import FRAME_WAIT, Link, consume_replies, send
 from .turns import Closed
@@ -344,13 +344,7 @@ class RedisLink(PollingLink):
     def _wake_up(self, channel: Any) -> None:
         """Push :data:`~kombu_rpc.protocol.WAKE_UP` to the reply queue on ``channel``
         (a publish does not use the connection the reads wait on)."""
-        Producer(channel, auto_declare=False).publish(
-            WAKE_UP.payload,
-            routing_key=self.reply_queue,
-            headers=dict(WAKE_HEADERS),
-            content_type=WAKE_UP.content_type,
-            content_encoding=WAKE_UP.content_encoding,
-        )
+        Producer(channel, auto_declare=False).publish(routing_key=self.reply_queue, **wake_up_message())
 
     def withdraw(self, queue: str, correlation_id: str) -> None:
         """Have the publisher thread take back an unanswered request."""
