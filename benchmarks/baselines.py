@@ -33,8 +33,8 @@ from typing import Any
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.message import Message
 
-from .brokers import Broker, delete_queues, unique_queue
-from .implementations import Client, Implementation, Session
+from .brokers import Broker, unique_queue
+from .implementations import Client, Implementation
 from .workload import Workload
 
 #: The method a client sends to make a baseline server leave its loop.
@@ -297,44 +297,39 @@ class RawKombu(Implementation):
             self.window_cap = POLLING_WINDOW
 
     @contextmanager
-    def serving(self, workload: Workload, concurrency: int) -> Iterator[Session]:
+    def server(self, workload: Workload, queue: str, concurrency: int) -> Iterator[None]:
         """Serve in a thread with prefetch ``concurrency`` (one call at a time, like the
         tutorial: the prefetch is there to match kombu_rpc's broker-side flow control)."""
-        queue = unique_queue()
         server = RawKombuServer(
             self.broker.url, queue, workload.handlers(), concurrency, self.transport_options
         )
         server.start()
-        try:
-            server.wait_ready(self.call_timeout)
-            client = RawKombuClient(self.broker.url, queue, self.transport_options, self.call_timeout)
-            try:
-                yield Session(client, self._new_client(queue))
-                client.cast(STOP)
-                server.join(self.call_timeout)
-            finally:
-                client.close()
-        finally:
-            if server.is_alive():
-                _stop_with_new_client(lambda: self._new_client(queue)())
-                server.join(self.call_timeout)
-            delete_queues(self.broker, [queue])
+        with _stopping(server, lambda: self.client(queue), self.call_timeout):
+            yield
 
-    def _new_client(self, queue: str) -> Callable[[], Client]:
-        return lambda: RawKombuClient(self.broker.url, queue, self.transport_options, self.call_timeout)
+    def client(self, queue: str) -> Client:
+        """A client with a connection of its own."""
+        return RawKombuClient(self.broker.url, queue, self.transport_options, self.call_timeout)
 
 
-def _stop_with_new_client(make: Callable[[], Client]) -> None:
-    """Ask a baseline server to stop through a fresh client (the session's one may be
-    the reason we are here)."""
+@contextmanager
+def _stopping(server: _BaselineServer, new_client: Callable[[], Client], timeout: float) -> Iterator[None]:
+    """Wait until the started ``server`` consumes; on exit, send it :data:`STOP` through
+    a client of its own and wait for it to end."""
     try:
-        client = make()
-        try:
-            client.cast(STOP)
-        finally:
-            client.close()
-    except Exception:
-        pass  # the server is a daemon thread; it dies with the process
+        server.wait_ready(timeout)
+        yield
+    finally:
+        if server.is_alive():
+            try:
+                client = new_client()
+                try:
+                    client.cast(STOP)
+                finally:
+                    client.close()
+            except Exception:
+                pass  # the server is a daemon thread; it dies with the process
+            server.join(timeout)
 
 
 # -- pika (RabbitMQ tutorial 6) -----------------------------------------------------------
@@ -490,27 +485,13 @@ class PikaTutorial(Implementation):
     note = "pika: RabbitMQ tutorial 6 (server prefetch_count=1, no publisher confirms)"
 
     @contextmanager
-    def serving(self, workload: Workload, concurrency: int) -> Iterator[Session]:
+    def server(self, workload: Workload, queue: str, concurrency: int) -> Iterator[None]:
         """Serve with the tutorial's server; ``concurrency`` is ignored (prefetch 1)."""
-        parameters = pika_parameters(self.broker.url)
-        queue = unique_queue()
-        server = PikaServer(parameters, queue, workload.handlers())
+        server = PikaServer(pika_parameters(self.broker.url), queue, workload.handlers())
         server.start()
-        try:
-            server.wait_ready(self.call_timeout)
+        with _stopping(server, lambda: self.client(queue), self.call_timeout):
+            yield
 
-            def new_client() -> Client:
-                return PikaClient(parameters, queue, self.call_timeout)
-
-            client = new_client()
-            try:
-                yield Session(client, new_client)
-                client.cast(STOP)
-                server.join(self.call_timeout)
-            finally:
-                client.close()
-        finally:
-            if server.is_alive():
-                _stop_with_new_client(lambda: PikaClient(parameters, queue, self.call_timeout))
-                server.join(self.call_timeout)
-            delete_queues(self.broker, [queue])
+    def client(self, queue: str) -> Client:
+        """A tutorial client with a connection of its own."""
+        return PikaClient(pika_parameters(self.broker.url), queue, self.call_timeout)

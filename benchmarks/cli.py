@@ -18,9 +18,9 @@ import kombu
 
 import kombu_rpc
 
-from .baselines import PikaTutorial, RawKombu
 from .brokers import Broker, check_reachable, resolve_brokers
 from .implementations import Implementation, KombuRPC, source_digest
+from .lineup import implementations
 from .report import (
     CPU_CLIENT_ONLY,
     CPU_IN_PROCESS,
@@ -35,6 +35,7 @@ from .report import (
 from .scenarios import (
     COMPARED,
     FAMILIES,
+    OWN_PROCESS,
     Sample,
     Scenario,
     Settings,
@@ -45,6 +46,7 @@ from .scenarios import (
     measure_rss,
     select_scenarios,
 )
+from .sessions import serving
 from .workload import Workload
 
 logger = logging.getLogger("benchmarks")
@@ -86,6 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--window", type=float, help=f"longest measured window in seconds (default {FULL.window:g})"
     )
+    parser.add_argument(
+        "--servers",
+        choices=("process", "thread"),
+        default="process",
+        help=(
+            "where the servers of the sequential, pipelined, payload and threads scenarios run: "
+            "a process of their own, as users run them (default), or a thread of the benchmark "
+            "process (memory:// always uses a thread)"
+        ),
+    )
     parser.add_argument("--json", metavar="PATH", help="write the JSON lines to PATH instead of stdout")
     parser.add_argument("--verbose", "-v", action="store_true", help="log each measurement as it ends")
     args = parser.parse_args(argv)
@@ -112,22 +124,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-def implementations(broker: Broker, settings: Settings) -> list[Implementation]:
-    """The implementations compared on ``broker``: baselines first, then kombu_rpc."""
-    timeout = settings.call_timeout
-    impls: list[Implementation] = [RawKombu(broker, timeout)]
-    if broker.name == "memory":
-        impls.append(RawKombu(broker, timeout, busy_poll=True))
-    if broker.name == "amqp":
-        impls.append(RawKombu(broker, timeout, confirms=True))
-        impls.append(PikaTutorial(broker, timeout))
-    impls.append(KombuRPC(broker, timeout))
-    impls.append(KombuRPC(broker, timeout, metrics=True))
-    if broker.name == "amqp":
-        impls.append(KombuRPC(broker, timeout, confirm_publish=False))
-    return impls
-
-
 def scenario_bound(scenario: Scenario, measurements: int, settings: Settings) -> float:
     """Seconds after which a scenario is stuck: the watchdog then dumps every thread's
     stack and exits. Generous: each measurement gets its window, a call timeout to
@@ -147,11 +143,12 @@ class Runner:
     #: Tries per measurement.
     ATTEMPTS = 2
 
-    def __init__(self, broker: Broker, settings: Settings, verbose: bool) -> None:
+    def __init__(self, broker: Broker, settings: Settings, verbose: bool, own_process: bool) -> None:
         self.broker = broker
         self.settings = settings
         self.verbose = verbose
-        self.impls = implementations(broker, settings)
+        self.own_process = own_process and not broker.in_process
+        self.impls = implementations(broker, settings.call_timeout)
         self.results: list[Result] = []
 
     def run(self, scenarios: list[Scenario]) -> list[Result]:
@@ -206,11 +203,12 @@ class Runner:
         if impl.window_cap is not None and impl.window_cap < settings.window:
             settings = dataclasses.replace(settings, window=impl.window_cap)
         workload = Workload()
-        with impl.serving(workload, scenario.concurrency) as session:
+        own_process = self.own_process and scenario.family in OWN_PROCESS
+        with serving(impl, workload, scenario.concurrency, own_process) as session:
             return measure(session, workload, scenario, settings)
 
     def _idle(self, impl: Implementation) -> Sample:
-        with impl.serving(Workload(), 1) as session:
+        with serving(impl, Workload(), 1) as session:
             return measure_idle(session, self.settings)
 
     def _attempt(self, round_no: int, result: Result, measure_once: Callable[[], Sample]) -> None:
@@ -254,6 +252,7 @@ def header(args: argparse.Namespace, settings: Settings, brokers: list[Broker]) 
         "platform": platform.platform(),
         "brokers": [b.name for b in brokers],
         "settings": settings.__dict__,
+        "servers": args.servers,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     notes: dict[str, set[str]] = {}
     for broker in brokers:
-        runner = Runner(broker, settings, args.verbose)
+        runner = Runner(broker, settings, args.verbose, args.servers == "process")
         results.extend(runner.run(scenarios))
         notes[broker.name] = {impl.note for impl in runner.impls if impl.note}
     add_ratios(results)
@@ -293,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {run_info['command']}")
     print(
         f"Medians of {settings.rounds} alternating round(s); calls/s over the measured window; "
-        "CPU us/call is process CPU over the window / calls (client+server when the server "
-        "runs in-process, which is every scenario but processes_* and, on real brokers, rss)."
+        f"servers of the sequential, pipelined, payload and threads scenarios in "
+        f"{'processes of their own' if args.servers == 'process' else 'threads'} (memory://: threads); "
+        "CPU us/call is CPU over the window / calls, of the benchmark process and the server's "
+        "(processes_* and rss: the client's only)."
     )
     for broker in brokers:
         print(f"\n== {broker.name} ==")

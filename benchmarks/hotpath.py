@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     queue = unique_queue()
     try:
         with (
-            server_processes(broker, queue, 1, confirm_publish=confirm) as (server,),
+            server_processes(broker, queue, 1, "kombu_rpc" if confirm else "kombu_rpc_noconfirm") as (
+                server,
+            ),
             RPCProxy(broker.url, queue=queue, timeout=30, confirm_publish=confirm) as proxy,
         ):
             wait_for_servers(proxy, [server], timeout=60)

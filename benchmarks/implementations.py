@@ -1,9 +1,9 @@
 """What every benchmarked implementation provides, and kombu_rpc's own.
 
-An :class:`Implementation` serves a :class:`~benchmarks.workload.Workload` on a fresh
-queue for the length of one measurement and hands back a :class:`Session`: a
-:class:`Client` to drive, and a way to get a client for each worker thread.
-Baselines live in :mod:`benchmarks.baselines`.
+An :class:`Implementation` can serve a :class:`~benchmarks.workload.Workload` on a
+queue (in a thread of the process it runs in) and make clients of that queue;
+:mod:`benchmarks.sessions` puts the two together for one measurement, with the server
+in this process or in one of its own. Baselines live in :mod:`benchmarks.baselines`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import kombu_rpc
 from kombu_rpc import Registry, RPCProxy, RPCServer
 
-from .brokers import Broker, delete_queues, unique_queue
+from .brokers import Broker
 from .workload import Workload
 
 
@@ -64,6 +64,8 @@ class Session:
     #: Returns a client for one more worker thread: the shared one for kombu_rpc (its
     #: proxy is thread-safe), a new one with its own connection for the baselines.
     open_client: Callable[[], Client]
+    #: The process the server runs in, when it is not this one.
+    server_pid: int | None = None
 
 
 class Implementation(ABC):
@@ -88,14 +90,27 @@ class Implementation(ABC):
         self.call_timeout = call_timeout
 
     @abstractmethod
-    def serving(self, workload: Workload, concurrency: int) -> AbstractContextManager[Session]:
-        """Serve ``workload`` on a fresh queue (deleted afterwards), ``concurrency``
-        calls at a time, and yield a session to call it."""
+    def server(self, workload: Workload, queue: str, concurrency: int) -> AbstractContextManager[None]:
+        """Serve ``workload`` on ``queue`` in this process, ``concurrency`` calls at a
+        time: the context is entered once the server consumes, and stops it on exit."""
+
+    @abstractmethod
+    def client(self, queue: str) -> Client:
+        """A client of ``queue`` (the caller closes it)."""
+
+    def clients(self, first: Client, queue: str) -> Callable[[], Client]:
+        """What gives each further worker thread its client: a new one by default."""
+        return lambda: self.client(queue)
+
+    def instrumented(self) -> AbstractContextManager[None]:
+        """What a process serving or calling with this implementation turns on first
+        (nothing, but for kombu_rpc with metrics)."""
+        return nullcontext()
 
 
 class KombuRPC(Implementation):
-    """kombu_rpc: an :class:`~kombu_rpc.RPCServer` in a thread and one
-    :class:`~kombu_rpc.RPCProxy`, with or without publisher confirms."""
+    """kombu_rpc: an :class:`~kombu_rpc.RPCServer` and one :class:`~kombu_rpc.RPCProxy`
+    shared by every thread, with or without publisher confirms."""
 
     is_kombu_rpc = True
 
@@ -123,9 +138,8 @@ class KombuRPC(Implementation):
         )
 
     @contextmanager
-    def serving(self, workload: Workload, concurrency: int) -> Iterator[Session]:
-        """Serve ``workload`` with an in-process :class:`~kombu_rpc.RPCServer`."""
-        queue = unique_queue()
+    def server(self, workload: Workload, queue: str, concurrency: int) -> Iterator[None]:
+        """An :class:`~kombu_rpc.RPCServer` consuming in a thread (``running()``)."""
         registry = Registry()
         for name, func in workload.handlers().items():
             registry.remote(name=name)(func)
@@ -136,28 +150,43 @@ class KombuRPC(Implementation):
             concurrency=concurrency,
             confirm_publish=self.confirm_publish,
         )
-        if self.metrics:
-            from prometheus_client import CollectorRegistry
+        with server.running():
+            yield
 
-            from kombu_rpc import metrics
+    def client(self, queue: str) -> Client:
+        """A client owning a new proxy."""
+        return KombuRPCClient(self.proxy(queue), self.call_timeout, owner=True)
 
-            metrics.enable(CollectorRegistry())
+    def clients(self, first: Client, queue: str) -> Callable[[], Client]:
+        """Every thread shares the first client's proxy."""
+        assert isinstance(first, KombuRPCClient)
+        return lambda: KombuRPCClient(first.proxy, self.call_timeout)
+
+    @contextmanager
+    def instrumented(self) -> Iterator[None]:
+        """kombu_rpc_metrics: Prometheus metrics on, in a registry of their own."""
+        if not self.metrics:
+            yield
+            return
+        from prometheus_client import CollectorRegistry
+
+        from kombu_rpc import metrics
+
+        metrics.enable(CollectorRegistry())
         try:
-            with server.running(), self.proxy(queue) as proxy:
-                client = KombuRPCClient(proxy, self.call_timeout)
-                yield Session(client, lambda: client)
+            yield
         finally:
-            if self.metrics:
-                metrics.disable()
-            delete_queues(self.broker, [queue])
+            metrics.disable()
 
 
 class KombuRPCClient:
-    """:class:`Client` over one :class:`~kombu_rpc.RPCProxy` (closed by its owner)."""
+    """:class:`Client` over one :class:`~kombu_rpc.RPCProxy`, owned (closed with the
+    client) or shared."""
 
-    def __init__(self, proxy: RPCProxy, call_timeout: float) -> None:
+    def __init__(self, proxy: RPCProxy, call_timeout: float, owner: bool = False) -> None:
         self.proxy = proxy
         self.call_timeout = call_timeout
+        self.owner = owner
 
     def call(self, method: str, *args: Any) -> Any:
         """A blocking call, as ``proxy.fib(0)`` makes it."""
@@ -204,4 +233,6 @@ class KombuRPCClient:
         return sent
 
     def close(self) -> None:
-        """Nothing: the proxy is shared, and closed by :meth:`KombuRPC.serving`."""
+        """Close the proxy if this client owns it (not when it shares another's)."""
+        if self.owner:
+            self.proxy.close()

@@ -22,6 +22,7 @@ from .brokers import delete_queues, resolve_brokers, unique_queue
 from .implementations import KombuRPC, KombuRPCClient
 from .scenarios import RSS_IN_FLIGHT, Meter, Sample, Thinned
 from .server_process import server_processes, wait_for_servers
+from .sessions import serving
 from .workload import Workload
 
 
@@ -38,7 +39,7 @@ def rss_mb() -> float:
 def _client(impl: KombuRPC) -> Iterator[KombuRPCClient]:
     """A client whose server runs in another process when the broker allows it."""
     if impl.broker.in_process:
-        with impl.serving(Workload(), 1) as session:
+        with serving(impl, Workload(), 1) as session:
             assert isinstance(session.client, KombuRPCClient)
             yield session.client
         return

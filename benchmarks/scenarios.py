@@ -3,11 +3,16 @@
 Every measurement runs a fresh server and client (see
 :class:`~benchmarks.implementations.Implementation`), warms them up, then times a
 window that ends after at most ``Settings.calls`` calls or ``Settings.window``
-seconds, whichever comes first (at least one call always completes). CPU is the
-process's CPU time (``time.process_time()``, all threads) over the window: it includes
-the server thread whenever the server runs in-process, which it does except in the
-``processes`` scenario and, on real brokers, the ``rss`` scenario (which runs in a
-fresh process of its own, see :mod:`benchmarks.rss`).
+seconds, whichever comes first (at least one call always completes).
+
+Where the server runs: in a process of its own for the families in
+:data:`OWN_PROCESS` (unless ``--servers thread``), as users run one; in a thread of the
+benchmark process for casts (the workload counts them) and idle (which measures proxy
+and server together); in other processes for the ``processes`` scenario and the
+``rss`` one (which itself runs in a fresh process, see :mod:`benchmarks.rss`). memory://
+cannot be reached from other processes: there, every server is a thread. CPU is the
+CPU time (user + system, all threads) of the benchmark process plus, when there is one,
+the server's process, over the window; ``processes`` and ``rss`` count the client only.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from kombu_rpc import RPCProxy
 
 from .brokers import Broker, delete_queues, unique_queue
 from .implementations import Client, KombuRPC, KombuRPCClient, Session
-from .server_process import ROOT, server_processes, wait_for_servers
+from .server_process import ROOT, cpu_seconds, server_processes, wait_for_servers
 from .workload import Workload
 
 #: Scenario families, in the order they run; ``--scenario`` takes these or full names.
 FAMILIES = ("sequential", "pipelined", "cast", "payload", "threads", "processes", "rss", "idle")
 #: Families that compare kombu_rpc against baselines in alternating rounds.
 COMPARED = ("sequential", "pipelined", "cast", "payload", "threads")
+#: Compared families whose server runs in a process of its own (see above).
+OWN_PROCESS = ("sequential", "pipelined", "payload", "threads")
 #: The CPU-bound call of the ``processes`` scenario.
 CPU_BOUND_N = 22
 #: Calls in flight in the ``processes`` and ``rss`` scenarios.
@@ -167,17 +174,27 @@ class Sample:
 
 
 class Meter:
-    """Wall-clock and process CPU time from construction to :meth:`sample`."""
+    """Wall-clock and CPU time from construction to :meth:`sample`: this process's, and
+    the server process's when ``server_pid`` is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_pid: int | None = None) -> None:
+        self.server_pid = server_pid
+        self.server_cpu_started = 0.0 if server_pid is None else cpu_seconds(server_pid)
         self.started = perf_counter()
         self.cpu_started = process_time()
 
     def sample(self, calls: int, latencies: list[float], ended: float | None = None) -> Sample:
-        """The sample of ``calls`` calls from construction until now (or ``ended``)."""
+        """The sample of ``calls`` calls from construction until now (or ``ended``); with
+        a server process, its CPU is added and both parts are in ``extra`` per call."""
         cpu = process_time() - self.cpu_started
         seconds = (perf_counter() if ended is None else ended) - self.started
-        return Sample(calls, seconds, cpu, latencies)
+        sample = Sample(calls, seconds, cpu, latencies)
+        if self.server_pid is not None:
+            server_cpu = cpu_seconds(self.server_pid) - self.server_cpu_started
+            sample.cpu_seconds += server_cpu
+            per_call = 1e6 / max(1, calls)
+            sample.extra = {"client_cpu_us": cpu * per_call, "server_cpu_us": server_cpu * per_call}
+        return sample
 
 
 def _warm_up(client: Client, calls: int = 20, seconds: float = 0.5) -> None:
@@ -189,9 +206,11 @@ def _warm_up(client: Client, calls: int = 20, seconds: float = 0.5) -> None:
         done += 1
 
 
-def _sequential(client: Client, method: str, args: tuple[Any, ...], n: int, window: float) -> Sample:
+def _sequential(
+    client: Client, method: str, args: tuple[Any, ...], n: int, window: float, server_pid: int | None
+) -> Sample:
     latencies: list[float] = []
-    meter = Meter()
+    meter = Meter(server_pid)
     deadline = meter.started + window
     while len(latencies) < n and (not latencies or perf_counter() < deadline):
         started = perf_counter()
@@ -207,18 +226,20 @@ def measure(session: Session, workload: Workload, scenario: Scenario, settings: 
     n = settings.calls_for(scenario)
     _warm_up(client)
     if scenario.family == "sequential":
-        return _sequential(client, "fib", (0,), n, settings.window)
+        return _sequential(client, "fib", (0,), n, settings.window, session.server_pid)
     if scenario.family == "payload":
         value = "x" * scenario.payload
         if client.call("echo", value) != value:
             raise AssertionError("echo returned something else")
-        return _sequential(client, "echo", (value,), n, settings.window)
+        return _sequential(client, "echo", (value,), n, settings.window, session.server_pid)
     if scenario.family == "pipelined":
         latencies: list[float] = []
-        meter = Meter()
+        meter = Meter(session.server_pid)
         calls = client.pipeline("fib", (0,), n, scenario.k, meter.started + settings.window, latencies)
         return meter.sample(calls, latencies)
     if scenario.family == "cast":
+        if session.server_pid is not None:
+            raise ValueError("casts are counted by the workload, which a server process does not share")
         return _casts(client, workload, n, settings)
     if scenario.family == "threads":
         return _threads(session, scenario.threads, n, settings)
@@ -276,7 +297,7 @@ def _threads(session: Session, threads: int, n: int, settings: Settings) -> Samp
         thread.start()
     try:
         start.wait()
-        meter = Meter()
+        meter = Meter(session.server_pid)
         finish.wait()
         sample = meter.sample(sum(map(len, latencies)), [x for mine in latencies for x in mine])
     except threading.BrokenBarrierError:

@@ -1,16 +1,19 @@
-"""kombu_rpc servers in their own processes, for the process and memory scenarios.
+"""Servers in their own processes, as users run them.
 
-The child side is ``python -m benchmarks.server_process URL QUEUE [noconfirm]``: an
-:class:`~kombu_rpc.RPCServer` serving the workload with ``run()`` (with
-``confirm_publish=False`` if asked), which stops on SIGTERM. It also stops when its
-standard input closes, so a parent that dies without
-cleaning up (for example when the suite's watchdog fires) leaves no server behind.
+The child side is ``python -m benchmarks.server_process URL IMPL QUEUE CONCURRENCY``: the
+implementation named ``IMPL`` (see :mod:`benchmarks.lineup`) serving the workload on
+``QUEUE``. It prints ``ready`` once it consumes and stops on SIGTERM or when its
+standard input closes, so a parent that dies without cleaning up (for example when the
+suite's watchdog fires) leaves no server behind.
 
-The parent side is :func:`server_processes`.
+The parent side is :func:`server_processes`; :func:`cpu_seconds` reads a process's CPU
+time, so a measurement can count the server's CPU as well as its own.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -20,40 +23,74 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kombu_rpc import NoServerError, Registry, RPCProxy, RPCServer, RPCTimeout
+from kombu_rpc import NoServerError, RPCProxy, RPCTimeout
 
-from .brokers import Broker
+from .brokers import Broker, resolve_brokers
 from .workload import Workload
 
 #: The repository root, so ``-m benchmarks.server_process`` resolves from anywhere.
 ROOT = Path(__file__).resolve().parent.parent
+#: What a server process prints once it consumes.
+READY = b"ready\n"
 
 
 def main(argv: list[str]) -> int:
-    """Serve the workload on ``argv = [URL, QUEUE, ("noconfirm")]`` until SIGTERM or
-    stdin closes."""
-    url, queue, *options = argv
-    registry = Registry()
-    for name, func in Workload().handlers().items():
-        registry.remote(name=name)(func)
-    confirm = "noconfirm" not in options
-    server = RPCServer(url, registry=registry, queue=queue, concurrency=1, confirm_publish=confirm)
+    """Serve on ``argv = [URL, IMPL, QUEUE, CONCURRENCY]`` until SIGTERM or stdin closes."""
+    from .lineup import implementation
+
+    url, name, queue, concurrency = argv
+    (broker,) = resolve_brokers(url)
+    impl = implementation(broker, name, call_timeout=30.0)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
 
     def stop_when_parent_goes() -> None:
         sys.stdin.read()
-        server.stop()
+        stop.set()
 
     threading.Thread(target=stop_when_parent_goes, daemon=True).start()
-    server.run()
+    with impl.instrumented(), impl.server(Workload(), queue, int(concurrency)):
+        sys.stdout.buffer.write(READY)
+        sys.stdout.flush()
+        while not stop.wait(1.0):
+            pass
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` used so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait until every process printed :data:`READY`.
+
+    Raises:
+        RuntimeError: A process exited or printed something else, or not all were ready
+            within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        assert process.stdout is not None
+        remaining = deadline - time.monotonic()
+        readable, _, _ = select.select([process.stdout], [], [], max(0.0, remaining))
+        line = process.stdout.readline() if readable else b""
+        if line != READY:
+            if not readable:
+                raise RuntimeError(f"a server process was not ready within {timeout}s")
+            raise RuntimeError(f"a server process exited ({process.poll()}) or said {line!r} instead")
+
+
 def wait_for_servers(proxy: RPCProxy, processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    """Call ``kombu_rpc.ping`` until every process answered (distinct server ids).
+    """Call ``kombu_rpc.ping`` until every kombu_rpc process answered (distinct server
+    ids): ready, and each known to the broker.
 
     Raises:
         RuntimeError: A server process exited, or not all answered within ``timeout``.
     """
+    wait_ready(processes, timeout)
     deadline = time.monotonic() + timeout
     quick = proxy.options(timeout=1.0)
     seen: set[str] = set()
@@ -81,34 +118,35 @@ def _stop_all(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stdin is not None:
-            process.stdin.close()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
 
 
 @contextmanager
 def server_processes(
-    broker: Broker, queue: str, count: int, confirm_publish: bool = True
+    broker: Broker, queue: str, count: int, impl: str = "kombu_rpc", concurrency: int = 1
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start ``count`` server processes on ``queue``; SIGTERM and wait for them on exit.
+    """Start ``count`` processes serving ``queue`` with the implementation named ``impl``;
+    SIGTERM and wait for them on exit.
 
-    The caller waits for them to serve with :func:`wait_for_servers`.
+    The caller waits for them to serve with :func:`wait_ready` or, for kombu_rpc,
+    :func:`wait_for_servers`.
     """
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(count):
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.server_process",
+                broker.url,
+                impl,
+                queue,
+                str(concurrency),
+            ]
             processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.server_process",
-                        broker.url,
-                        queue,
-                        *([] if confirm_publish else ["noconfirm"]),
-                    ],
-                    cwd=ROOT,
-                    stdin=subprocess.PIPE,
-                )
+                subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             )
         yield processes
     finally:

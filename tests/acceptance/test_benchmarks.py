@@ -102,6 +102,12 @@ def test_quick_benchmark_reports_every_scenario(broker_url: str, tmp_path: Path)
     for line in results:
         assert "error" not in line, line
         check_numbers(line)
+    # And the servers of the call scenarios ran in processes of their own (their CPU is
+    # counted apart), but on memory://, which other processes cannot reach
+    assert lines[0]["servers"] == "process"
+    for line in results:
+        own_process = kind != "memory" and line["family"] in ("sequential", "pipelined", "payload", "threads")
+        assert ("server_cpu_us" in line) == own_process, line
     # And every target it checks was measured (PASS or MISS, never "n/a")
     targets = [line for line in lines if line["kind"] == "target"]
     assert targets
