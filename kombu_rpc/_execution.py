@@ -62,7 +62,7 @@ class WorkerPool:
         self.done: deque[Done] = deque()
         #: Calls submitted and not yet taken from :attr:`done`.
         self.in_flight = 0
-        self.wake_r: socket.socket | None = None  # a worker finished (one byte per call)
+        self.wake_r: socket.socket | None = None  # a worker finished (a byte per run of them)
         self.wake_w: socket.socket | None = None
         if wake_up:
             self.wake_r, self.wake_w = socket.socketpair()
@@ -92,9 +92,13 @@ class WorkerPool:
             else:
                 done = (message, generation, None, self._publish(reply))
         with self.cond:
+            # One wake-up for calls finishing in a row: the consuming thread settles
+            # every finished call it finds (see ConsumeLoop._settle_finished), so a byte
+            # is owed only when it may have found none.
+            owed = not self.done
             self.done.append(done)
             self.cond.notify_all()
-            if self.wake_w is not None:
+            if owed and self.wake_w is not None:
                 try:
                     self.wake_w.send(b"\0")
                 except BlockingIOError:  # full: the loop has wake-ups pending anyway
