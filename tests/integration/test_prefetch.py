@@ -66,3 +66,37 @@ def test_a_server_takes_concurrency_times_multiplier_requests_ahead(
 def test_the_multiplier_is_a_positive_integer(multiplier: object) -> None:
     with pytest.raises(ConfigurationError, match="prefetch_multiplier"):
         RPCServer("memory://", prefetch_multiplier=multiplier)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_requests_a_busy_server_takes_ahead_wait_for_it_while_another_is_idle(
+    broker_url: str,
+    serve: Callable[..., RPCServer],
+    proxies: Callable[..., RPCProxy],
+    gate: Gate,
+    queue_name: str,
+    multiplier: int,
+) -> None:
+    # Given two servers of one queue, one of them running a call that is held
+    busy = serve(prefetch_multiplier=multiplier)
+    proxy = proxies(timeout=30)
+    held = proxy.held.call_async("long")
+    gate.wait_entered(1)
+    serve(prefetch_multiplier=multiplier)
+    # When short calls come meanwhile
+    short = [proxy.echo.call_async(n) for n in range(6)]
+    # Then the idle server answers all of them but the ones the busy server took ahead
+    # of the held call (its prefetch beyond concurrency: multiplier - 1; on Redis a
+    # server running its calls in the consuming thread takes none ahead)
+    ahead = 0 if broker_url.startswith("redis") else busy.concurrency * (multiplier - 1)
+    deadline = time.monotonic() + 10
+    while sum(future.done() for future in short) < len(short) - ahead:
+        assert time.monotonic() < deadline, f"{sum(f.done() for f in short)} short calls answered"
+        time.sleep(0.01)
+    assert ready_in_queue(broker_url, queue_name) == 0  # the others are held, not queued
+    waiting = [future for future in short if not future.done()]
+    assert len(waiting) == ahead
+    # And those wait for the held call: answered only once it ends
+    gate.released.set()
+    assert held.result(10) == "long"
+    assert [future.result(10) for future in short] == list(range(6))
