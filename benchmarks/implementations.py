@@ -115,16 +115,28 @@ class KombuRPC(Implementation):
     is_kombu_rpc = True
 
     def __init__(
-        self, broker: Broker, call_timeout: float, confirm_publish: bool = True, metrics: bool = False
+        self,
+        broker: Broker,
+        call_timeout: float,
+        confirm_publish: bool = True,
+        metrics: bool = False,
+        prefetch_multiplier: int = 1,
     ) -> None:
         super().__init__(broker, call_timeout)
         self.confirm_publish = confirm_publish
         self.metrics = metrics
+        self.prefetch_multiplier = prefetch_multiplier
         self.name = "kombu_rpc" if confirm_publish else "kombu_rpc_noconfirm"
         if broker.name == "memory":
             self.note = "kombu_rpc uses its own event-driven memory:// transport (no polling)"
         elif not confirm_publish:
             self.note = "kombu_rpc_noconfirm: proxy and server with confirm_publish=False"
+        if prefetch_multiplier != 1:
+            self.name = f"kombu_rpc_prefetch{prefetch_multiplier}"
+            self.note = (
+                f"{self.name}: kombu_rpc whose server takes concurrency x {prefetch_multiplier} "
+                "requests ahead (prefetch_multiplier; the default of 1 keeps dispatch fair)"
+            )
         if metrics:
             self.name = "kombu_rpc_metrics"
             self.note = (
@@ -149,6 +161,7 @@ class KombuRPC(Implementation):
             queue=queue,
             concurrency=concurrency,
             confirm_publish=self.confirm_publish,
+            prefetch_multiplier=self.prefetch_multiplier,
         )
         with server.running():
             yield

@@ -20,6 +20,7 @@ def implementations(broker: Broker, call_timeout: float) -> list[Implementation]
     impls.append(KombuRPC(broker, call_timeout, metrics=True))
     if broker.name == "amqp":
         impls.append(KombuRPC(broker, call_timeout, confirm_publish=False))
+        impls.append(KombuRPC(broker, call_timeout, prefetch_multiplier=4))
     return impls
 
 

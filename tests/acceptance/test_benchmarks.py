@@ -39,6 +39,7 @@ IMPLS = {
         "kombu_rpc",
         "kombu_rpc_metrics",
         "kombu_rpc_noconfirm",
+        "kombu_rpc_prefetch4",
     ],
     "redis": ["raw_kombu", "kombu_rpc", "kombu_rpc_metrics"],
 }
