@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     (broker,) = resolve_brokers(args.broker)
     if broker.in_process:
         parser.error("the server runs in another process: use amqp or redis")
+    if args.no_confirm and broker.name != "amqp":
+        parser.error("--no-confirm: publisher confirms are an AMQP feature")
     confirm = not args.no_confirm
     profiles = Path(args.profile) if args.profile else None
     n = args.calls

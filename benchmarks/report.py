@@ -11,8 +11,8 @@ from typing import Any, TextIO
 from .scenarios import Sample, Scenario
 
 #: Where the CPU of a measurement was spent.
-CPU_IN_PROCESS = "client+server"  # the server ran in the benchmark process
-CPU_CLIENT_ONLY = "client"  # the servers ran in other processes
+CPU_IN_PROCESS = "client+server"  # the server's CPU is counted (its thread or its process)
+CPU_CLIENT_ONLY = "client"  # the servers ran in other processes, not counted
 #: "Idle CPU near zero" means at most this share of one core.
 IDLE_CPU_PERCENT_MAX = 1.0
 #: Largest acceptable growth of the proxy's RSS, in MB.

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from time import perf_counter
 
-from .brokers import delete_queues, resolve_brokers, unique_queue
+from .brokers import resolve_brokers
 from .implementations import KombuRPC, KombuRPCClient
 from .scenarios import RSS_IN_FLIGHT, Meter, Sample, Thinned
-from .server_process import server_processes, wait_for_servers
 from .sessions import serving
 from .workload import Workload
 
@@ -38,18 +37,9 @@ def rss_mb() -> float:
 @contextmanager
 def _client(impl: KombuRPC) -> Iterator[KombuRPCClient]:
     """A client whose server runs in another process when the broker allows it."""
-    if impl.broker.in_process:
-        with serving(impl, Workload(), 1) as session:
-            assert isinstance(session.client, KombuRPCClient)
-            yield session.client
-        return
-    queue = unique_queue()
-    try:
-        with server_processes(impl.broker, queue, 1) as processes, impl.proxy(queue) as proxy:
-            wait_for_servers(proxy, processes, timeout=60.0)
-            yield KombuRPCClient(proxy, impl.call_timeout)
-    finally:
-        delete_queues(impl.broker, [queue])
+    with serving(impl, Workload(), 1, own_process=not impl.broker.in_process) as session:
+        assert isinstance(session.client, KombuRPCClient)
+        yield session.client
 
 
 def measure(impl: KombuRPC, calls: int, window: float) -> Sample:

@@ -6,7 +6,7 @@ implementation named ``IMPL`` (see :mod:`benchmarks.lineup`) serving the workloa
 standard input closes, so a parent that dies without cleaning up (for example when the
 suite's watchdog fires) leaves no server behind.
 
-The parent side is :func:`server_processes`; :func:`cpu_seconds` reads a process's CPU
+The parent side is :func:`server_processes`; :func:`cpu_seconds` reads a child's CPU
 time, so a measurement can count the server's CPU as well as its own.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from kombu_rpc import NoServerError, RPCProxy, RPCTimeout
 
 from .brokers import Broker, resolve_brokers
+from .lineup import implementation
 from .workload import Workload
 
 #: The repository root, so ``-m benchmarks.server_process`` resolves from anywhere.
@@ -36,32 +37,38 @@ READY = b"ready\n"
 
 def main(argv: list[str]) -> int:
     """Serve on ``argv = [URL, IMPL, QUEUE, CONCURRENCY]`` until SIGTERM or stdin closes."""
-    from .lineup import implementation
-
     url, name, queue, concurrency = argv
     (broker,) = resolve_brokers(url)
     impl = implementation(broker, name, call_timeout=30.0)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    # SIGTERM ends the main thread's wait by raising there (a handler taking a lock the
+    # interrupted thread may hold could deadlock); the server stops as the blocks unwind.
+    signal.signal(signal.SIGTERM, _exit)
 
     def stop_when_parent_goes() -> None:
         sys.stdin.read()
-        stop.set()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_when_parent_goes, daemon=True).start()
-    with impl.instrumented(), impl.server(Workload(), queue, int(concurrency)):
-        sys.stdout.buffer.write(READY)
-        sys.stdout.flush()
-        while not stop.wait(1.0):
-            pass
+    try:
+        with impl.instrumented(), impl.server(Workload(), queue, int(concurrency)):
+            sys.stdout.buffer.write(READY)
+            sys.stdout.flush()
+            while True:
+                signal.pause()
+    except SystemExit:
+        pass
     return 0
 
 
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process ``pid`` used so far (Linux ``/proc``)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds process ``pid`` (a child of this one) used so far, all
+    its threads: Linux's CPU clock of another process, in nanoseconds (``/proc``'s
+    counts are in 10 ms ticks, too coarse for a short window)."""
+    return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
 
 
 def wait_ready(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 
 from .brokers import delete_queues, unique_queue
 from .implementations import Implementation, Session
@@ -22,8 +22,13 @@ def serving(
     its own: ``workload`` stays untouched); otherwise in a thread of this one.
     """
     queue = unique_queue()
+    server = (
+        _in_process(impl, queue, concurrency)
+        if own_process
+        else _in_thread(impl, workload, queue, concurrency)
+    )
     try:
-        with impl.instrumented(), _server(impl, workload, queue, concurrency, own_process) as pid:
+        with impl.instrumented(), server as pid:
             client = impl.client(queue)
             try:
                 yield Session(client, impl.clients(client, queue), pid)
@@ -31,14 +36,6 @@ def serving(
                 client.close()
     finally:
         delete_queues(impl.broker, [queue])
-
-
-def _server(
-    impl: Implementation, workload: Workload, queue: str, concurrency: int, own_process: bool
-) -> AbstractContextManager[int | None]:
-    if not own_process:
-        return _in_thread(impl, workload, queue, concurrency)
-    return _in_process(impl, queue, concurrency)
 
 
 @contextmanager

@@ -529,7 +529,9 @@ class ConsumeLoop:
             self._settle_message(message, ACK if reply is None else self._publish_reply(reply))
 
     def _settle_finished(self, pool: WorkerPool) -> None:
-        """Publish the replies of finished calls handed over, and settle their requests."""
+        """Publish the replies of finished calls handed over, and settle their requests:
+        every one there, also those finishing meanwhile (the pool wakes this thread once
+        for calls finishing in a row, see :meth:`WorkerPool._work`)."""
         while pool.done:
             message, generation, reply, settlement = pool.take()
             if reply is not None:  # sent even if the request's channel is gone

@@ -94,8 +94,10 @@ def test_requests_a_busy_server_takes_ahead_wait_for_it_while_another_is_idle(
         assert time.monotonic() < deadline, f"{sum(f.done() for f in short)} short calls answered"
         time.sleep(0.01)
     assert ready_in_queue(broker_url, queue_name) == 0  # the others are held, not queued
-    waiting = [future for future in short if not future.done()]
-    assert len(waiting) == ahead
+    watch_until = time.monotonic() + 0.5  # and stay unanswered while the held call runs
+    while time.monotonic() < watch_until:
+        assert sum(not future.done() for future in short) == ahead
+        time.sleep(0.05)
     # And those wait for the held call: answered only once it ends
     gate.released.set()
     assert held.result(10) == "long"
