@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
 import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeAlias
 
 from kombu.message import Message
@@ -29,6 +31,8 @@ from ._replies import ACK, REQUEUE, Settlement
 #: consuming thread is to publish (``None``: nothing to publish) and, when there is
 #: none, what becomes of the request.
 Done: TypeAlias = tuple[Message, int, "Reply | None", Settlement]
+
+logger = logging.getLogger("kombu_rpc.server")
 
 
 class WorkerPool:
@@ -55,7 +59,10 @@ class WorkerPool:
     ) -> None:
         self._run = run
         self._publish = publish
-        self._executor = ThreadPoolExecutor(size, thread_name_prefix="kombu_rpc-worker")
+        self._size = size
+        #: Calls to run, for the workers (``None``: a worker is to stop).
+        self._calls: queue.SimpleQueue[tuple[Message, int, Job] | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []  # started by the first submit
         #: Guards :attr:`done` and :attr:`in_flight`; notified when a call finishes.
         self.cond = threading.Condition()
         #: Finished calls, in order, for the consuming thread to settle.
@@ -69,10 +76,23 @@ class WorkerPool:
             self.wake_w.setblocking(False)
 
     def submit(self, message: Message, generation: int, job: Job) -> None:
-        """Run ``job`` in a worker thread."""
+        """Run ``job`` in a worker thread (from the consuming thread only)."""
         with self.cond:
             self.in_flight += 1
-        self._executor.submit(self._work, message, generation, job)
+        if not self._workers:
+            for n in range(self._size):
+                # daemons: a call still running when the process exits (after the
+                # server's shutdown_timeout) is given up, its request redelivered
+                worker = threading.Thread(target=self._serve, name=f"kombu_rpc-worker_{n}", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+        self._calls.put((message, generation, job))
+
+    def _serve(self) -> None:
+        """A worker: run calls in turn until told to stop. (A plain queue of calls, not a
+        ``ThreadPoolExecutor``: no future, work item and semaphore per call.)"""
+        while (call := self._calls.get()) is not None:
+            self._work(*call)
 
     def _work(self, message: Message, generation: int, job: Job) -> None:
         # With a wake-up pair (AMQP) the consuming thread publishes the reply, on its
@@ -83,6 +103,9 @@ class WorkerPool:
         try:
             reply = self._run(job)
         except PartNotSent:  # a stream's item was lost: the request runs again
+            done = (message, generation, None, REQUEUE)
+        except BaseException:  # a bug: the request is not lost (nor its slot in the pool)
+            logger.exception("a worker failed to run a call; its request is requeued")
             done = (message, generation, None, REQUEUE)
         else:
             if reply is None:
@@ -114,7 +137,8 @@ class WorkerPool:
     def close(self) -> None:
         """Stop taking calls (those running finish unawaited) and close the socket
         pair; a call still running then publishes its own reply."""
-        self._executor.shutdown(wait=False)
+        for _ in self._workers:  # after the calls already queued, which still run
+            self._calls.put(None)
         with self.cond:  # a call still running must not write to a closed socket
             wake_r, wake_w, self.wake_r, self.wake_w = self.wake_r, self.wake_w, None, None
         for sock in (wake_r, wake_w):

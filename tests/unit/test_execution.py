@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kombu_rpc._execution import WorkerPool
-from kombu_rpc._replies import ACK
+from kombu_rpc._replies import ACK, REQUEUE
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -60,5 +60,29 @@ def test_calls_finishing_in_a_row_wake_the_consuming_thread_once() -> None:
         assert wake_ups(pool) == b"\0"
         assert pool.take()[0] == "request 4"
         assert wake_ups(pool) == b""
+    finally:
+        pool.close()
+
+
+def test_a_call_that_fails_in_the_pool_is_requeued_not_lost(caplog: pytest.LogCaptureFixture) -> None:
+    def run(job: Any) -> None:
+        raise RuntimeError("a bug below the dispatcher")
+
+    pool = WorkerPool(2, run, publish, wake_up=True)
+    try:
+        # When running a call raises (the dispatcher turns a function's errors into
+        # replies: this is a failure of its own)
+        pool.submit("request", 0, ())  # type: ignore[arg-type]
+        finished(pool, 1)
+        # Then its request goes back to the broker, the pool keeps its slot count right,
+        # and the error is logged
+        message, _, reply, settlement = pool.take()
+        assert (message, reply, settlement) == ("request", None, REQUEUE)
+        assert pool.in_flight == 0
+        assert "a bug below the dispatcher" in caplog.text
+        # And the worker goes on with the next call
+        pool.submit("next", 0, ())  # type: ignore[arg-type]
+        finished(pool, 1)
+        assert pool.take()[0] == "next"
     finally:
         pool.close()
