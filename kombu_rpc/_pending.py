@@ -251,6 +251,10 @@ class _Outgoing:
             if not self.sent.done():
                 self.sent.set_exception(exc)
         elif self.correlation_id is not None:
+            # A write cut short may still have reached the broker, and a server then
+            # answers after the call failed: keep the reply queue until it could come
+            # (a Redis reply list deleted now would be made again by that reply).
+            pending.unanswered(monotonic())
             entry = pending.pop(self.correlation_id)
             if entry is not None:
                 entry.reject(exc)

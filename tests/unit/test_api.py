@@ -187,6 +187,29 @@ def test_pending_calls_know_until_when_a_reply_may_come() -> None:
         pending.close()
 
 
+def test_a_call_whose_request_failed_to_publish_may_still_be_answered() -> None:
+    """A write cut short may have reached the broker: the reply queue must outlive the
+    failed call (a Redis reply list deleted at once would be made again by its reply)."""
+    import math
+    from time import monotonic
+
+    from kombu_rpc import protocol
+    from kombu_rpc._pending import PendingCalls, _Outgoing
+
+    pending = PendingCalls()
+    try:
+        job = _Outgoing(protocol.encode({}, "json"), "q", {}, {}, None, "a")
+        future = pending.add("a", "fib", None, job=job)
+        assert pending.last_deadline() == math.inf
+        before = monotonic()
+        job.fail(pending, kombu_rpc.ConnectionLostError("the write was cut"))
+        with pytest.raises(kombu_rpc.ConnectionLostError):
+            future.result(timeout=0)
+        assert before <= pending.last_deadline() <= monotonic()
+    finally:
+        pending.close()
+
+
 def test_servers_and_proxies_given_no_broker_use_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from kombu_rpc.connection import BROKER_URL_ENV
     from kombu_rpc.testing import make_registry, unique_queue_name
