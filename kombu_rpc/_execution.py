@@ -62,7 +62,8 @@ class WorkerPool:
         self._size = size
         #: Calls to run, for the workers (``None``: a worker is to stop).
         self._calls: queue.SimpleQueue[tuple[Message, int, Job] | None] = queue.SimpleQueue()
-        self._workers: list[threading.Thread] = []  # started by the first submit
+        self._workers: list[threading.Thread] = []  # started as calls find none idle
+        self._unfinished = 0  # calls submitted and not yet run to the end (under cond)
         #: Guards :attr:`done` and :attr:`in_flight`; notified when a call finishes.
         self.cond = threading.Condition()
         #: Finished calls, in order, for the consuming thread to settle.
@@ -79,13 +80,16 @@ class WorkerPool:
         """Run ``job`` in a worker thread (from the consuming thread only)."""
         with self.cond:
             self.in_flight += 1
-        if not self._workers:
-            for n in range(self._size):
-                # daemons: a call still running when the process exits (after the
-                # server's shutdown_timeout) is given up, its request redelivered
-                worker = threading.Thread(target=self._serve, name=f"kombu_rpc-worker_{n}", daemon=True)
-                worker.start()
-                self._workers.append(worker)
+            self._unfinished += 1
+            idle = self._unfinished <= len(self._workers)
+        if not idle and len(self._workers) < self._size:  # as many threads as calls need
+            # daemons: a call still running when the process exits (after the server's
+            # shutdown_timeout) is given up, its request redelivered
+            worker = threading.Thread(
+                target=self._serve, name=f"kombu_rpc-worker_{len(self._workers)}", daemon=True
+            )
+            worker.start()
+            self._workers.append(worker)
         self._calls.put((message, generation, job))
 
     def _serve(self) -> None:
@@ -120,6 +124,7 @@ class WorkerPool:
             # is owed only when it may have found none.
             owed = not self.done
             self.done.append(done)
+            self._unfinished -= 1
             self.cond.notify_all()
             if owed and self.wake_w is not None:
                 try:
