@@ -63,7 +63,6 @@ class WorkerPool:
         #: Calls to run, for the workers (``None``: a worker is to stop).
         self._calls: queue.SimpleQueue[tuple[Message, int, Job] | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []  # started as calls find none idle
-        self._unfinished = 0  # calls submitted and not yet run to the end (under cond)
         #: Guards :attr:`done` and :attr:`in_flight`; notified when a call finishes.
         self.cond = threading.Condition()
         #: Finished calls, in order, for the consuming thread to settle.
@@ -80,8 +79,8 @@ class WorkerPool:
         """Run ``job`` in a worker thread (from the consuming thread only)."""
         with self.cond:
             self.in_flight += 1
-            self._unfinished += 1
-            idle = self._unfinished <= len(self._workers)
+            unfinished = self.in_flight - len(self.done)  # submitted, not yet run to the end
+            idle = unfinished <= len(self._workers)
         if not idle and len(self._workers) < self._size:  # as many threads as calls need
             # daemons: a call still running when the process exits (after the server's
             # shutdown_timeout) is given up, its request redelivered
@@ -124,7 +123,6 @@ class WorkerPool:
             # is owed only when it may have found none.
             owed = not self.done
             self.done.append(done)
-            self._unfinished -= 1
             self.cond.notify_all()
             if owed and self.wake_w is not None:
                 try:
