@@ -98,8 +98,6 @@ class PollingLink(Link):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: The reply connection was lost at least once (see RedisLink._discard).
-        self.was_cut = False
         self._outbox: SimpleQueue[_Outgoing | _Withdrawal | None] = SimpleQueue()
         self._publisher: threading.Thread | None = None
 
@@ -210,7 +208,9 @@ class PollingLink(Link):
                 logger.warning("the proxy lost its reply connection (%s); reconnecting", exc)
                 count_event("reconnects")
             self._broken = exc  # the leader leaves next, waking the link's thread
-            self.was_cut = True
+            # the cut may have lost a server's ack of an answered call, which then runs
+            # and replies again: a reply may come as for a call ended unanswered
+            self._pending.unanswered(monotonic())
 
     def _drain_timeout(self, timeout: float) -> float:
         """What to ask of ``drain_events`` for a read of at most ``timeout`` seconds:
@@ -299,14 +299,11 @@ class RedisLink(PollingLink):
     def _discard(self, consumer: Consumer) -> None:
         """Delete the reply queue, or, if replies may still come (calls in flight, or
         calls and broadcasts that ended unanswered less than :data:`LATE_REPLY_WINDOW`
-        ago, or any call after a lost connection: a cut that reached this proxy may have
-        lost a server's ack too, and an answered call then runs and replies again), empty
-        it but for :data:`TOMBSTONE` and have it expire at that window's end.
+        ago, lost connections included), empty it but for :data:`TOMBSTONE` and have it
+        expire at that window's end.
         """
         now = monotonic()
         last = self._pending.last_deadline()
-        if self.was_cut:
-            last = max(last, now)
         expires = (now if last == math.inf else last) + LATE_REPLY_WINDOW
         if expires <= now:
             super()._discard(consumer)
