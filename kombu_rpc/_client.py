@@ -171,6 +171,7 @@ class Client:
         wants: protocol.Wants | None = None,
         parts: CallParts | None = None,
         correlation_id: str | None = None,
+        awaited: bool = False,
     ) -> Future[Any]:
         """Send a request (or queue it for publishing) and return the future of its result.
 
@@ -183,7 +184,9 @@ class Client:
         ``wants``: what the call asks for besides its reply (a stream, progress,
         keepalives), received into ``parts``; the future's result is then a stream's
         end (``None``). ``correlation_id``: the call's id, if the caller chose it (to
-        :meth:`abandon` the call).
+        :meth:`abandon` the call). ``awaited`` (with ``attended``): the caller will come
+        back to :meth:`wait` for it even if it leaves meanwhile (a ``map``), so the
+        link's thread need not read its reply.
         """
         correlation_id = correlation_id or new_id()
         with context.client_span(method, queue, correlation_id) as span:
@@ -200,7 +203,7 @@ class Client:
         job = _Outgoing(
             encoded, queue, headers, properties, deadline, correlation_id, retry=retry, secret=self._secret
         )
-        future = self._pending.add(correlation_id, method, timeout, span, queue, job, parts)
+        future = self._pending.add(correlation_id, method, timeout, span, queue, job, parts, awaited)
         recorder = metrics.recorder
         if recorder is not None:
             _measure(recorder, future, queue, method)

@@ -118,6 +118,7 @@ class _Pending:
     job: _Outgoing | None = None  # its request (AMQP: published again after a lost reply queue)
     parts: CallParts | None = None  # what it receives besides its reply, if anything
     deadline: float | None = None  # monotonic, when it has a timeout
+    awaited: bool = False  # its caller comes back to read its reply (see PendingCalls.add)
 
     def resolve(self, result: Any) -> None:
         context.end_span(self.span)
@@ -284,6 +285,7 @@ class PendingCalls:
         #: Called with (queue, correlation_id) of each call whose future was cancelled.
         self._on_cancel = on_cancel
         self._calls: dict[str, _Pending] = {}
+        self._awaited = 0  # calls in _calls added with awaited=True
         self._deadlines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -301,14 +303,19 @@ class PendingCalls:
         queue: str = "",
         job: _Outgoing | None = None,
         parts: CallParts | None = None,
+        awaited: bool = False,
     ) -> Future[Any]:
         """Register a call before its request is published; returns its future.
         ``parts``: the call receives more than its reply (its idle timeout is enforced
-        here too)."""
+        here too). ``awaited``: its caller will come back to read its reply (a
+        ``map``), so no other thread need read for it (see :meth:`unawaited`)."""
         future = CallFuture(self._on_cancel, queue, correlation_id)
         deadline = None if timeout is None else monotonic() + timeout
         with self._cond:
-            self._calls[correlation_id] = _Pending(future, method, timeout, span, queue, job, parts, deadline)
+            self._calls[correlation_id] = _Pending(
+                future, method, timeout, span, queue, job, parts, deadline, awaited
+            )
+            self._awaited += awaited
             due = deadline
             if parts is not None and parts.idle_timeout is not None:
                 idle = monotonic() + parts.idle_timeout
@@ -342,13 +349,21 @@ class PendingCalls:
     def pop(self, correlation_id: str) -> _Pending | None:
         """Remove and return the call, or ``None`` if it is unknown or already done."""
         with self._cond:
-            return self._calls.pop(correlation_id, None)
+            return self._take(correlation_id)
+
+    def _take(self, correlation_id: str) -> _Pending | None:
+        """Remove and return the call (under ``self._cond``)."""
+        pending = self._calls.pop(correlation_id, None)
+        if pending is not None and pending.awaited:
+            self._awaited -= 1
+        return pending
 
     def fail_all(self, exc_factory: type[RPCError], message: str) -> list[tuple[str, str]]:
         """Fail every pending call with ``exc_factory(message)``; returns their
         (queue, correlation_id)."""
         with self._cond:
             calls, self._calls = self._calls, {}
+            self._awaited = 0
         for pending in calls.values():
             pending.reject(exc_factory(f"{message} (call to {pending.method!r})"))
         return [(pending.queue, cid) for cid, pending in calls.items()]
@@ -368,7 +383,8 @@ class PendingCalls:
                 if job.retry:
                     again.append(job)
                 else:
-                    lost.append(self._calls.pop(cid))
+                    lost.append(self._calls[cid])
+                    self._take(cid)
         for pending in lost:
             pending.reject(
                 ConnectionLostError(
@@ -404,6 +420,11 @@ class PendingCalls:
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join()
 
+    def unawaited(self) -> int:
+        """How many calls in flight no caller will come back for: their replies are
+        for the link's thread to read when no caller reads."""
+        return len(self._calls) - self._awaited
+
     def __len__(self) -> int:
         return len(self._calls)
 
@@ -431,7 +452,8 @@ class PendingCalls:
                         if due > now:
                             heapq.heappush(self._deadlines, (due, cid))
                             continue
-                    expired.append((cid, self._calls.pop(cid)))
+                    expired.append((cid, pending))
+                    self._take(cid)
                 if expired:
                     self._unanswered_until = max(self._unanswered_until, now)
                 else:

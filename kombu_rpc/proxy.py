@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from time import monotonic
@@ -295,24 +296,11 @@ class MethodProxy:
         future = client.call(
             proxy._queue, self._checked_name(), args, kwargs, timeout, attended=True, retry=proxy._retry
         )
-        # This thread reads replies until the call's deadline, when the client fails
-        # the call; waiting a little longer for that is a guard against a hang.
         try:
-            client.wait(future, timeout)
+            return _result(client, future, timeout, self._name)
         except BaseException:  # Ctrl+C (KeyboardInterrupt) while waiting: so much for the call
             future.cancel()
             raise
-        if not future.done():
-            try:
-                future.exception(_GUARD)
-            except FuturesTimeout:
-                assert timeout is not None
-                logger.error("call to %r outlived its deadline by %ss; failing it", self._name, _GUARD)
-                raise RPCTimeout(self._name, timeout) from None
-        try:
-            return future.result()
-        except RemoteError as exc:  # the frames that read its reply are no news to the caller
-            raise exc.with_traceback(None) from None
 
     def _call_with_parts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A blocking call with an idle timeout or a progress callback."""
@@ -404,6 +392,81 @@ class MethodProxy:
         return proxy._client.call(
             proxy._queue, name, args, kwargs, proxy._timeout, retry=proxy._retry, wants=wants, parts=parts
         )
+
+    def map(self, *iterables: Iterable[Any], window: int = 16) -> Iterator[Any]:
+        """Call the function once for each set of arguments taken from ``iterables``
+        (as the builtin :func:`map` pairs them), with up to ``window`` calls in flight,
+        and yield the results in order: ``for n in proxy.fib.map(range(100)): ...``.
+
+        The arguments are taken as results are: the first ``window`` requests go at
+        once, then one more as each result is yielded. The calling thread publishes
+        the requests and reads the replies itself, so many calls in flight cost no
+        thread switch per reply (``call_async`` futures are completed by another
+        thread). Each call has the proxy's ``timeout`` (counted from its request) and
+        ``retry``. The first call that fails raises its error where its result would
+        be (:class:`~kombu_rpc.RemoteError`, :class:`~kombu_rpc.RPCTimeout`, ...),
+        after the results before it; the calls still in flight are then cancelled, as
+        they are when the iteration stops early (``break``, ``close()``).
+
+        Raises:
+            ConfigurationError: No iterable, a ``window`` that is not a positive
+                integer, or a name that is not a valid remote name.
+        """
+        if not iterables:
+            raise ConfigurationError("map needs at least one iterable of arguments")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigurationError(f"window must be a positive integer, got {window!r}")
+        # to the shortest iterable, as map() pairs them
+        return self._map(self._checked_name(), zip(*iterables, strict=False), window)
+
+    def _map(self, name: str, argsets: Iterator[tuple[Any, ...]], window: int) -> Iterator[Any]:
+        """:meth:`map`'s generator, once its arguments were checked."""
+        __tracebackhide__ = True
+        proxy = self._proxy
+        client, queue, timeout, retry = proxy._client, proxy._queue, proxy._timeout, proxy._retry
+        # each call's future, and what it receives besides its reply (with its deadline)
+        calls: deque[tuple[Future[Any], CallParts | None, float | None]] = deque()
+        more = True
+        try:
+            while True:
+                while more and len(calls) < window:
+                    args = next(argsets, None)
+                    if args is None:
+                        more = False
+                        break
+                    wants, parts = proxy._parts(name, stream=False)
+                    deadline = None if timeout is None else monotonic() + timeout
+                    try:
+                        # A call with parts (progress, keepalives) is read for by the
+                        # link's thread while this one is away; the others wait here.
+                        future = client.call(
+                            queue,
+                            name,
+                            args,
+                            {},
+                            timeout,
+                            attended=True,
+                            retry=retry,
+                            wants=wants,
+                            parts=parts,
+                            awaited=parts is None,
+                        )
+                    except Exception as exc:  # raised in its turn, after the results before it
+                        future = Future()
+                        future.set_exception(exc)
+                        more = False
+                    calls.append((future, parts, deadline))
+                if not calls:
+                    return
+                future, parts, deadline = calls[0]
+                if parts is not None:
+                    _wait(client, future.done, future, parts, deadline, timeout)
+                result = _result(client, future, timeout, name)
+                calls.popleft()
+                yield result
+        finally:
+            for future, _, _ in calls:
+                future.cancel()
 
     def cast(self, *args: Any, **kwargs: Any) -> None:
         """Send the call without asking for a reply (fire and forget); returns ``None``.
@@ -546,6 +609,32 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"<Stream {self._parts.method!r} on {self._queue!r}>"
+
+
+def _result(client: Client, future: Future[Any], timeout: float | None, method: str) -> Any:
+    """Wait for a call to end, reading replies in this thread, and return its result.
+
+    The client fails the call at its deadline; waiting a little longer for that is a
+    guard against a hang.
+
+    Raises:
+        RemoteError: The remote function raised (without the frames that read its reply).
+        RPCTimeout: The call timed out, or the guard fired.
+        Exception: What else ended the call (``ConnectionLostError``, ...).
+    """
+    __tracebackhide__ = True
+    client.wait(future, timeout)
+    if not future.done():
+        try:
+            future.exception(_GUARD)
+        except FuturesTimeout:
+            assert timeout is not None
+            logger.error("call to %r outlived its deadline by %ss; failing it", method, _GUARD)
+            raise RPCTimeout(method, timeout) from None
+    try:
+        return future.result()
+    except RemoteError as exc:  # the frames that read its reply are no news to the caller
+        raise exc.with_traceback(None) from None
 
 
 def _wait(

@@ -216,8 +216,11 @@ class AmqpLink(Link):
     # -- reading -------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        """True while calls are in flight, or requests not yet confirmed."""
-        return bool(len(self._pending) or self._unconfirmed)
+        """True while calls are in flight that no caller will come back for, or
+        requests not yet confirmed when no such caller reads (a ``map``'s caller reads
+        the confirms of its own requests)."""
+        pending = self._pending
+        return pending.unawaited() > 0 or bool(self._unconfirmed and len(pending) == 0)
 
     def read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the socket to be readable (or a wake-up), then

@@ -182,8 +182,9 @@ class Link:
         """Make a leader's :meth:`read` return early."""
 
     def has_work(self) -> bool:
-        """True while calls are in flight."""
-        return bool(len(self._pending))
+        """True while calls are in flight that no caller will come back for (a
+        ``map``'s caller reads for its own calls)."""
+        return self._pending.unawaited() > 0
 
     def must_act(self) -> bool:
         """True while only the link's thread may read (a reconnect)."""

@@ -210,6 +210,37 @@ def test_a_call_whose_request_failed_to_publish_may_still_be_answered() -> None:
         pending.close()
 
 
+def test_pending_calls_count_the_calls_no_caller_comes_back_for() -> None:
+    """What the link's thread reads for (a map's caller reads for its own calls), however
+    a call ends: answered, expired, its reply lost, or failed at close."""
+    from kombu_rpc import protocol
+    from kombu_rpc._pending import PendingCalls, _Outgoing
+
+    pending = PendingCalls()
+    try:
+        pending.add("plain", "fib", None)
+        pending.add("answered", "fib", None, awaited=True)
+        expiring = pending.add("expiring", "fib", 0.05, awaited=True)
+        job = _Outgoing(protocol.encode({}, "json"), "q", {}, {}, None, "lost", written=True)
+        pending.add("lost", "fib", None, job=job, awaited=True)
+        pending.add("closed", "fib", None, awaited=True)
+        assert (len(pending), pending.unawaited()) == (5, 1)
+        entry = pending.pop("answered")
+        assert entry is not None
+        entry.resolve(1)
+        with pytest.raises(RPCTimeout):
+            expiring.result(timeout=10)
+        assert (len(pending), pending.unawaited()) == (3, 1)
+        assert pending.lose_replies() == []  # not retry: failed
+        assert (len(pending), pending.unawaited()) == (2, 1)
+        pending.fail_all(kombu_rpc.CallError, "closed")
+        assert (len(pending), pending.unawaited()) == (0, 0)
+        pending.add("again", "fib", None, awaited=True)
+        assert (len(pending), pending.unawaited()) == (1, 0)
+    finally:
+        pending.close()
+
+
 def test_servers_and_proxies_given_no_broker_use_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from kombu_rpc.connection import BROKER_URL_ENV
     from kombu_rpc.testing import make_registry, unique_queue_name
