@@ -178,15 +178,16 @@ class Runner:
             self.results.append(result)
             return result
 
+        impls = [impl for impl in self.impls if impl.families is None or scenario.family in impl.families]
         if scenario.family in COMPARED:
-            results = {impl.name: result_for(impl) for impl in self.impls}
+            results = {impl.name: result_for(impl) for impl in impls}
             return [
                 (round_no, results[impl.name], functools.partial(self._compared, impl, scenario))
                 for round_no in range(self.settings.rounds)
-                for impl in (self.impls if round_no % 2 == 0 else self.impls[::-1])
+                for impl in (impls if round_no % 2 == 0 else impls[::-1])
             ]
         if scenario.family == "idle":
-            return [(0, result_for(impl), functools.partial(self._idle, impl)) for impl in self.impls]
+            return [(0, result_for(impl), functools.partial(self._idle, impl)) for impl in impls]
         kombu_rpc = next(i for i in self.impls if isinstance(i, KombuRPC) and i.confirm_publish)
         if scenario.family == "processes":
             run = functools.partial(measure_processes, self.broker, scenario, self.settings)

@@ -86,6 +86,8 @@ class Implementation(ABC):
     note: str = ""
     #: Longest measured window for this implementation, if shorter than the run's.
     window_cap: float | None = None
+    #: The scenario families it is measured in (``None``: every one).
+    families: frozenset[str] | None = None
 
     def __init__(self, broker: Broker, call_timeout: float) -> None:
         self.broker = broker
@@ -141,6 +143,8 @@ class KombuRPC(Implementation):
                 f"{self.name}: kombu_rpc whose server takes concurrency x {prefetch_multiplier} "
                 "requests ahead (prefetch_multiplier; the default of 1 keeps dispatch fair)"
             )
+        if prefetch_multiplier == 2 or call_async:  # variants of how calls in flight go
+            self.families = frozenset({"pipelined"})
         if call_async:
             self.name = "kombu_rpc_call_async"
             self.note = (

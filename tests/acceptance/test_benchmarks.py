@@ -43,12 +43,16 @@ IMPLS = {
     ],
     "redis": ["raw_kombu", "kombu_rpc", "kombu_rpc_metrics"],
 }
+#: Implementations measured in the pipelined scenarios only, by kind of broker.
+PIPELINED_ONLY = {"amqp": ["kombu_rpc_prefetch2", "kombu_rpc_call_async"]}
 KINDS = {"memory": "memory", "amqp": "amqp", "pyamqp": "amqp", "redis": "redis"}
 
 
 def expected_lines(kind: str) -> set[tuple[str, str]]:
     """(scenario, impl) pairs a quick run on a broker of ``kind`` must report."""
     pairs = {(scenario, impl) for scenario in [*COMPARED, "idle"] for impl in IMPLS[kind]}
+    pipelined = [scenario for scenario in COMPARED if scenario.startswith("pipelined")]
+    pairs |= {(scenario, impl) for scenario in pipelined for impl in PIPELINED_ONLY.get(kind, [])}
     pairs.add(("rss", "kombu_rpc"))
     if kind != "memory":  # server processes cannot reach an in-process broker
         pairs |= {("processes_1", "kombu_rpc"), ("processes_2", "kombu_rpc")}
