@@ -5,6 +5,7 @@ retry instead of dying, and lose no request. On RabbitMQ, with queues of the tes
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -239,3 +240,37 @@ def test_bad_queue_types_are_refused(broker_url: str, kwargs: dict[str, Any]) ->
 
     with pytest.raises(ConfigurationError, match="queue_"):
         RPCServer(broker_url, **kwargs)
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["plain", "retry"])
+def test_a_map_goes_through_a_lost_connection(
+    serve: Callable[..., RPCServer], proxies: Callable[..., RPCProxy], gate: Any, recorder: Any, retry: bool
+) -> None:
+    """A map's caller reads its calls' replies itself, but a lost connection is still
+    the link thread's to mend: the calls whose replies went with it fail in their turn,
+    at once, or are sent again with ``retry=True`` and answered."""
+    serve(concurrency=2)
+    proxy = proxies(timeout=30).options(retry=retry)
+    got: list[Any] = []
+    failed: list[BaseException] = []
+
+    def iterate() -> None:
+        try:
+            got.extend(proxy.held.map(["a", "b"], window=2))
+        except Exception as exc:
+            failed.append(exc)
+
+    mapping = threading.Thread(target=iterate)
+    mapping.start()
+    gate.wait_entered(2)
+    cut(proxy)
+    gate.released.set()
+    mapping.join(20)
+    assert not mapping.is_alive()
+    if retry:
+        assert (got, failed) == (["a", "b"], [])
+        assert sorted(recorder.wait(4)) == ["a", "a", "b", "b"]  # run twice each
+    else:
+        assert got == []
+        assert len(failed) == 1 and isinstance(failed[0], ConnectionLostError), failed
+    assert proxy.echo("after") == "after"

@@ -133,6 +133,26 @@ def test_keepalives_keep_a_slow_call_from_looking_dead(
     assert proxy.quiet(1.2) == 1.2  # four idle timeouts long, yet alive
 
 
+def test_progress_and_keepalives_of_a_map(serve: Serve, proxies: MakeProxy, jobs: Registry) -> None:
+    serve(registry=jobs, concurrency=2)
+    seen = Seen()
+    proxy = proxies(idle_timeout=0.3)
+    assert list(proxy.options(on_progress=seen).job.map([2, 3])) == ["done", "done"]
+    assert sorted((value["of"], value["step"]) for value in seen.values) == [
+        (2, 0),
+        (2, 1),
+        (3, 0),
+        (3, 1),
+        (3, 2),
+    ]
+    # While its caller is away between two results, the link's thread reads for the
+    # calls of a map that hear from their servers: the slow one stays alive
+    results = proxy.quiet.map([0.05, 1.2])
+    assert next(results) == 0.05
+    time.sleep(1.0)  # the caller busy elsewhere, for three idle timeouts
+    assert next(results) == 1.2
+
+
 def test_idle_timeout_options_are_checked(proxy: RPCProxy) -> None:
     from kombu_rpc import ConfigurationError
 
