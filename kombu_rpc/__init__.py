@@ -24,7 +24,7 @@ from .errors import (
     SerializationError,
 )
 from .events import Event, EventPublisher
-from .interfaces import call_async
+from .interfaces import call_async, call_map
 from .proxy import MethodProxy, RPCProxy, Stream
 from .registry import Registry, default_registry, remote, subscribe
 from .server import RPCServer
@@ -47,6 +47,7 @@ __all__ = [
     "AsyncRPCProxy",
     "BroadcastReply",
     "call_async",
+    "call_map",
     # streamed results
     "Stream",
     "AsyncStream",

@@ -8,7 +8,15 @@ from typing import Any, Protocol
 
 import pytest
 
-from kombu_rpc import AsyncRPCProxy, ConfigurationError, RemoteError, RPCProxy, RPCServer, call_async
+from kombu_rpc import (
+    AsyncRPCProxy,
+    ConfigurationError,
+    RemoteError,
+    RPCProxy,
+    RPCServer,
+    call_async,
+    call_map,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,6 +43,8 @@ def test_a_typed_proxy_calls_the_remote_functions(serve: Serve, proxies: MakePro
     service = proxies().typed(Service)
     assert service.fib(30) == 832040
     assert call_async(service.fib, 10).result(10) == 55
+    assert list(call_map(service.fib, range(8), window=3)) == [0, 1, 1, 2, 3, 5, 8, 13]
+    assert list(call_map(proxies().typed(Math, prefix="math").add, "ab", "xy")) == ["ax", "by"]
     with pytest.raises(RemoteError, match="bad n"):
         service.boom()
     # the proxy's prefix reaches dotted names

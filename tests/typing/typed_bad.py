@@ -6,7 +6,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Protocol
 
-from kombu_rpc import AsyncRPCProxy, RPCProxy, call_async
+from kombu_rpc import AsyncRPCProxy, RPCProxy, call_async, call_map
 
 
 class Math(Protocol):
@@ -25,7 +25,9 @@ def use(proxy: RPCProxy) -> None:
     math.sub(1, 2)  # E: attr-defined
     future: Future[str] = call_async(math.add, 1, 2)  # E: arg-type
     call_async(math.add, 1, "2")  # E: arg-type
-    print(text, future)
+    call_map(math.add, [1], ["2"])  # E: arg-type
+    names: list[str] = list(call_map(math.add, [1], [2]))  # E: arg-type
+    print(text, future, names)
 
 
 async def use_async(proxy: AsyncRPCProxy) -> None:

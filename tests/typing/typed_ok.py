@@ -6,7 +6,7 @@ import asyncio
 from concurrent.futures import Future
 from typing import Protocol
 
-from kombu_rpc import AsyncRPCProxy, RPCProxy, call_async
+from kombu_rpc import AsyncRPCProxy, RPCProxy, call_async, call_map
 
 
 class Math(Protocol):
@@ -23,7 +23,8 @@ def use(proxy: RPCProxy) -> None:
     total: int = math.add(1, 2)
     text: str = math.greet("ada", loud=True)
     future: Future[int] = call_async(math.add, 1, 2)
-    print(total, text, future)
+    sums: list[int] = list(call_map(math.add, [1, 2], [3, 4], window=2))
+    print(total, text, future, sums)
 
 
 async def use_async(proxy: AsyncRPCProxy) -> None:

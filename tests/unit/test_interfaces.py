@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from kombu_rpc import AsyncRPCProxy, ConfigurationError, MethodProxy, RPCProxy, call_async
+from kombu_rpc import AsyncRPCProxy, ConfigurationError, MethodProxy, RPCProxy, call_async, call_map
 from kombu_rpc.interfaces import interface_methods, mismatches
 
 pytestmark = pytest.mark.timeout(10)
@@ -64,6 +64,9 @@ def test_an_async_proxy_needs_async_methods() -> None:
         assert repr(proxy.typed(AsyncMath).add) == "<AsyncMethodProxy 'add' on 'rpc_queue'>"
         with pytest.raises(TypeError, match=r"call_async\(\) takes a method of an RPCProxy"):
             call_async(proxy.typed(AsyncMath).add, 1, 2)  # type: ignore[arg-type]
+        # an async proxy's methods have no map (one it made up would be a remote call)
+        with pytest.raises(TypeError, match=r"call_map\(\) takes a method of an RPCProxy"):
+            call_map(proxy.typed(AsyncMath).add, [1], [2])  # type: ignore[arg-type]
     finally:
         asyncio.run(proxy.aclose())
 
@@ -76,6 +79,8 @@ def test_a_prefix_is_a_dotted_name() -> None:
 def test_call_async_takes_a_method_of_a_proxy_only() -> None:
     with pytest.raises(TypeError, match="call_async\\(\\) takes a method of an RPCProxy"):
         call_async(len, [])
+    with pytest.raises(TypeError, match="call_map\\(\\) takes a method of an RPCProxy"):
+        call_map(len, [[]])
 
 
 def test_call_async_returns_the_methods_future() -> None:
