@@ -74,7 +74,10 @@ nitpick_ignore = [
     ("py:class", "kombu_rpc.registry.H"),  # the TypeVar of @subscribe
     ("py:class", "kombu_rpc.proxy._T"),  # the interface of typed()
     ("py:class", "kombu_rpc.aio._T"),
-    ("py:class", "kombu_rpc.interfaces._R"),  # the result of call_async()
+    ("py:class", "kombu_rpc.interfaces._R"),  # the result of call_async() and call_map()
+    ("py:class", "kombu_rpc.interfaces._A1"),  # the arguments of call_map()
+    ("py:class", "kombu_rpc.interfaces._A2"),
+    ("py:class", "kombu_rpc.interfaces._A3"),
     ("py:class", "CollectorRegistry"),  # prometheus_client's, in metrics.enable()
     ("py:class", "CancelledCalls"),  # a server's cancelled calls, in CallContext's signature
     ("py:class", "kombu_rpc._client.Client"),  # Stream's constructor: made by stream()
