@@ -143,8 +143,6 @@ class KombuRPC(Implementation):
                 f"{self.name}: kombu_rpc whose server takes concurrency x {prefetch_multiplier} "
                 "requests ahead (prefetch_multiplier; the default of 1 keeps dispatch fair)"
             )
-        if prefetch_multiplier == 2 or call_async:  # variants of how calls in flight go
-            self.families = frozenset({"pipelined"})
         if call_async:
             self.name = "kombu_rpc_call_async"
             self.note = (
@@ -231,8 +229,10 @@ class KombuRPCClient:
     ) -> int:
         """``proxy.method.map(...)`` with a window of ``k``: the calling thread publishes
         and reads (each latency counted when its result is yielded, in order)."""
-        if self.call_async or not args:
+        if self.call_async:
             return self._pipeline_async(method, args, n, k, deadline, latencies)
+        if not args:
+            raise ValueError("map takes each argument from an iterable: a call without any has none")
         started: deque[float] = deque()
 
         def first_arguments() -> Iterator[Any]:  # taken by map as it sends each call

@@ -285,7 +285,7 @@ class PendingCalls:
         #: Called with (queue, correlation_id) of each call whose future was cancelled.
         self._on_cancel = on_cancel
         self._calls: dict[str, _Pending] = {}
-        self._awaited = 0  # calls in _calls added with awaited=True
+        self._unawaited = 0  # calls in _calls added with awaited=False (one int: read unlocked)
         self._deadlines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -315,7 +315,7 @@ class PendingCalls:
             self._calls[correlation_id] = _Pending(
                 future, method, timeout, span, queue, job, parts, deadline, awaited
             )
-            self._awaited += awaited
+            self._unawaited += not awaited
             due = deadline
             if parts is not None and parts.idle_timeout is not None:
                 idle = monotonic() + parts.idle_timeout
@@ -354,8 +354,8 @@ class PendingCalls:
     def _take(self, correlation_id: str) -> _Pending | None:
         """Remove and return the call (under ``self._cond``)."""
         pending = self._calls.pop(correlation_id, None)
-        if pending is not None and pending.awaited:
-            self._awaited -= 1
+        if pending is not None and not pending.awaited:
+            self._unawaited -= 1
         return pending
 
     def fail_all(self, exc_factory: type[RPCError], message: str) -> list[tuple[str, str]]:
@@ -363,7 +363,7 @@ class PendingCalls:
         (queue, correlation_id)."""
         with self._cond:
             calls, self._calls = self._calls, {}
-            self._awaited = 0
+            self._unawaited = 0
         for pending in calls.values():
             pending.reject(exc_factory(f"{message} (call to {pending.method!r})"))
         return [(pending.queue, cid) for cid, pending in calls.items()]
@@ -383,8 +383,8 @@ class PendingCalls:
                 if job.retry:
                     again.append(job)
                 else:
-                    lost.append(self._calls[cid])
                     self._take(cid)
+                    lost.append(pending)
         for pending in lost:
             pending.reject(
                 ConnectionLostError(
@@ -423,7 +423,11 @@ class PendingCalls:
     def unawaited(self) -> int:
         """How many calls in flight no caller will come back for: their replies are
         for the link's thread to read when no caller reads."""
-        return len(self._calls) - self._awaited
+        return self._unawaited
+
+    def awaited(self) -> bool:
+        """True while calls are in flight that a caller will come back for."""
+        return len(self._calls) > self._unawaited
 
     def __len__(self) -> int:
         return len(self._calls)

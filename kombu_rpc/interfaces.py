@@ -249,7 +249,10 @@ def call_map(method: Callable[..., _R], /, *iterables: Iterable[Any], window: in
         TypeError: ``method`` is not a method of an :class:`~kombu_rpc.RPCProxy`.
         ConfigurationError: No iterable, or ``window`` is not a positive integer.
     """
-    if getattr(type(method), "map", None) is None:  # on the class: a proxy makes up any name
+    # looked up on the class (a proxy makes up any name it is asked for): a method of
+    # an RPCProxy has both, an AsyncRPCProxy's no map, an executor no call_async
+    kind = type(method)
+    if not (hasattr(kind, "map") and hasattr(kind, "call_async")):
         raise TypeError(f"call_map() takes a method of an RPCProxy or of its typed() view, got {method!r}")
     results: Iterator[_R] = method.map(*iterables, window=window)  # type: ignore[attr-defined]
     return results

@@ -76,7 +76,7 @@ class RPCProxy:
         Remote names that clash with the proxy's own attributes (``options``,
         ``typed``, ``check_interface``, ``close``, ``queue``, ``timeout``,
         ``reply_queue``) or with the methods of a remote function (``call_async``,
-        ``cast``, ``broadcast``, ``stream``: ``proxy.jobs.stream`` is a method, not
+        ``map``, ``cast``, ``broadcast``, ``stream``: ``proxy.jobs.stream`` is a method, not
         the remote ``jobs.stream``) are reached by item access: ``proxy["close"]()``,
         ``proxy["jobs.stream"]()``.
     """
@@ -263,10 +263,10 @@ class RPCProxy:
 class MethodProxy:
     """One remote function, reached as ``proxy.name`` or ``proxy["dotted.name"]``.
 
-    Calling it blocks for the result; :meth:`call_async` returns a future,
-    :meth:`cast` sends without waiting and :meth:`stream` iterates over a remote
-    generator's items. Attribute access extends a dotted name: ``proxy.math.add`` is
-    ``proxy["math.add"]``.
+    Calling it blocks for the result; :meth:`call_async` returns a future, :meth:`map`
+    keeps many calls in flight, :meth:`cast` sends without waiting and :meth:`stream`
+    iterates over a remote generator's items. Attribute access extends a dotted name:
+    ``proxy.math.add`` is ``proxy["math.add"]`` (but for the names of these methods).
     """
 
     def __init__(self, proxy: RPCProxy, name: str) -> None:
@@ -297,7 +297,7 @@ class MethodProxy:
             proxy._queue, self._checked_name(), args, kwargs, timeout, attended=True, retry=proxy._retry
         )
         try:
-            return _result(client, future, timeout, self._name)
+            return _result(client, future, timeout, timeout, self._name)
         except BaseException:  # Ctrl+C (KeyboardInterrupt) while waiting: so much for the call
             future.cancel()
             raise
@@ -406,7 +406,9 @@ class MethodProxy:
         ``retry``. The first call that fails raises its error where its result would
         be (:class:`~kombu_rpc.RemoteError`, :class:`~kombu_rpc.RPCTimeout`, ...),
         after the results before it; the calls still in flight are then cancelled, as
-        they are when the iteration stops early (``break``, ``close()``).
+        they are when the iteration stops early (``break``, ``close()``). So does an
+        error raised by the iterables, or by sending a call
+        (:class:`~kombu_rpc.SerializationError`, ...): no call after it is sent.
 
         Raises:
             ConfigurationError: No iterable, a ``window`` that is not a positive
@@ -430,13 +432,14 @@ class MethodProxy:
         try:
             while True:
                 while more and len(calls) < window:
-                    args = next(argsets, None)
-                    if args is None:
-                        more = False
-                        break
-                    wants, parts = proxy._parts(name, stream=False)
-                    deadline = None if timeout is None else monotonic() + timeout
+                    parts = deadline = None
                     try:
+                        args = next(argsets, None)
+                        if args is None:
+                            more = False
+                            break
+                        wants, parts = proxy._parts(name, stream=False)
+                        deadline = None if timeout is None else monotonic() + timeout
                         # A call with parts (progress, keepalives) is read for by the
                         # link's thread while this one is away; the others wait here.
                         future = client.call(
@@ -451,7 +454,9 @@ class MethodProxy:
                             parts=parts,
                             awaited=parts is None,
                         )
-                    except Exception as exc:  # raised in its turn, after the results before it
+                    except Exception as exc:
+                        # the iterables' error, or the call's (its arguments cannot be
+                        # encoded, the broker cannot be reached): raised in its turn
                         future = Future()
                         future.set_exception(exc)
                         more = False
@@ -461,7 +466,8 @@ class MethodProxy:
                 future, parts, deadline = calls[0]
                 if parts is not None:
                     _wait(client, future.done, future, parts, deadline, timeout)
-                result = _result(client, future, timeout, name)
+                left = None if deadline is None else max(0.0, deadline - monotonic())
+                result = _result(client, future, left, timeout, name)
                 calls.popleft()
                 yield result
         finally:
@@ -611,8 +617,11 @@ class Stream:
         return f"<Stream {self._parts.method!r} on {self._queue!r}>"
 
 
-def _result(client: Client, future: Future[Any], timeout: float | None, method: str) -> Any:
-    """Wait for a call to end, reading replies in this thread, and return its result.
+def _result(
+    client: Client, future: Future[Any], wait: float | None, timeout: float | None, method: str
+) -> Any:
+    """Wait for a call to end, reading replies in this thread, and return its result:
+    ``wait`` seconds, until the deadline of a call of ``timeout`` seconds.
 
     The client fails the call at its deadline; waiting a little longer for that is a
     guard against a hang.
@@ -623,7 +632,7 @@ def _result(client: Client, future: Future[Any], timeout: float | None, method: 
         Exception: What else ended the call (``ConnectionLostError``, ...).
     """
     __tracebackhide__ = True
-    client.wait(future, timeout)
+    client.wait(future, wait)
     if not future.done():
         try:
             future.exception(_GUARD)

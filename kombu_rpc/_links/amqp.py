@@ -217,10 +217,10 @@ class AmqpLink(Link):
 
     def has_work(self) -> bool:
         """True while calls are in flight that no caller will come back for, or
-        requests not yet confirmed when no such caller reads (a ``map``'s caller reads
-        the confirms of its own requests)."""
+        requests not yet confirmed, unless a caller will come back to read (a
+        ``map``'s caller reads the confirms of its own requests)."""
         pending = self._pending
-        return pending.unawaited() > 0 or bool(self._unconfirmed and len(pending) == 0)
+        return pending.unawaited() > 0 or bool(self._unconfirmed and not pending.awaited())
 
     def read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the socket to be readable (or a wake-up), then

@@ -186,6 +186,10 @@ class Link:
         ``map``'s caller reads for its own calls)."""
         return self._pending.unawaited() > 0
 
+    def awaited(self) -> bool:
+        """True while calls are in flight that a caller will come back for."""
+        return self._pending.awaited()
+
     def must_act(self) -> bool:
         """True while only the link's thread may read (a reconnect)."""
         return self._broken is not None

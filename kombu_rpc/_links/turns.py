@@ -23,6 +23,10 @@ logger = logging.getLogger("kombu_rpc.link")  # the name the guide documents
 
 #: Longest time anyone blocks reading a connection, and the idle check's period.
 IDLE_WAIT = 1.0
+#: How long the link's thread leaves the calls a caller will come back for (a
+#: ``map``'s, between two results) to that caller before it reads for them itself: a
+#: caller away for longer could otherwise find calls timed out whose replies came.
+AWAY_WAIT = 0.05
 #: Longest wait for the link's thread to end at close.
 STOP_WAIT = 10.0
 
@@ -48,6 +52,9 @@ class Reader(Protocol):
     def has_work(self) -> bool:
         """True while calls are in flight that somebody has to read for."""
 
+    def awaited(self) -> bool:
+        """True while calls are in flight that a caller will come back to read for."""
+
     def must_act(self) -> bool:
         """True while only the link's thread may read (a reconnect)."""
 
@@ -72,6 +79,8 @@ class Turns:
         #: Who reads now: a waiting caller, the link's thread, or nobody (``None``).
         self.leader: object | None = None
         self._waiting = 0  # callers in wait(), leading or following
+        self._left_at = monotonic()  # when the last caller in wait() left it
+        self._short_naps = False  # the link's thread looks every AWAY_WAIT (see _run)
         #: True once :meth:`stop` was called.
         self.closing = False
         self._thread: threading.Thread | None = None
@@ -104,8 +113,14 @@ class Turns:
         finally:
             with self._turn:
                 self._waiting -= 1
-                if self._waiting == 0 and self.leader is None and self._needs_thread():
-                    self._idle.notify()
+                if self._waiting == 0:
+                    self._left_at = monotonic()
+                    # the link's thread has to act, or to start looking whether this
+                    # caller stays away from the calls it will come back for
+                    if self.leader is None and (
+                        self._needs_thread() or (not self._short_naps and reader.awaited())
+                    ):
+                        self._idle.notify()
 
     def unattended(self) -> None:
         """A call was sent that nobody waits on: have the link's thread read, if idle."""
@@ -165,25 +180,37 @@ class Turns:
 
     def _needs_thread(self) -> bool:
         """True when the link's thread has to act: a reconnect, calls in flight nobody
-        reads for, or (where callers do not read) anyone waiting, for a broadcast too."""
-        if self.closing or self._reader.must_act():
+        reads for (those a caller will come back for, once it stayed away for
+        :data:`AWAY_WAIT`), or (where callers do not read) anyone waiting, for a
+        broadcast too."""
+        reader = self._reader
+        if self.closing or reader.must_act():
             return True
-        if self.callers_read:
-            return self._waiting == 0 and self._reader.has_work()
-        return self._waiting > 0 or self._reader.has_work()
+        if self._waiting > 0:
+            return not self.callers_read
+        return reader.has_work() or (reader.awaited() and monotonic() - self._left_at >= AWAY_WAIT)
 
     def _run(self) -> None:
         me = object()
         reader = self._reader
+        idle_check = monotonic() + IDLE_WAIT  # when to look at the idle connection
         while True:
             with self._turn:
-                self._idle.wait_for(lambda: self.leader is None and self._needs_thread(), IDLE_WAIT)
+                if self.leader is not None or not self._needs_thread():
+                    # While a caller will come back for calls in flight, look every
+                    # AWAY_WAIT whether it stayed away (nothing notifies that).
+                    self._short_naps = reader.awaited()
+                    wait = AWAY_WAIT if self._short_naps else IDLE_WAIT
+                    self._idle.wait(max(0.0, min(wait, idle_check - monotonic())))
                 if self.closing:
                     return
                 if self.leader is not None or (self._waiting and self.callers_read and not reader.must_act()):
                     continue  # a caller reads
-                self.leader = me
                 busy = self._needs_thread()
+                if not busy and monotonic() < idle_check:
+                    continue  # the caller came back in time
+                self.leader = me
+            idle_check = monotonic() + IDLE_WAIT
             failed = False
             try:
                 reader.work(IDLE_WAIT if busy else 0)

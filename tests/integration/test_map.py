@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from kombu_rpc import ConfigurationError, RemoteError, RPCProxy, RPCServer, SerializationError
+from kombu_rpc import (
+    CallError,
+    ConfigurationError,
+    Registry,
+    RemoteError,
+    RPCProxy,
+    RPCServer,
+    SerializationError,
+)
 from kombu_rpc._pending import _Pending
 
 from ..conftest import Gate, Recorder
@@ -70,17 +79,88 @@ def test_arguments_that_cannot_be_sent_end_the_map_in_their_turn(
     assert recorder.calls == [1, 4]
 
 
+@pytest.fixture
+def first_quick(gate: Gate) -> Registry:
+    """``first_quick(n)``: returns 0 at once, any other ``n`` once the gate opens."""
+    reg = Registry()
+
+    @reg.remote
+    def first_quick(n: int) -> int:
+        if n:
+            gate.entered.release()
+            assert gate.released.wait(20), "test never released the gate"
+        return n
+
+    return reg
+
+
+@pytest.mark.parametrize("how", ["close", "break"])
 def test_stopping_early_cancels_the_calls_in_flight(
-    serve: Callable[..., RPCServer], proxy: RPCProxy, caplog: pytest.LogCaptureFixture
+    serve: Callable[..., RPCServer],
+    proxy: RPCProxy,
+    gate: Gate,
+    first_quick: Registry,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
 ) -> None:
-    serve()
-    results = proxy.fib.map(range(100), window=10)
-    assert next(results) == 0
+    serve(registry=first_quick, concurrency=4)
+    pending = proxy._client._pending
     with caplog.at_level(logging.WARNING, logger="kombu_rpc"):
-        results.close()
-        assert len(proxy._client._pending) == 0  # ended here at once
-        assert proxy.fib(10) == 55  # the replies still coming are dropped quietly
+        if how == "close":
+            results = proxy.first_quick.map(range(4), window=4)
+            assert next(results) == 0
+            gate.wait_entered(3)
+            assert len(pending) == 3  # the other three run
+            results.close()
+        else:
+            for n in proxy.first_quick.map(range(4), window=4):
+                assert n == 0
+                gate.wait_entered(3)
+                assert len(pending) == 3
+                break  # the loop held the only reference to the generator: it is closed
+        assert len(pending) == 0  # ended here at once
+        gate.released.set()
+        assert proxy.first_quick(0) == 0  # their replies, if any come, are dropped quietly
     assert not [r for r in caplog.records if "dropped" in r.getMessage()]
+
+
+def test_closing_the_proxy_ends_a_map(
+    serve: Callable[..., RPCServer], proxy: RPCProxy, gate: Gate, first_quick: Registry
+) -> None:
+    serve(registry=first_quick, concurrency=4)
+    results = proxy.first_quick.map(range(3))
+    assert next(results) == 0
+    gate.wait_entered(2)
+    proxy.close()
+    with pytest.raises(CallError, match="proxy closed"):
+        next(results)
+
+
+def test_an_error_of_the_iterable_comes_in_its_turn(serve: Callable[..., RPCServer], proxy: RPCProxy) -> None:
+    def arguments() -> Iterator[int]:
+        yield 10
+        yield 20
+        raise ValueError("no more arguments")
+
+    serve()
+    results = proxy.fib.map(arguments())
+    assert next(results) == 55
+    assert next(results) == 6765
+    with pytest.raises(ValueError, match="no more arguments"):
+        next(results)
+
+
+def test_the_calls_of_a_caller_away_between_two_results_are_read_meanwhile(
+    serve: Callable[..., RPCServer], proxies: Callable[..., RPCProxy]
+) -> None:
+    """Their deadlines run on while the caller is away: the link's thread reads their
+    replies once it stayed away a moment, so none of them times out unread."""
+    serve(concurrency=4)
+    proxy = proxies(timeout=1.5)
+    results = proxy.fib.map(range(30), window=30)
+    assert next(results) == 0
+    time.sleep(2.0)  # the caller busy elsewhere for longer than the calls' timeout
+    assert list(results) == [fib(n) for n in range(1, 30)]
 
 
 def test_map_checks_its_arguments_before_iterating(proxy: RPCProxy) -> None:

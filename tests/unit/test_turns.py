@@ -34,6 +34,7 @@ class FakeReader:
         self.active = 0  # threads inside read() now
         self.most_active = 0
         self.in_flight = 0  # has_work()
+        self.awaited_calls = 0  # awaited(): calls a caller will come back for
         self.broken = False  # must_act(): only the link's thread may act
         self.fail_work: Exception | None = None  # raised by the next work()
         self._entered: defaultdict[str, threading.Event] = defaultdict(threading.Event)
@@ -81,6 +82,9 @@ class FakeReader:
 
     def has_work(self) -> bool:
         return self.in_flight > 0
+
+    def awaited(self) -> bool:
+        return self.awaited_calls > 0
 
     def must_act(self) -> bool:
         return self.broken
@@ -235,6 +239,30 @@ def test_the_links_thread_reads_for_calls_nobody_waits_on(turns: Turns, reader: 
     reader.post(done.set)
     assert done.wait(SOON)
     assert set(reader.reads) == {"kombu_rpc-link"}
+
+
+def test_the_links_thread_leaves_calls_to_a_caller_who_comes_back_in_time(
+    turns: Turns, reader: FakeReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map's caller yields a result between two waits: the link's thread does not
+    take the reading over meanwhile (no thread switch per result), but reads for the
+    caller's calls once it stayed away for AWAY_WAIT (their deadlines run on)."""
+    monkeypatch.setattr(turns_module, "IDLE_WAIT", 60.0)  # no idle check meanwhile
+    monkeypatch.setattr(turns_module, "AWAY_WAIT", 0.3)
+    turns.start()
+    reader.awaited_calls = 1
+    for round_no in range(3):  # the caller comes back within AWAY_WAIT each time
+        first = caller(turns, f"first-{round_no}")
+        reader.post(first.call.set)
+        assert first.returned.wait(SOON) and first.error is None
+    assert "kombu_rpc-link" not in reader.reads
+    left = monotonic()
+    # Then the caller stays away: the link's thread reads for its calls
+    assert reader.entered("kombu_rpc-link").wait(SOON)
+    assert monotonic() - left >= 0.3 - 0.05  # not before AWAY_WAIT (the clock's grain)
+    done = threading.Event()
+    reader.post(done.set)
+    assert done.wait(SOON)
 
 
 def test_the_links_thread_acts_alone_then_callers_read_again(turns: Turns, reader: FakeReader) -> None:
