@@ -327,10 +327,7 @@ class MethodProxy:
         except BaseException:  # interrupted while waiting (KeyboardInterrupt), or the guard fired
             future.cancel()
             raise
-        try:
-            return future.result()
-        except RemoteError as exc:
-            raise exc.with_traceback(None) from None
+        return _result(client, future, 0.0, timeout, name)  # ended: its result, or its error
 
     def stream(self, *args: Any, **kwargs: Any) -> Stream:
         """Call a remote generator function and iterate over its items as the server
