@@ -217,19 +217,27 @@ def delete_queue(broker_url: str, name: str) -> None:
             pass
 
 
-def forget_unacked(client: Any, queue: str) -> None:
-    """Drop from kombu's table of unacknowledged Redis messages (shared by every client
-    of the database) those taken from ``queue`` by a server that died before it acked
-    them: another client would restore them to the queue, after the test deleted it,
-    and the queue would stay for ever."""
+def unacked_tags(client: Any, queue: str) -> list[Any]:
+    """The delivery tags, in kombu's table of unacknowledged Redis messages (shared by
+    every client of the database), of the messages servers took from ``queue``."""
+    tags = []
     for tag, raw in client.hscan_iter("unacked"):
         try:
             routing_key = json.loads(raw)[2]
         except (ValueError, TypeError, IndexError):
             continue
         if routing_key == queue:
-            client.hdel("unacked", tag)
-            client.zrem("unacked_index", tag)
+            tags.append(tag)
+    return tags
+
+
+def forget_unacked(client: Any, queue: str) -> None:
+    """Drop from kombu's table of unacknowledged Redis messages those taken from
+    ``queue`` by a server that died before it acked them: another client would restore
+    them to the queue, after the test deleted it, and the queue would stay for ever."""
+    for tag in unacked_tags(client, queue):
+        client.hdel("unacked", tag)
+        client.zrem("unacked_index", tag)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ requests from the broker ahead; the rest wait in the queue for any server."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
@@ -12,7 +11,7 @@ from kombu import Connection
 
 from kombu_rpc import ConfigurationError, RPCProxy, RPCServer
 
-from ..conftest import Gate
+from ..conftest import Gate, unacked_tags
 
 pytestmark = pytest.mark.timeout(60)
 #: What a server takes ahead is counted in the broker's queue: memory:// has none to ask.
@@ -39,13 +38,7 @@ def all_arrived(broker_url: str, queue: str, proxy: RPCProxy, sent: int) -> bool
         return not proxy._client._link._unconfirmed  # type: ignore[attr-defined]
     with Connection(broker_url) as conn:
         client = conn.default_channel.client
-        taken = 0
-        for _, raw in client.hscan_iter("unacked"):
-            try:
-                taken += json.loads(raw)[2] == queue
-            except (ValueError, TypeError, IndexError):
-                continue
-        return int(client.llen(queue)) + taken == sent
+        return int(client.llen(queue)) + len(unacked_tags(client, queue)) == sent
 
 
 @pytest.mark.parametrize(("concurrency", "multiplier"), [(1, 1), (1, 4), (2, 3)])
