@@ -14,17 +14,20 @@ import logging
 import threading
 from collections import deque
 from time import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kombu import Connection, Consumer, Exchange, Producer
 from kombu.message import Message
 
 from . import protocol
 from ._cancels import MAX_TTL, CancelledCalls
-from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, start_listening
+from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, lease, start_listening
 from .connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from .errors import RemoteError
 from .topology import CANCEL_QUEUE_TEMPLATE, cancel_exchange, cancel_queue, discard_queue, held_cancels
+
+if TYPE_CHECKING:
+    from ._transports.leases import Lease
 
 # The calling side logs as the client, the serving side as the server (the guide's names).
 client_logger = logging.getLogger("kombu_rpc.client")
@@ -218,6 +221,7 @@ class CancelListener:
         self._retry_policy = retry_policy
         self._waking = waking
         self._closed = threading.Event()
+        self._held: Lease | None = None  # the lease on its queue, on Redis
         #: Set while the listener consumes its queue.
         self.ready = threading.Event()
         self.queue_name = CANCEL_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id)
@@ -297,19 +301,18 @@ class CancelListener:
     def _listen(self, conn: Connection) -> None:
         channel = conn.channel()
         try:
-            consumer = Consumer(
-                channel,
-                [cancel_queue(self._queue, self._server_id)],
-                on_message=self._on_message,
-                no_ack=True,
-            )
+            queue = cancel_queue(self._queue, self._server_id)(channel)
+            consumer = Consumer(channel, [queue], on_message=self._on_message, no_ack=True)
             consumer.consume()
+            self._held = held = lease(conn, channel, self._server_id, [queue])  # on Redis
             start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, cancels come by PUB/SUB
             if kind(conn) is not Kind.REDIS:  # where exchanges are kept, cancels may be held
                 self._read_held(conn)
             self.ready.set()
             heartbeats = conn.supports_heartbeats
             while not self._done():
+                if held is not None and held.due():
+                    held.renew(channel)
                 if heartbeats:
                     conn.heartbeat_check()
                 try:
@@ -327,6 +330,10 @@ class CancelListener:
             return
         try:
             discard_queue(cancel_queue(self._queue, self._server_id)(channel))
+            if self._held is not None:
+                self._held.release(channel)
+        except errors:  # the lease runs out, and is swept, instead
+            pass
         finally:
             close_channel(channel, errors)
 

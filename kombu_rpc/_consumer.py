@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 from time import monotonic
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kombu import Connection, Consumer, Producer
 from kombu.message import Message
@@ -24,11 +24,14 @@ from ._cancelling import CancelListener
 from ._dispatch import Dispatcher, Disposal, PartNotSent, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, REQUEUE, ReplyPublisher
-from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, start_listening, unread
+from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, lease, start_listening, unread
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError, SerializationError
 from .events import Subscription, decode_event, handle_event
 from .topology import CONTROL_QUEUE_TEMPLATE, broadcast_queue, discard_queue, private_queue, request_queue
+
+if TYPE_CHECKING:
+    from ._transports.leases import Lease
 
 logger = logging.getLogger("kombu_rpc.server")
 
@@ -276,6 +279,8 @@ class ConsumeLoop:
         broadcasts = broadcast_queue(self._queue, self._server_id)(channel)
         subscriptions = self._dispatcher.registry.subscriptions()
         events = [subscription.queue(self._server_id)(channel) for subscription in subscriptions]
+        own = [control, broadcasts, *(queue for queue in events if queue.exclusive)]
+        held = lease(conn, channel, self._server_id, own)  # on Redis: swept if this server dies
         consumers = [
             Consumer(
                 channel,
@@ -310,6 +315,8 @@ class ConsumeLoop:
             wait = _POLL_MIN
             heartbeats = conn.supports_heartbeats  # only AMQP has them to check
             while not stopping.is_set():
+                if held is not None and held.due():
+                    held.renew(channel)
                 if verify_at is not None and monotonic() >= verify_at:
                     check = check or conn.channel()
                     for queue in (requests, control, broadcasts, *events):
@@ -355,7 +362,7 @@ class ConsumeLoop:
                     # that cannot close on a lost connection is abandoned, or it would
                     # keep the next one from reading (see close_channel)
                     close_channel(used, self._connection_errors)
-            self._discard_own_queues(conn)
+            self._discard_own_queues(conn, held)
 
     def _report_consuming(self, conn: Connection) -> None:
         redis = kind(conn) is Kind.REDIS
@@ -386,10 +393,11 @@ class ConsumeLoop:
             ", ".join(self._dispatcher.registry.names()),
         )
 
-    def _discard_own_queues(self, conn: Connection) -> None:
+    def _discard_own_queues(self, conn: Connection, held: Lease | None) -> None:
         """Delete this server's control and broadcast queues (on a channel of their
         own), once no wake-up from :meth:`stop` can be on its way any more: one that
-        came later would create the control queue again (a Redis list, forever)."""
+        came later would create the control queue again (a Redis list, forever); then
+        give up the lease on them (``held``, on Redis)."""
         with self._waking:
             try:
                 channel = conn.channel()
@@ -401,6 +409,11 @@ class ConsumeLoop:
                 for subscription in self._dispatcher.registry.subscriptions():
                     if subscription.group is None:  # a group's queue outlives its servers
                         discard_queue(subscription.queue(self._server_id)(channel))
+                if held is not None:
+                    try:
+                        held.release(channel)
+                    except self._connection_errors:  # it runs out, and is swept, instead
+                        pass
             finally:
                 try:
                     channel.close()

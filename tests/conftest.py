@@ -209,6 +209,7 @@ def delete_queue(broker_url: str, name: str) -> None:
             held_cancels(name)(conn.default_channel).delete()  # cancels sent while no server ran
             if broker_url.startswith("redis"):
                 forget_unacked(conn.default_channel.client, name)
+                forget_leases(conn.default_channel.client, name)
                 for exchange in (broadcast_exchange(name).name, cancel_exchange(name).name):
                     conn.default_channel.client.delete(
                         f"_kombu.binding.{exchange}", f"_kombu.binding_permanent.{exchange}"
@@ -229,6 +230,16 @@ def unacked_tags(client: Any, queue: str) -> list[Any]:
         if routing_key == queue:
             tags.append(tag)
     return tags
+
+
+def forget_leases(client: Any, queue: str) -> None:
+    """Drop the leases on Redis (:mod:`kombu_rpc._transports.leases`) of the servers of
+    ``queue`` that died in the test: they would stay an hour."""
+    from kombu_rpc._transports.leases import LEASES
+
+    for lease in client.zrange(LEASES, 0, -1):
+        if queue.encode() in lease:
+            client.zrem(LEASES, lease)
 
 
 def forget_unacked(client: Any, queue: str) -> None:

@@ -41,16 +41,20 @@ import importlib.util
 import os
 import random
 import warnings
+from collections.abc import Sequence
 from time import monotonic
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from kombu import Connection
+from kombu import Connection, Queue
 from kombu.transport import resolve_transport, virtual
 from kombu.utils.imports import symbol_by_name
 
 from ..errors import ConfigurationError, TransportFallbackWarning
+
+if TYPE_CHECKING:
+    from .leases import Lease
 
 __all__ = [
     "FAST_TRANSPORTS_ENV",
@@ -64,6 +68,7 @@ __all__ = [
     "PollingConnection",
     "unread",
     "close_channel",
+    "lease",
     "REPLY_QUEUE_PREFIX",
 ]
 
@@ -355,6 +360,19 @@ def start_listening(conn: Connection, channel: Any, timeout: float) -> None:
             conn.drain_events(timeout=0.05)
         except TimeoutError:
             pass
+
+
+def lease(conn: Connection, channel: Any, server_id: str, queues: Sequence[Queue]) -> Lease | None:
+    """Server ``server_id``'s lease on its own ``queues``, declared on ``channel``, on
+    Redis (:mod:`kombu_rpc._transports.leases`): its loop renews it on that channel
+    when it is due, and releases it once the queues were deleted. ``None`` on the
+    other transports, whose brokers delete a server's exclusive queues with its
+    connection (or which live in one process), and where leases cannot work."""
+    if kind(conn) is not Kind.REDIS:
+        return None
+    from . import leases
+
+    return leases.Lease(server_id, queues) if leases.usable(channel) else None
 
 
 def close_channel(channel: Any, errors: tuple[type[BaseException], ...]) -> None:

@@ -5,6 +5,10 @@ Usage: ``python transport_server.py BROKER_JSON QUEUE``, where ``BROKER_JSON`` i
 server builds its own :class:`kombu.Connection` from it, as a URL cannot carry transport
 options (the filesystem transport's folders).
 
+Optional keys of ``BROKER_JSON``: ``"events"``, an exchange whose ``news.#`` events the
+server handles (each logged as ``event <payload>``); ``"lease_ttl"``, the seconds a
+Redis server's lease on its own queues lasts (:mod:`kombu_rpc._transports.leases`).
+
 It logs to stderr; the line ``server <id> consuming '<queue>' ...`` says it is ready.
 It stops gracefully on SIGTERM or SIGINT, and also when its standard input closes, so
 it does not outlive a test run that was killed.
@@ -22,11 +26,17 @@ from typing import Any
 from kombu import Connection
 from kombu.utils.imports import symbol_by_name
 
-from kombu_rpc import Registry, RPCServer
+from kombu_rpc import Event, Registry, RPCServer
 
 
-def make_registry() -> Registry:
+def make_registry(events: str | None = None) -> Registry:
     reg = Registry()
+
+    if events is not None:
+
+        @reg.subscribe(events, "news.#")
+        def news(event: Event) -> None:
+            logging.getLogger("test.events").info("event %s", event.payload)
 
     @reg.remote
     def echo(value: Any) -> Any:
@@ -59,7 +69,12 @@ def main(argv: list[str]) -> None:
         transport=symbol_by_name(transport) if transport else None,
         transport_options=spec.get("transport_options") or {},
     )
-    server = RPCServer(broker, registry=make_registry(), queue=argv[2], concurrency=8)
+    if spec.get("lease_ttl") is not None:
+        from kombu_rpc._transports import leases
+
+        leases.LEASE_TTL = float(spec["lease_ttl"])
+        leases.RENEW_EVERY = leases.LEASE_TTL / 4
+    server = RPCServer(broker, registry=make_registry(spec.get("events")), queue=argv[2], concurrency=8)
 
     def stop_when_orphaned() -> None:
         sys.stdin.read()  # EOF: the test process closed the pipe, or died

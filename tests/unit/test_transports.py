@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import amqp.transport
 import pytest
-from kombu import Connection
+from kombu import Connection, Queue
 from kombu.transport import filesystem as kombu_filesystem
 from kombu.transport import memory as kombu_memory
 from kombu.transport import pyamqp as kombu_pyamqp
@@ -18,7 +19,7 @@ from kombu.transport import redis as kombu_redis
 
 from kombu_rpc import ConfigurationError, RPCProxy, RPCServer
 from kombu_rpc import _transports as seam
-from kombu_rpc._transports import Kind, kind
+from kombu_rpc._transports import Kind, kind, leases
 from kombu_rpc._transports import amqp as fast_amqp
 from kombu_rpc._transports import filesystem as fast_filesystem
 from kombu_rpc._transports import memory as fast_memory
@@ -149,6 +150,27 @@ def test_redis_without_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch)
 def test_every_fast_transport_passes_its_check_on_the_installed_kombu() -> None:
     checks = [fast_amqp.check(), fast_redis.check(), fast_memory.check(), fast_filesystem.check()]
     assert checks == [None, None, None, None]
+    assert leases.check() is None
+
+
+def test_servers_hold_leases_on_redis_only_where_a_sweep_can_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    queues = [Queue("kombu_rpc.server.x", routing_key="kombu_rpc.server.x")]
+    redis_conn, memory_conn = connect(REDIS), connect("memory://")
+    channel = SimpleNamespace(global_keyprefix="")  # what a lease looks at before any I/O
+    try:
+        assert isinstance(seam.lease(redis_conn, channel, "x", queues), leases.Lease)
+        assert seam.lease(memory_conn, memory_conn.default_channel, "x", queues) is None
+        channel.global_keyprefix = "app:"  # kombu versions prefix Lua script keys differently
+        assert seam.lease(redis_conn, channel, "x", queues) is None
+        channel.global_keyprefix = ""
+        monkeypatch.delattr(kombu_redis.Channel, "_delete")
+        problem = leases.check()  # falls to the virtual channel's _delete(queue, *args)
+        assert problem is not None and problem.startswith("kombu.transport.redis.Channel._delete takes")
+        monkeypatch.setattr(leases, "_PROBLEM", problem)
+        assert seam.lease(redis_conn, channel, "x", queues) is None
+    finally:
+        redis_conn.release()
+        memory_conn.release()
 
 
 def break_amqp(monkeypatch: pytest.MonkeyPatch) -> None:

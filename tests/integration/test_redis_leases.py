@@ -1,0 +1,227 @@
+"""Servers on Redis hold leases on their own queues (:mod:`kombu_rpc._transports.leases`):
+what a killed server left bound is swept by another server once its lease ran out, a
+server whose queues were swept binds them again, and a server that stops gives its
+lease up. On the shared Redis, with a queue, an exchange and servers of the test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from kombu_rpc import Event, EventPublisher, Registry, RPCServer
+from kombu_rpc._transports import leases
+from kombu_rpc.testing import unique_queue_name
+from kombu_rpc.topology import (
+    BROADCAST_EXCHANGE_TEMPLATE,
+    BROADCAST_QUEUE_TEMPLATE,
+    CANCEL_EXCHANGE_TEMPLATE,
+    CANCEL_QUEUE_TEMPLATE,
+    CONTROL_QUEUE_TEMPLATE,
+    EVENT_QUEUE_TEMPLATE,
+)
+
+from ..conftest import LogWaiter, Recorder, forget_leases
+from .test_transports import stop, wait_ready
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVER_PROGRAM = Path(__file__).with_name("transport_server.py")
+REPO = Path(__file__).resolve().parents[2]
+#: The lease of the test's servers, in seconds (an hour by default).
+TTL = 1.5
+#: Longest wait for something the servers do within a lease or two.
+WAIT = 15.0
+
+
+def redis_urls() -> list[str]:
+    from ..conftest import real_brokers
+
+    return [url for url in real_brokers() if url.startswith("redis")]
+
+
+@pytest.fixture(params=redis_urls(), ids=["redis"] * len(redis_urls()))
+def redis_url(request: pytest.FixtureRequest) -> str:
+    from ..conftest import checked_broker
+
+    return checked_broker(request)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def names(redis_url: str, client: redis.Redis) -> Iterator[tuple[str, str]]:
+    """A request queue and an event exchange of the test's own; what is left of them
+    on Redis is deleted after the test."""
+    queue, exchange = unique_queue_name(), unique_queue_name("test.events")
+    yield queue, exchange
+    forget_leases(client, queue)
+    for key in client.scan_iter(match=f"*{queue}*"):
+        client.delete(key)
+    for key in client.scan_iter(match=f"*{exchange}*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def short_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The servers of this process hold leases of :data:`TTL` seconds."""
+    monkeypatch.setattr(leases, "LEASE_TTL", TTL)
+    monkeypatch.setattr(leases, "RENEW_EVERY", TTL / 4)
+
+
+def bound(client: redis.Redis, exchange: str) -> set[str]:
+    """The queues bound to ``exchange`` in kombu's binding table on Redis."""
+    return {member.decode().split("\x06\x16")[-1] for member in client.smembers(f"_kombu.binding.{exchange}")}
+
+
+def held_by(client: redis.Redis, server_id: str) -> list[dict[str, Any]]:
+    """The leases server ``server_id`` holds."""
+    found = [json.loads(member) for member in client.zrange(leases.LEASES, 0, -1)]
+    return [lease for lease in found if lease["server"] == server_id]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.05)
+
+
+def start_server(redis_url: str, queue: str, exchange: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A server of ``queue`` handling ``exchange``'s events, with short leases, in a
+    process of its own; and its server id."""
+    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH", ""))))
+    spec = {"url": redis_url, "events": exchange, "lease_ttl": TTL}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(SERVER_PROGRAM), json.dumps(spec), queue],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": pythonpath},
+        )
+    try:
+        return process, wait_ready(process, log, queue)
+    except BaseException:
+        stop(process)
+        raise
+
+
+def publish(redis_url: str, exchange: str, payload: Any) -> None:
+    with EventPublisher(redis_url, exchange) as publisher:
+        publisher.publish("news.today", payload)
+
+
+def test_what_a_killed_server_left_is_swept_once_its_lease_ran_out(
+    redis_url: str,
+    client: redis.Redis,
+    names: tuple[str, str],
+    short_leases: None,
+    tmp_path: Path,
+    log_waiter: Callable[[str], LogWaiter],
+) -> None:
+    queue, exchange = names
+    process, server_id = start_server(redis_url, queue, exchange, tmp_path / "server.log")
+    handler = "__main__.make_registry.<locals>.news"
+    own = {
+        "events": EVENT_QUEUE_TEMPLATE.format(exchange=exchange, handler=handler, server_id=server_id),
+        "broadcasts": BROADCAST_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id),
+        "cancels": CANCEL_QUEUE_TEMPLATE.format(queue=queue, server_id=server_id),
+    }
+    try:
+        wait_until(
+            lambda: len(held_by(client, server_id)) == 2, "the server and its cancel listener hold leases"
+        )
+        queues = {name for lease in held_by(client, server_id) for name, _ in lease["queues"]}
+        assert queues == {*own.values(), CONTROL_QUEUE_TEMPLATE.format(server_id=server_id)}
+        assert own["events"] in bound(client, exchange)
+    finally:
+        process.kill()
+        process.wait(10)
+        stop(process)
+
+    # Left behind: the dead server's event queue is still bound, and fills.
+    assert own["events"] in bound(client, exchange)
+    assert own["broadcasts"] in bound(client, BROADCAST_EXCHANGE_TEMPLATE.format(queue=queue))
+    assert own["cancels"] in bound(client, CANCEL_EXCHANGE_TEMPLATE.format(queue=queue))
+    publish(redis_url, exchange, "unread")
+    assert client.llen(own["events"]) == 1
+
+    swept = log_waiter(f"deleted the queues of server {server_id}")
+    with RPCServer(redis_url, registry=Registry(), queue=queue).running():
+        # its first sweep may come before the dead server's lease ran out: a later one takes it
+        wait_until(lambda: held_by(client, server_id) == [], "the dead server's leases were swept")
+        wait_until(lambda: own["events"] not in bound(client, exchange), "its event queue was unbound")
+        assert own["broadcasts"] not in bound(client, BROADCAST_EXCHANGE_TEMPLATE.format(queue=queue))
+        assert own["cancels"] not in bound(client, CANCEL_EXCHANGE_TEMPLATE.format(queue=queue))
+        assert not client.exists(own["events"])
+        publish(redis_url, exchange, "for nobody")
+        assert not client.exists(own["events"])
+    # (another program's server on the same Redis may have swept them first)
+    assert all(record.levelname == "WARNING" for record in swept.records)
+
+
+def test_a_server_binds_its_swept_queues_again(
+    redis_url: str,
+    client: redis.Redis,
+    names: tuple[str, str],
+    short_leases: None,
+    log_waiter: Callable[[str], LogWaiter],
+) -> None:
+    queue, exchange = names
+    received = Recorder()
+    registry = Registry()
+
+    @registry.subscribe(exchange, "news.#")
+    def news(event: Event) -> None:
+        received.add(event.payload)
+
+    server = RPCServer(redis_url, registry=registry, queue=queue)
+    rebound = log_waiter("were swept")
+    with server.running():
+        server_id = server.server_id
+        wait_until(lambda: held_by(client, server_id) != [], "the server holds a lease")
+        publish(redis_url, exchange, "before")
+        received.wait(1)
+        # as a sweep by another server would, had this one not renewed its lease in time
+        with Connection(redis_url) as conn:
+            assert leases.sweep(conn.default_channel, server_id) == 2
+        handler = f"{news.__module__}.{news.__qualname__}"
+        event_queue = EVENT_QUEUE_TEMPLATE.format(exchange=exchange, handler=handler, server_id=server_id)
+        assert event_queue not in bound(client, exchange)
+        assert rebound.seen.wait(WAIT), "the server did not bind its queues again"
+        wait_until(lambda: event_queue in bound(client, exchange), "the event queue is bound again")
+        wait_until(lambda: len(held_by(client, server_id)) == 2, "both leases are held again")
+        publish(redis_url, exchange, "after")
+        assert received.wait(2) == ["before", "after"]
+    assert held_by(client, server_id) == []
+
+
+def test_a_stopped_server_holds_no_lease(redis_url: str, client: redis.Redis, names: tuple[str, str]) -> None:
+    queue, _ = names
+    server = RPCServer(redis_url, registry=Registry(), queue=queue)
+    with server.running():
+        wait_until(lambda: len(held_by(client, server.server_id)) == 2, "the server holds its leases")
+        (lease,) = [
+            score
+            for member, score in client.zrange(leases.LEASES, 0, -1, withscores=True)
+            if json.loads(member)["server"] == server.server_id and "kombu_rpc.server." in member.decode()
+        ]
+        seconds, micros = client.time()
+        left = lease / 1000 - (seconds + micros / 1e6)
+        assert leases.LEASE_TTL - 60 < left <= leases.LEASE_TTL  # an hour, on Redis's clock
+    assert held_by(client, server.server_id) == []
