@@ -14,20 +14,17 @@ import logging
 import threading
 from collections import deque
 from time import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kombu import Connection, Consumer, Exchange, Producer
 from kombu.message import Message
 
 from . import protocol
 from ._cancels import MAX_TTL, CancelledCalls
-from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, lease, start_listening
+from ._transports import REDIS_SOCKET_TIMEOUT, Kind, Lease, close_channel, kind, lease, start_listening
 from .connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from .errors import RemoteError
 from .topology import CANCEL_QUEUE_TEMPLATE, cancel_exchange, cancel_queue, discard_queue, held_cancels
-
-if TYPE_CHECKING:
-    from ._transports.leases import Lease
 
 # The calling side logs as the client, the serving side as the server (the guide's names).
 client_logger = logging.getLogger("kombu_rpc.client")

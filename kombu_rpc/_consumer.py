@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from kombu import Connection, Consumer, Producer
 from kombu.message import Message
@@ -24,14 +24,20 @@ from ._cancelling import CancelListener
 from ._dispatch import Dispatcher, Disposal, PartNotSent, Refused
 from ._execution import EventLoop, WorkerPool
 from ._replies import ACK, REQUEUE, ReplyPublisher
-from ._transports import REDIS_SOCKET_TIMEOUT, Kind, close_channel, kind, lease, start_listening, unread
+from ._transports import (
+    REDIS_SOCKET_TIMEOUT,
+    Kind,
+    Lease,
+    close_channel,
+    kind,
+    lease,
+    start_listening,
+    unread,
+)
 from .connection import Heartbeater, broker_errors, reconnect, safe_uri
 from .errors import ConfigurationError, ConnectionLostError, SerializationError
 from .events import Subscription, decode_event, handle_event
 from .topology import CONTROL_QUEUE_TEMPLATE, broadcast_queue, discard_queue, private_queue, request_queue
-
-if TYPE_CHECKING:
-    from ._transports.leases import Lease
 
 logger = logging.getLogger("kombu_rpc.server")
 

@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Sequence
 from time import monotonic
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from kombu import Connection, Queue
@@ -52,9 +52,6 @@ from kombu.transport import resolve_transport, virtual
 from kombu.utils.imports import symbol_by_name
 
 from ..errors import ConfigurationError, TransportFallbackWarning
-
-if TYPE_CHECKING:
-    from .leases import Lease
 
 __all__ = [
     "FAST_TRANSPORTS_ENV",
@@ -69,6 +66,7 @@ __all__ = [
     "unread",
     "close_channel",
     "lease",
+    "Lease",
     "REPLY_QUEUE_PREFIX",
 ]
 
@@ -360,6 +358,20 @@ def start_listening(conn: Connection, channel: Any, timeout: float) -> None:
             conn.drain_events(timeout=0.05)
         except TimeoutError:
             pass
+
+
+class Lease(Protocol):
+    """A server's lease on its own queues (see :func:`lease`)."""
+
+    def due(self) -> bool:
+        """True when the lease is to be renewed."""
+
+    def renew(self, channel: Any) -> None:
+        """Renew the lease, bind again its queues if they were swept, and sweep the
+        leases that ran out."""
+
+    def release(self, channel: Any) -> None:
+        """Give the lease up (once its queues were deleted)."""
 
 
 def lease(conn: Connection, channel: Any, server_id: str, queues: Sequence[Queue]) -> Lease | None:
