@@ -106,14 +106,24 @@ class Lease:
         """Renew the lease for :data:`LEASE_TTL`, bind again any of its queues that
         were swept, and sweep the leases that ran out.
 
+        Any other error of Redis (a script refused, a key of another type) is logged,
+        and the lease is tried again at its next turn: a lease must not stop a server.
+
         Raises:
-            Exception: Redis's connection errors.
+            Exception: Redis's connection errors (the server reconnects).
         """
-        with channel.conn_or_acquire() as client:
-            client.register_script(_RENEW)(keys=[LEASES], args=[self._member, round(LEASE_TTL * 1000)])
-        self._bind_swept(channel)
-        sweep(channel)
         self._renew_at = monotonic() + RENEW_EVERY
+        try:
+            with channel.conn_or_acquire() as client:
+                client.register_script(_RENEW)(keys=[LEASES], args=[self._member, round(LEASE_TTL * 1000)])
+            self._bind_swept(channel)
+            sweep(channel)
+        except Exception as exc:
+            if isinstance(exc, channel.connection.connection_errors):
+                raise
+            logger.warning(
+                "server %s could not renew its lease on Redis: %s", self.server_id, exc, exc_info=True
+            )
 
     def release(self, channel: Any) -> None:
         """Give the lease up (once its queues were deleted).

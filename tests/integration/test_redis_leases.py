@@ -19,7 +19,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from kombu_rpc import Event, EventPublisher, Registry, RPCServer
+from kombu_rpc import Event, EventPublisher, Registry, RPCProxy, RPCServer
 from kombu_rpc._transports import leases
 from kombu_rpc.testing import unique_queue_name
 from kombu_rpc.topology import (
@@ -225,3 +225,24 @@ def test_a_stopped_server_holds_no_lease(redis_url: str, client: redis.Redis, na
         left = lease / 1000 - (seconds + micros / 1e6)
         assert leases.LEASE_TTL - 60 < left <= leases.LEASE_TTL  # an hour, on Redis's clock
     assert held_by(client, server.server_id) == []
+
+
+def test_a_lease_that_cannot_be_renewed_does_not_stop_the_server(
+    redis_url: str,
+    client: redis.Redis,
+    names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    log_waiter: Callable[[str], LogWaiter],
+) -> None:
+    queue, _ = names
+    leases_key = f"{queue}.leases"  # of the test's own: the shared one stays as it is
+    monkeypatch.setattr(leases, "LEASES", leases_key)
+    client.set(leases_key, "not a sorted set")  # WRONGTYPE for every lease command
+    failed = log_waiter("could not renew its lease")
+    registry = Registry()
+    registry.remote(name="echo")(lambda value: value)
+    with RPCServer(redis_url, registry=registry, queue=queue).running():
+        assert failed.seen.wait(WAIT)
+        with RPCProxy(redis_url, queue=queue, timeout=10) as proxy:
+            assert proxy.echo("served") == "served"
+    assert "WRONGTYPE" in failed.records[0].getMessage()
