@@ -301,7 +301,8 @@ class CancelListener:
             queue = cancel_queue(self._queue, self._server_id)(channel)
             consumer = Consumer(channel, [queue], on_message=self._on_message, no_ack=True)
             consumer.consume()
-            self._held = held = lease(conn, channel, self._server_id, [queue])  # on Redis
+            # on Redis; the consume loop's lease sweeps for the server
+            self._held = held = lease(conn, channel, self._server_id, [queue], sweeps=False)
             start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, cancels come by PUB/SUB
             if kind(conn) is not Kind.REDIS:  # where exchanges are kept, cancels may be held
                 self._read_held(conn)

@@ -374,17 +374,20 @@ class Lease(Protocol):
         """Give the lease up (once its queues were deleted)."""
 
 
-def lease(conn: Connection, channel: Any, server_id: str, queues: Sequence[Queue]) -> Lease | None:
+def lease(
+    conn: Connection, channel: Any, server_id: str, queues: Sequence[Queue], sweeps: bool = True
+) -> Lease | None:
     """Server ``server_id``'s lease on its own ``queues``, declared on ``channel``, on
     Redis (:mod:`kombu_rpc._transports.leases`): its loop renews it on that channel
-    when it is due, and releases it once the queues were deleted. ``None`` on the
-    other transports, whose brokers delete a server's exclusive queues with its
-    connection (or which live in one process), and where leases cannot work."""
+    when it is due (with ``sweeps``, sweeping the leases that ran out), and releases
+    it once the queues were deleted. ``None`` on the other transports, whose brokers
+    delete a server's exclusive queues with its connection (or which live in one
+    process), and where leases cannot work."""
     if kind(conn) is not Kind.REDIS:
         return None
     from . import leases
 
-    return leases.Lease(server_id, queues) if leases.usable(channel) else None
+    return leases.Lease(server_id, queues, sweeps) if leases.usable(channel) else None
 
 
 def close_channel(channel: Any, errors: tuple[type[BaseException], ...]) -> None:

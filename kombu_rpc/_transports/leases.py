@@ -12,16 +12,17 @@ read by nobody.
 So a server on Redis holds a lease on its queues: a member of one sorted set,
 :data:`LEASES`, naming the server and its queues, scored by the time (on Redis's
 clock) until which the server vouches for them. Its consuming loop renews the lease
-every :data:`RENEW_EVERY` seconds for :data:`LEASE_TTL` seconds. At each renewal
-(the first at start) the server also sweeps: it takes the leases that ran out
-(atomically, so each is swept once), unbinds their queues and deletes them with
-kombu's own commands. A server that stops deletes its queues and gives its lease up.
+every :data:`RENEW_EVERY` seconds for :data:`LEASE_TTL` seconds (its cancel listener
+holds one on its own queue). At each renewal (the first at start) the consuming loop
+also sweeps: it claims the leases that ran out (atomically, so each is swept once),
+unbinds their queues and deletes them with kombu's own commands, then drops the
+leases. A server that stops deletes its queues and gives its leases up.
 
-A lease runs out only if its server's loop did not renew it for :data:`LEASE_TTL`
-(an hour, as long as kombu keeps a consumer's bindings without a refresh): a call
-that runs inline on the loop for longer, for instance. Such a server finds its
-bindings gone at its next renewal and binds its queues again, with a warning: the
-events and broadcasts published meanwhile did not reach it.
+A lease runs out only if its server did not renew it for :data:`LEASE_TTL` (an hour):
+a call that runs inline on the loop for longer, for instance, or a Redis whose clock
+jumped. Such a server finds its bindings gone at its next renewal and binds its
+queues again, with a warning: the events on direct and topic exchanges published
+meanwhile did not reach it (fanout messages go by PUB/SUB, whatever the bindings).
 
 Sweeping uses two methods of kombu's Redis channel: ``get_table`` (the bindings of an
 exchange) and the private ``_delete`` (unbind a queue and delete its lists), checked
@@ -53,6 +54,11 @@ LEASE_TTL = 3600.0
 RENEW_EVERY = 60.0
 #: Most leases one sweep takes.
 SWEEP_BATCH = 16
+#: Seconds a sweep holds the leases it took: one whose sweeper died meanwhile runs out
+#: again after that, and the next sweep takes it.
+SWEEP_CLAIM = 300.0
+#: What every queue named in a lease starts with: a sweep deletes nothing else.
+OWN_PREFIX = "kombu_rpc."
 
 #: Sets lease ARGV[1] to run out ARGV[2] ms from now, by Redis's clock.
 _RENEW = """
@@ -60,35 +66,38 @@ local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
 """
-#: Removes and returns up to ARGV[1] leases that ran out, by Redis's clock, or with
-#: ARGV[2] (a lease's start, ``{"server":"<id>",``) every lease of that server.
+#: Claims up to ARGV[1] leases that ran out, by Redis's clock: has them run out ARGV[2]
+#: ms from now instead, and returns that time and the leases.
 _TAKE = """
-local taken = {}
-if ARGV[2] == '' then
-    local now = redis.call('TIME')
-    local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    taken = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
-else
-    for _, lease in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-        if string.sub(lease, 1, string.len(ARGV[2])) == ARGV[2] then
-            table.insert(taken, lease)
-        end
-    end
-end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local taken = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
+local claim = ms + tonumber(ARGV[2])
 for _, lease in ipairs(taken) do
-    redis.call('ZREM', KEYS[1], lease)
+    redis.call('ZADD', KEYS[1], claim, lease)
 end
+table.insert(taken, 1, tostring(claim))
 return taken
+"""
+#: Removes lease ARGV[1] if it still runs out at ARGV[2] (claimed by this sweep, not
+#: renewed by its server since).
+_DROP = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+    redis.call('ZREM', KEYS[1], ARGV[1])
+end
 """
 
 
 class Lease:
     """Server ``server_id``'s lease on ``queues``: its own queues, declared on the
-    channel the lease is renewed on."""
+    channel the lease is renewed on. With ``sweeps``, each renewal also sweeps the
+    leases that ran out (one lease per server does)."""
 
-    def __init__(self, server_id: str, queues: Sequence[Queue]) -> None:
+    def __init__(self, server_id: str, queues: Sequence[Queue], sweeps: bool = True) -> None:
         self.server_id = server_id
         self._queues = list(queues)
+        self._sweeps = sweeps
         self._member = json.dumps(
             {
                 "server": server_id,
@@ -97,6 +106,7 @@ class Lease:
             separators=(",", ":"),
         )
         self._renew_at = 0.0  # (monotonic) when the lease is next renewed
+        self._refused = False  # the last renewal failed (logged once in a row)
 
     def due(self) -> bool:
         """True when the lease is to be renewed."""
@@ -106,8 +116,9 @@ class Lease:
         """Renew the lease for :data:`LEASE_TTL`, bind again any of its queues that
         were swept, and sweep the leases that ran out.
 
-        Any other error of Redis (a script refused, a key of another type) is logged,
-        and the lease is tried again at its next turn: a lease must not stop a server.
+        Any other error of Redis (scripts not allowed, a key of another type) is
+        logged, and the lease is tried again at its next turn: a lease must not stop
+        a server.
 
         Raises:
             Exception: Redis's connection errors (the server reconnects).
@@ -117,13 +128,22 @@ class Lease:
             with channel.conn_or_acquire() as client:
                 client.register_script(_RENEW)(keys=[LEASES], args=[self._member, round(LEASE_TTL * 1000)])
             self._bind_swept(channel)
-            sweep(channel)
+            if self._sweeps:
+                sweep(channel)
         except Exception as exc:
             if isinstance(exc, channel.connection.connection_errors):
                 raise
-            logger.warning(
-                "server %s could not renew its lease on Redis: %s", self.server_id, exc, exc_info=True
+            logger.log(
+                logging.DEBUG if self._refused else logging.WARNING,
+                "server %s could not renew its lease on Redis (trying again every %gs): %s",
+                self.server_id,
+                RENEW_EVERY,
+                exc,
+                exc_info=not self._refused,
             )
+            self._refused = True
+        else:
+            self._refused = False
 
     def release(self, channel: Any) -> None:
         """Give the lease up (once its queues were deleted).
@@ -136,7 +156,11 @@ class Lease:
 
     def _bind_swept(self, channel: Any) -> None:
         """Bind again the queues whose bindings are gone: a sweep took them while this
-        server's loop was held up past its lease."""
+        server's loop was held up past its lease.
+
+        Only events on direct and topic exchanges were lost meanwhile: kombu delivers
+        fanout messages (broadcasts, cancels, fanout events) by PUB/SUB, whatever
+        the binding table holds."""
         tables: dict[str, set[str]] = {}
         for queue in self._queues:
             exchanges = _exchanges(queue)
@@ -145,58 +169,92 @@ class Lease:
                     tables[exchange] = {entry[-1] for entry in channel.get_table(exchange)}
             if all(queue.name in tables[exchange] for exchange in exchanges):
                 continue
-            logger.warning(
-                "server %s: the bindings of its queue %r were swept (its loop did not renew "
-                "its lease for %gs); binding it again: what was published meanwhile did not reach it",
+            fanout = all(type == "fanout" for type in exchanges.values())
+            logger.log(
+                logging.INFO if fanout else logging.WARNING,
+                "server %s: its queue %r was unbound by a sweep (its lease was not renewed for %gs); "
+                "binding it again%s",
                 self.server_id,
                 queue.name,
                 LEASE_TTL,
+                "" if fanout else ": the events published meanwhile did not reach it",
             )
-            channel.queue_delete(queue.name)  # forget the bindings this connection recorded
+            # forget the bindings this connection recorded (and the queue's lists,
+            # which nothing was routed to since the sweep), then bind anew
+            channel.queue_delete(queue.name)
             queue(channel).declare()
 
 
-def sweep(channel: Any, server: str | None = None) -> int:
-    """Unbind and delete the queues of up to :data:`SWEEP_BATCH` leases that ran out,
-    or with ``server`` those of every lease of that server (one known to be dead: its
-    process was killed); returns how many leases were swept.
+def sweep(channel: Any) -> int:
+    """Unbind and delete the queues of up to :data:`SWEEP_BATCH` leases that ran out;
+    returns how many leases were swept.
+
+    The leases are claimed first, for :data:`SWEEP_CLAIM`, and removed once their
+    queues are gone: a sweep cut short leaves them to the next one. A lease whose
+    server renewed it meanwhile (it was late, not dead) is left: that server binds its
+    queues again at its next renewal.
 
     Raises:
         Exception: Redis's connection errors.
     """
-    start = "" if server is None else json.dumps({"server": server}, separators=(",", ":"))[:-1] + ","
     with channel.conn_or_acquire() as client:
-        taken = client.register_script(_TAKE)(keys=[LEASES], args=[SWEEP_BATCH, start])
+        claim, *taken = client.register_script(_TAKE)(
+            keys=[LEASES], args=[SWEEP_BATCH, round(SWEEP_CLAIM * 1000)]
+        )
+        drop = client.register_script(_DROP)
     for member in taken:
-        try:
-            lease = json.loads(member)
-            owner, queues = lease["server"], lease["queues"]
-        except (ValueError, TypeError, KeyError) as exc:
-            logger.warning("dropped a malformed lease %r: %s", member, exc)
-            continue
+        owner, queues = _parse(member)
         for name, exchanges in queues:
             found = False
             for exchange in exchanges:
-                for routing_key, pattern, queue in channel.get_table(exchange):
-                    if queue == name:
-                        channel._delete(name, exchange, routing_key, pattern)
+                for entry in channel.get_table(exchange):
+                    if len(entry) == 3 and entry[2] == name:
+                        channel._delete(name, exchange, entry[0], entry[1])
                         found = True
             if not found:  # no binding left: its lists only
                 channel._delete(name, "", "", "")
-        logger.warning(
-            "deleted the queues of server %s, whose lease on Redis ran out: it did not stop cleanly (%s)",
-            owner,
-            ", ".join(name for name, _ in queues),
-        )
+        with channel.conn_or_acquire() as client:
+            drop(keys=[LEASES], args=[member, claim], client=client)
+        if owner is not None:
+            logger.warning(
+                "deleted the queues of server %s, whose lease on Redis ran out: it did not stop cleanly (%s)",
+                owner,
+                ", ".join(name for name, _ in queues) or "none",
+            )
     return len(taken)
 
 
-def _exchanges(queue: Queue) -> set[str]:
-    """The names of the exchanges ``queue`` is bound to (none for the default one)."""
-    names = {binding.exchange.name for binding in queue.bindings if binding.exchange is not None}
+def _parse(member: bytes | str) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """The server and the queues (names and exchanges) of a lease; ``(None, [])`` for
+    one that is not of this module's making (logged): none of its queues is touched."""
+    try:
+        lease = json.loads(member)
+        owner, queues = lease["server"], lease["queues"]
+        if not isinstance(owner, str) or not isinstance(queues, list):
+            raise ValueError("not a kombu_rpc server's lease")
+        parsed = []
+        for name, exchanges in queues:
+            if not (
+                isinstance(name, str)
+                and name.startswith(OWN_PREFIX)
+                and isinstance(exchanges, list)
+                and all(isinstance(exchange, str) for exchange in exchanges)
+            ):
+                raise ValueError(f"not a queue of kombu_rpc's: {name!r}")
+            parsed.append((name, exchanges))
+    except (ValueError, TypeError, KeyError) as exc:
+        logger.warning("dropped a malformed lease %r: %s", member, exc)
+        return None, []
+    return owner, parsed
+
+
+def _exchanges(queue: Queue) -> dict[str, str]:
+    """The exchanges ``queue`` is bound to, by name, with their types (none for the
+    default exchange)."""
+    exchanges = [binding.exchange for binding in queue.bindings if binding.exchange is not None]
     if queue.exchange is not None:
-        names.add(queue.exchange.name)
-    return {name for name in names if name}
+        exchanges.append(queue.exchange)
+    return {exchange.name: exchange.type for exchange in exchanges if exchange.name}
 
 
 def usable(channel: Any) -> bool:
