@@ -411,17 +411,37 @@ def _demo(args: argparse.Namespace) -> int:
 
     broker = _broker(args, fallback="memory://")
     queue = f"kombu_rpc.demo.{new_id()}"
-    with (
-        RPCServer(broker, registry=registry, queue=queue).running(),
-        RPCProxy(broker, queue=queue, timeout=10) as proxy,
-    ):
-        print(f"fib(30) = {proxy.fib(30)}")
-        started = time.perf_counter()
-        for _ in range(args.calls):
-            proxy.fib(0)
-        elapsed = time.perf_counter() - started
+    served = False
+    try:
+        with (
+            RPCServer(broker, registry=registry, queue=queue).running(),
+            RPCProxy(broker, queue=queue, timeout=10) as proxy,
+        ):
+            served = True
+            print(f"fib(30) = {proxy.fib(30)}")
+            started = time.perf_counter()
+            for _ in range(args.calls):
+                proxy.fib(0)
+            elapsed = time.perf_counter() - started
+    finally:
+        if served:  # the queue is the demo's own (a server never deletes its request queue)
+            _discard_request_queue(broker, queue)
     print(f"{args.calls} sequential calls in {elapsed:.2f}s: {args.calls / elapsed:,.0f} calls/s")
     return 0
+
+
+def _discard_request_queue(broker: str, queue: str) -> None:
+    """Delete request queue ``queue`` on ``broker`` (one attempt to connect); a failure
+    is only reported on stderr."""
+    from .connection import connect
+    from .topology import discard_queue, request_queue
+
+    try:
+        with connect(broker) as conn:
+            conn.ensure_connection(max_retries=1)
+            discard_queue(request_queue(queue)(conn.channel()))
+    except Exception as exc:
+        print(f"Warning: could not delete the demo's queue {queue!r}: {exc}", file=sys.stderr)
 
 
 # -- the parser -----------------------------------------------------------------------

@@ -44,14 +44,26 @@ def test_the_plugin_example_needs_only_pytest() -> None:
     assert "Unknown config option" not in out + err
 
 
-def test_serve_and_call_examples_on_a_real_broker(real_broker_url: str) -> None:
+def on_queue(example: str, queue: str, folder: Path) -> str:
+    """A copy of ``example`` in ``folder`` that uses ``queue`` for the tutorial's
+    ``rpc_queue``: the brokers are shared, and another program may serve that one."""
+    source = (EXAMPLES / example).read_text()
+    assert source.count('"rpc_queue"') == 1, example
+    copy = folder / example
+    copy.write_text(source.replace('"rpc_queue"', repr(queue)))
+    return str(copy)
+
+
+def test_serve_and_call_examples_on_a_real_broker(
+    real_broker_url: str, queue_name: str, tmp_path: Path
+) -> None:
     broker_url = real_broker_url
-    with run_example(str(EXAMPLES / "serve.py"), broker_url) as server:
+    with run_example(on_queue("serve.py", queue_name, tmp_path), broker_url) as server:
         assert server.stderr is not None
         for line in server.stderr:  # wait until it consumes
             if "consuming" in line:
                 break
-        with run_example(str(EXAMPLES / "call.py"), broker_url) as client:
+        with run_example(on_queue("call.py", queue_name, tmp_path), broker_url) as client:
             out, err = client.communicate(timeout=60)
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)

@@ -53,7 +53,7 @@ from kombu_rpc.topology import new_id
 from ..brokers import PrivateCluster, missing
 
 #: Seconds each test may take, the cluster's start included for the first one.
-TEST_TIMEOUT = 210
+TEST_TIMEOUT = 280
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(TEST_TIMEOUT)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,10 +85,12 @@ RECOVERY_WAIT = 6.0
 #: After the node rejoined, how long a call started since may take to succeed; if none
 #: does, the kills stop there (the next ones would measure nothing).
 SETTLE_WAIT = 2 * CALL_TIMEOUT
-#: No kill starts later than this many seconds into the kills.
-KILL_BUDGET = 120.0
+#: No kill starts later than this many seconds into the kills: room for the seven kills
+#: at about 20 s each (a killed node took 14 to 25 s to rejoin on a loaded 2-core
+#: machine, where 120 s ran out after five or six kills).
+KILL_BUDGET = 160.0
 #: Longest the load may run in all: it stops by itself after this.
-LOAD_LIMIT = 180.0
+LOAD_LIMIT = 230.0
 #: For a server process: to be ready, to stop gracefully.
 SERVER_READY_WAIT, SERVER_STOP_WAIT = 60.0, 15.0
 

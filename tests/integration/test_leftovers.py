@@ -236,3 +236,12 @@ def test_a_broadcast_with_no_server_leaves_no_exchange(broker: Broker, queue_nam
     assert not broker.has_exchange(BROADCAST_EXCHANGE_TEMPLATE.format(queue=queue_name))
     if broker.redis is not None:
         assert broker.lasting_keys(queue_name) == []
+
+
+def test_the_demo_leaves_no_queue(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kombu_rpc import _cli, topology
+
+    demo_id = topology.new_id()
+    monkeypatch.setattr(topology, "new_id", lambda: demo_id)  # the queue it makes: kombu_rpc.demo.<id>
+    assert _cli.main(["demo", "--broker", broker.url, "--calls", "5"]) == 0
+    assert not broker.has_queue(f"kombu_rpc.demo.{demo_id}")
