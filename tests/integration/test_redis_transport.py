@@ -17,8 +17,9 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from kombu_rpc import RPCProxy, RPCServer, RPCTimeout
+from kombu_rpc._transports import close_channel
 from kombu_rpc._transports import redis as redis_transport
-from kombu_rpc.connection import connect, safe_uri
+from kombu_rpc.connection import broker_errors, connect, safe_uri
 from kombu_rpc.testing import make_registry, unique_queue_name
 from kombu_rpc.topology import new_id
 
@@ -381,3 +382,32 @@ def test_stopped_servers_leave_no_control_queue(redis_url: str, admin: redis.Red
             pass
     left = [server.server_id for server in servers if admin.exists(f"kombu_rpc.server.{server.server_id}")]
     assert left == []
+
+
+def test_a_channel_closes_though_another_thread_declared_a_fanout_queue_meanwhile(
+    redis_url: str, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kombu's close() iterates Channel._fanout_queues, one dict for every channel of the
+    # process, deleting the channel's own auto-delete fanout queues as it goes
+    name = f"test.redis-transport.{new_id()}"
+    exchange = Exchange(name, type="fanout", auto_delete=True)
+    fanout_queues = kombu_redis.Channel._fanout_queues
+    meanwhile = f"{name}.declared-meanwhile"
+    with connect(redis_url) as conn:
+        channel = conn.channel()
+        Queue(name, exchange=exchange, routing_key="", exclusive=True, auto_delete=True)(channel).declare()
+        assert name in fanout_queues
+        delete = channel.queue_delete
+
+        def queue_delete(queue: str, **kwargs: Any) -> Any:
+            fanout_queues.setdefault(meanwhile, (name, ""))  # as another thread's declare would
+            return delete(queue, **kwargs)
+
+        monkeypatch.setattr(channel, "queue_delete", queue_delete)
+        try:
+            close_channel(channel, broker_errors(conn))
+        finally:
+            fanout_queues.pop(meanwhile, None)
+            fanout_queues.pop(name, None)
+        assert channel.closed
+    assert not admin.exists(f"_kombu.binding.{name}")  # its binding went with it
