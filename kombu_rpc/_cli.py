@@ -413,16 +413,14 @@ def _demo(args: argparse.Namespace) -> int:
     queue = f"kombu_rpc.demo.{new_id()}"
     served = False
     try:
-        with (
-            RPCServer(broker, registry=registry, queue=queue).running(),
-            RPCProxy(broker, queue=queue, timeout=10) as proxy,
-        ):
-            served = True
-            print(f"fib(30) = {proxy.fib(30)}")
-            started = time.perf_counter()
-            for _ in range(args.calls):
-                proxy.fib(0)
-            elapsed = time.perf_counter() - started
+        with RPCServer(broker, registry=registry, queue=queue).running():
+            served = True  # the queue is declared
+            with RPCProxy(broker, queue=queue, timeout=10) as proxy:
+                print(f"fib(30) = {proxy.fib(30)}")
+                started = time.perf_counter()
+                for _ in range(args.calls):
+                    proxy.fib(0)
+                elapsed = time.perf_counter() - started
     finally:
         if served:  # the queue is the demo's own (a server never deletes its request queue)
             _discard_request_queue(broker, queue)

@@ -93,9 +93,6 @@ AMQP_HEARTBEAT = 60.0
 #: (:data:`kombu_rpc.topology.REPLY_QUEUE_TEMPLATE`): ``memory://`` drops a message to
 #: such a queue once its proxy closed, as RabbitMQ does with an exclusive queue.
 REPLY_QUEUE_PREFIX = "kombu_rpc.reply."
-#: Times :func:`close_channel` calls a channel's ``close()`` that another thread
-#: interrupted (see there).
-CLOSE_ATTEMPTS = 3
 
 
 class Kind(str, enum.Enum):
@@ -401,28 +398,15 @@ def close_channel(channel: Any, errors: tuple[type[BaseException], ...]) -> None
     half-closed, still registered in the poller its transport shares with the channel
     that replaces it, which then never reads a message: it is abandoned
     (``kombu_rpc._transports.redis.abandon``).
-
-    kombu's Redis ``close()`` also iterates a dict that every channel of the process
-    shares (``Channel._fanout_queues``), and raises ``RuntimeError`` when another
-    thread declares a fanout queue meanwhile: it is called again, up to
-    :data:`CLOSE_ATTEMPTS` times (what it already did is done once).
     """
-    attempts = CLOSE_ATTEMPTS
-    while True:
-        try:
-            channel.close()
-            return
-        except RuntimeError:
-            attempts -= 1
-            if attempts == 0:
-                raise
-        except errors:
-            break
-    if getattr(channel, "connection", None) is None:
-        return  # closed after all
-    from kombu.transport import redis as kombu_redis
+    try:
+        channel.close()
+    except errors:
+        if getattr(channel, "connection", None) is None:
+            return  # closed after all
+        from kombu.transport import redis as kombu_redis
 
-    if isinstance(channel, kombu_redis.Channel):
-        from .redis import abandon
+        if isinstance(channel, kombu_redis.Channel):
+            from .redis import abandon
 
-        abandon(channel)
+            abandon(channel)

@@ -74,6 +74,18 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._lent = None
         super()._disconnect_pools()
 
+    def close(self) -> None:
+        """Close as kombu does, over a copy of the fanout queues.
+
+        kombu keeps them in a class attribute, one dict for every channel of the
+        process, and its ``close()`` iterates that dict while deleting the channel's
+        own auto-delete fanout queues: another thread declaring a fanout queue
+        meanwhile would make it raise ``RuntimeError`` halfway (dictionary changed size
+        during iteration). Copying a dict is not interrupted by other threads.
+        """
+        self.__dict__["_fanout_queues"] = dict(kombu_redis.Channel._fanout_queues)
+        super().close()
+
     def _handle_message(self, client: Any, response: Any) -> Any:
         if bytes_to_str(response[0]) == "psubscribe":  # kombu reads and drops these
             self._patterns_confirmed = int(response[2])
@@ -166,10 +178,12 @@ def check() -> str | None:
     base = kombu_redis.Channel
     missing = [
         name
-        for name in ("conn_or_acquire", "_create_client", "_disconnect_pools", "_handle_message")
+        for name in ("conn_or_acquire", "_create_client", "_disconnect_pools", "_handle_message", "close")
         if not callable(getattr(base, name, None))
     ]
     missing += [name for name in ("_pool", "subclient") if not hasattr(base, name)]
+    if not isinstance(getattr(base, "_fanout_queues", None), dict):
+        missing.append("_fanout_queues")
     if missing:
         return f"kombu.transport.redis.Channel lacks {', '.join(missing)}"
     params = list(inspect.signature(base.conn_or_acquire).parameters)

@@ -53,7 +53,7 @@ from kombu_rpc.topology import new_id
 from ..brokers import PrivateCluster, missing
 
 #: Seconds each test may take, the cluster's start included for the first one.
-TEST_TIMEOUT = 280
+TEST_TIMEOUT = 330
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(TEST_TIMEOUT)]
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -245,3 +245,5 @@ def test_the_demo_leaves_no_queue(broker: Broker, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(topology, "new_id", lambda: demo_id)  # the queue it makes: kombu_rpc.demo.<id>
     assert _cli.main(["demo", "--broker", broker.url, "--calls", "5"]) == 0
     assert not broker.has_queue(f"kombu_rpc.demo.{demo_id}")
+    if broker.redis is not None:  # (an empty list is no key on Redis)
+        assert broker.lasting_keys(demo_id) == []

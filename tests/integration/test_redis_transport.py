@@ -17,9 +17,8 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from kombu_rpc import RPCProxy, RPCServer, RPCTimeout
-from kombu_rpc._transports import close_channel
 from kombu_rpc._transports import redis as redis_transport
-from kombu_rpc.connection import broker_errors, connect, safe_uri
+from kombu_rpc.connection import connect, safe_uri
 from kombu_rpc.testing import make_registry, unique_queue_name
 from kombu_rpc.topology import new_id
 
@@ -395,6 +394,7 @@ def test_a_channel_closes_though_another_thread_declared_a_fanout_queue_meanwhil
     meanwhile = f"{name}.declared-meanwhile"
     with connect(redis_url) as conn:
         channel = conn.channel()
+        assert isinstance(channel, redis_transport.Channel)
         Queue(name, exchange=exchange, routing_key="", exclusive=True, auto_delete=True)(channel).declare()
         assert name in fanout_queues
         delete = channel.queue_delete
@@ -405,7 +405,7 @@ def test_a_channel_closes_though_another_thread_declared_a_fanout_queue_meanwhil
 
         monkeypatch.setattr(channel, "queue_delete", queue_delete)
         try:
-            close_channel(channel, broker_errors(conn))
+            channel.close()
         finally:
             fanout_queues.pop(meanwhile, None)
             fanout_queues.pop(name, None)
