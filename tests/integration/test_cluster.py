@@ -26,7 +26,7 @@ FILE), then checks:
   meanwhile fails at once (no ``RPCTimeout``: no silent outage);
 - the proxy created before the first kill still works at the end.
 
-The whole module takes about five to eight minutes on two cores; every wait has a deadline,
+The whole module takes about five to ten minutes on two cores; every wait has a deadline,
 the load stops by itself, and server processes are killed if they do not stop.
 """
 
@@ -55,7 +55,7 @@ from kombu_rpc.topology import new_id
 from ..brokers import PrivateCluster, missing
 
 #: Seconds each test may take, the cluster's start included for the first one.
-TEST_TIMEOUT = 330
+TEST_TIMEOUT = 390
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(TEST_TIMEOUT)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,12 +88,12 @@ RECOVERY_WAIT = 6.0
 #: does, the kills stop there (the next ones would measure nothing).
 SETTLE_WAIT = 2 * CALL_TIMEOUT
 #: No kill starts later than this many seconds into the kills: room for the seven kills
-#: at about 20 s each. A killed node took 14 to 30 s to rejoin on a loaded 2-core
-#: machine; if time runs out after every role was killed, the test passes (the report
-#: says so), and fails only if fewer kills ran.
-KILL_BUDGET = 160.0
+#: at about 25 s each, or for six at 35 s. A killed node took 14 to 30 s to rejoin on a
+#: loaded 2-core machine (kills 32 to 35 s apart); if time runs out after every role was
+#: killed, the test passes (the report says so), and fails only if fewer kills ran.
+KILL_BUDGET = 195.0
 #: Longest the load may run in all: it stops by itself after this.
-LOAD_LIMIT = 230.0
+LOAD_LIMIT = 270.0
 #: For a server process: to be ready, to stop gracefully.
 SERVER_READY_WAIT, SERVER_STOP_WAIT = 60.0, 15.0
 
