@@ -287,17 +287,18 @@ class ConsumeLoop:
         events = [subscription.queue(self._server_id)(channel) for subscription in subscriptions]
         own = [control, broadcasts, *(queue for queue in events if queue.exclusive)]
         held = lease(conn, channel, self._server_id, own)  # on Redis: swept if this server dies
-        consumers = [
+        for_requests, for_broadcasts = (
             Consumer(
                 channel,
-                [requests, broadcasts],
+                [queue],
                 on_message=self._on_request,
                 accept=self._dispatcher.accept,
                 prefetch_count=self._prefetch_count,
                 on_decode_error=self._on_decode_error,
-            ),
-            Consumer(channel, [control], on_message=lambda message: None, no_ack=True),
-        ]
+            )
+            for queue in (requests, broadcasts)
+        )
+        consumers = [for_broadcasts, Consumer(channel, [control], on_message=lambda _: None, no_ack=True)]
         # Events are handled on this thread, one at a time (no prefetch of their own:
         # on virtual transports the channel's prefetch count is the requests').
         consumers += [
@@ -313,9 +314,14 @@ class ConsumeLoop:
         pool = self.pool
         stopping = self.stopping
         try:
+            # Requests come once Redis confirmed the fanout subscriptions: kombu reads
+            # nothing from PUB/SUB while the channel's prefetch is used up, and the
+            # requests' acks wait for this loop
             for consumer in consumers:
                 consumer.consume()
             start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, fanout queues' subscriptions
+            for_requests.consume()
+            consumers.append(for_requests)
             if not settling:
                 self._report_consuming(conn)
             wait = _POLL_MIN

@@ -16,7 +16,7 @@ import redis
 from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from kombu_rpc import RPCProxy, RPCServer, RPCTimeout
+from kombu_rpc import RPCProxy, RPCServer, RPCTimeout, _consumer
 from kombu_rpc._transports import redis as redis_transport
 from kombu_rpc.connection import connect, safe_uri
 from kombu_rpc.testing import make_registry, unique_queue_name
@@ -411,3 +411,26 @@ def test_a_channel_closes_though_another_thread_declared_a_fanout_queue_meanwhil
             fanout_queues.pop(name, None)
         assert channel.closed
     assert not admin.exists(f"_kombu.binding.{name}")  # its binding went with it
+
+
+def test_a_server_takes_requests_once_redis_confirmed_its_subscriptions(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu reads nothing from PUB/SUB while a Redis channel's prefetch is used up, and
+    a server acks its requests in its own loop: requests taken before Redis confirmed
+    the broadcast queue's subscription kept that confirmation unread, and the server
+    reconnected every 10 s (seen under load, after a cut, at concurrency 4)."""
+    consumed_meanwhile: list[set[str]] = []
+    start_listening = _consumer.start_listening
+
+    def recording(conn: Connection, channel: Any, timeout: float) -> None:
+        start_listening(conn, channel, timeout)
+        consumed_meanwhile.append(set(channel.active_queues))  # BRPOP's, not PUB/SUB's
+
+    monkeypatch.setattr(_consumer, "start_listening", recording)
+    queue = unique_queue_name("test.redis-transport")
+    registry = make_registry({"echo": lambda value: value})
+    server = RPCServer(redis_url, registry=registry, queue=queue, concurrency=4)
+    with server.running(), RPCProxy(redis_url, queue=queue, timeout=5) as proxy:
+        assert proxy.echo("after") == "after"
+    assert consumed_meanwhile and all(queue not in names for names in consumed_meanwhile), consumed_meanwhile
