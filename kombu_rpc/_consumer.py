@@ -321,7 +321,7 @@ class ConsumeLoop:
                 consumer.consume()
             start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, fanout queues' subscriptions
             for_requests.consume()
-            consumers.append(for_requests)
+            consumers.insert(0, for_requests)  # the first one cancelled
             if not settling:
                 self._report_consuming(conn)
             wait = _POLL_MIN
