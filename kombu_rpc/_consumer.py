@@ -322,6 +322,10 @@ class ConsumeLoop:
             start_listening(conn, channel, REDIS_SOCKET_TIMEOUT)  # on Redis, fanout queues' subscriptions
             for_requests.consume()
             consumers.insert(0, for_requests)  # the first one cancelled
+            if kind(conn) is Kind.REDIS:  # end the BRPOP in flight, which lacks the request queue
+                Producer(channel, auto_declare=False).publish(
+                    exchange="", routing_key=control.name, **protocol.wake_up_message()
+                )
             if not settling:
                 self._report_consuming(conn)
             wait = _POLL_MIN

@@ -29,7 +29,7 @@ from typing import Any
 from kombu import Connection, Consumer, Producer
 
 from .._pending import _Outgoing
-from .._transports import close_channel
+from .._transports import REPLY_QUEUE_PREFIX, Lease, close_channel, lease
 from ..connection import PUBLISH_TIMEOUT, broker_errors, publishing_clone, reconnect
 from ..metrics import count_event
 from ..protocol import wake_up_message
@@ -95,6 +95,8 @@ class PollingLink(Link):
     """
 
     callers_read = False
+    #: On Redis, the lease on the reply queue (renewed by whoever reads).
+    _lease: Lease | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -200,6 +202,9 @@ class PollingLink(Link):
         if self._broken is not None:
             return
         try:
+            held, consumer = self._lease, self._consumer
+            if held is not None and consumer is not None and held.due():
+                held.renew(consumer.channel)
             self._conn.drain_events(timeout=self._drain_timeout(timeout))
         except TimeoutError:
             pass
@@ -274,7 +279,9 @@ class RedisLink(PollingLink):
     At close, the reply queue is deleted unless replies may still come; a reply would
     then make its list again, for ever. So the list is left to expire by itself instead,
     holding :data:`TOMBSTONE`, :data:`LATE_REPLY_WINDOW` after the last deadline (Redis
-    keeps a list's time to live when something is pushed to it).
+    keeps a list's time to live when something is pushed to it). A proxy that never
+    closes (killed) leaves its list to servers, which sweep it once the proxy's lease ran
+    out (:mod:`kombu_rpc._transports.leases`).
     """
 
     callers_read = True
@@ -285,6 +292,23 @@ class RedisLink(PollingLink):
         limit = options.get("socket_timeout")
         options["socket_timeout"] = FRAME_WAIT if limit is None else min(limit, FRAME_WAIT)
         self._conn = connection.clone(transport_options=options)
+
+    def _consume(self) -> None:
+        """Consume the reply queue; the first time, also take a lease on it."""
+        super()._consume()
+        consumer = self._consumer
+        if self._lease is None and consumer is not None:
+            uid = self.reply_queue.removeprefix(REPLY_QUEUE_PREFIX)
+            held = lease(self._conn, consumer.channel, uid, consumer.queues, sweeps=False, role="proxy")
+            if held is not None:
+                held.renew(consumer.channel)
+            self._lease = held
+
+    def _release(self, channel: Any) -> None:
+        """Give up the lease on the reply queue, once the queue was dealt with."""
+        held, self._lease = self._lease, None
+        if held is not None:
+            held.release(channel)
 
     def _before_cancel(self, consumer: Consumer) -> None:
         """A BRPOP still waiting would hold up closing the channel until Redis ends it
@@ -307,6 +331,7 @@ class RedisLink(PollingLink):
         expires = (now if last == math.inf else last) + LATE_REPLY_WINDOW
         if expires <= now:
             super()._discard(consumer)
+            self._release(consumer.channel)
             return
         try:  # ends a BRPOP still in flight: it cannot take the tombstone
             consumer.channel.close()
@@ -319,6 +344,7 @@ class RedisLink(PollingLink):
                 pipe.rpush(self.reply_queue, TOMBSTONE)
                 pipe.pexpire(self.reply_queue, max(1, round((expires - now) * 1000)))
                 pipe.execute()
+            self._release(channel)
         finally:
             channel.close()
 

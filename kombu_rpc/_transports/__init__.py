@@ -375,19 +375,24 @@ class Lease(Protocol):
 
 
 def lease(
-    conn: Connection, channel: Any, server_id: str, queues: Sequence[Queue], sweeps: bool = True
+    conn: Connection,
+    channel: Any,
+    holder_id: str,
+    queues: Sequence[Queue],
+    sweeps: bool = True,
+    role: str = "server",
 ) -> Lease | None:
-    """Server ``server_id``'s lease on its own ``queues``, declared on ``channel``, on
-    Redis (:mod:`kombu_rpc._transports.leases`): its loop renews it on that channel
-    when it is due (with ``sweeps``, sweeping the leases that ran out), and releases
-    it once the queues were deleted. ``None`` on the other transports, whose brokers
-    delete a server's exclusive queues with its connection (or which live in one
-    process), and where leases cannot work."""
+    """The lease of server (or proxy, the ``role``) ``holder_id`` on its own ``queues``,
+    declared on ``channel``, on Redis (:mod:`kombu_rpc._transports.leases`): its holder
+    renews it on that channel when it is due (with ``sweeps``, sweeping the leases that
+    ran out), and releases it once the queues were deleted. ``None`` on the other
+    transports, whose brokers delete exclusive queues with their connection (or which
+    live in one process), and where leases cannot work."""
     if kind(conn) is not Kind.REDIS:
         return None
     from . import leases
 
-    return leases.Lease(server_id, queues, sweeps) if leases.usable(channel) else None
+    return leases.Lease(holder_id, queues, sweeps, role) if leases.usable(channel) else None
 
 
 def close_channel(channel: Any, errors: tuple[type[BaseException], ...]) -> None:

@@ -1,5 +1,5 @@
-"""Leases on Redis: a server that dies without deleting its own queues does not leave
-them bound for ever.
+"""Leases on Redis: a server or proxy that dies without deleting its own queues does
+not leave them for ever.
 
 On RabbitMQ a server's own queues (control, broadcasts, cancels, and the queues of its
 event subscriptions without a group) are exclusive: they go with its connection.
@@ -17,6 +17,11 @@ holds one on its own queue). At each renewal (the first at start) the consuming 
 also sweeps: it claims the leases that ran out (atomically, so each is swept once),
 unbinds their queues and deletes them with kombu's own commands, then drops the
 leases. A server that stops deletes its queues and gives its leases up.
+
+A proxy holds a lease on its reply queue in the same way (``sweeps=False``), renewed by
+whoever reads its replies: the replies to the calls in flight when it was killed
+would make the list again after the proxy deleted it, for ever. A sweep deletes the
+list of a proxy whose lease ran out.
 
 A lease runs out only if its server did not renew it for :data:`LEASE_TTL` (an hour):
 a call that runs inline on the loop for longer, for instance, or a Redis whose clock
@@ -46,7 +51,8 @@ from kombu.transport import redis as kombu_redis
 logger = logging.getLogger("kombu_rpc.server")
 
 #: The sorted set of the leases: members are JSON ``{"server": id, "queues": [[name,
-#: [exchange, ...]], ...]}``, scores the time in ms (Redis's clock) they run out.
+#: [exchange, ...]], ...]}`` (``"proxy"`` for a proxy's), scores the time in ms (Redis's
+#: clock) they run out.
 LEASES = "kombu_rpc.leases"
 #: Seconds a lease lasts after its renewal.
 LEASE_TTL = 3600.0
@@ -59,6 +65,8 @@ SWEEP_BATCH = 16
 SWEEP_CLAIM = 300.0
 #: What every queue named in a lease starts with: a sweep deletes nothing else.
 OWN_PREFIX = "kombu_rpc."
+#: Who holds leases, and the logger of each one's messages.
+ROLES = {"server": "kombu_rpc.server", "proxy": "kombu_rpc.link"}
 
 #: Sets lease ARGV[1] to run out ARGV[2] ms from now, by Redis's clock.
 _RENEW = """
@@ -90,17 +98,20 @@ end
 
 
 class Lease:
-    """Server ``server_id``'s lease on ``queues``: its own queues, declared on the
-    channel the lease is renewed on. With ``sweeps``, each renewal also sweeps the
-    leases that ran out (one lease per server does)."""
+    """The lease of server (or proxy, the ``role``) ``holder_id`` on ``queues``: its own
+    queues, declared on the channel the lease is renewed on. With ``sweeps``, each
+    renewal also sweeps the leases that ran out (one lease per server does)."""
 
-    def __init__(self, server_id: str, queues: Sequence[Queue], sweeps: bool = True) -> None:
-        self.server_id = server_id
+    def __init__(
+        self, holder_id: str, queues: Sequence[Queue], sweeps: bool = True, role: str = "server"
+    ) -> None:
+        self.holder = f"{role} {holder_id}"
+        self._logger = logging.getLogger(ROLES[role])
         self._queues = list(queues)
         self._sweeps = sweeps
         self._member = json.dumps(
             {
-                "server": server_id,
+                role: holder_id,
                 "queues": [[queue.name, sorted(_exchanges(queue))] for queue in self._queues],
             },
             separators=(",", ":"),
@@ -133,10 +144,10 @@ class Lease:
         except Exception as exc:
             if isinstance(exc, channel.connection.connection_errors):
                 raise
-            logger.log(
+            self._logger.log(
                 logging.DEBUG if self._refused else logging.WARNING,
-                "server %s could not renew its lease on Redis (trying again every %gs): %s",
-                self.server_id,
+                "%s could not renew its lease on Redis (trying again every %gs): %s",
+                self.holder,
                 RENEW_EVERY,
                 exc,
                 exc_info=not self._refused,
@@ -170,11 +181,11 @@ class Lease:
             if all(queue.name in tables[exchange] for exchange in exchanges):
                 continue
             fanout = all(type == "fanout" for type in exchanges.values())
-            logger.log(
+            self._logger.log(
                 logging.INFO if fanout else logging.WARNING,
-                "server %s: its queue %r was unbound by a sweep (its lease was not renewed for %gs); "
+                "%s: its queue %r was unbound by a sweep (its lease was not renewed for %gs); "
                 "binding it again%s",
-                self.server_id,
+                self.holder,
                 queue.name,
                 LEASE_TTL,
                 "" if fanout else ": the events published meanwhile did not reach it",
@@ -215,9 +226,10 @@ def sweep(channel: Any) -> int:
                 channel._delete(name, "", "", "")
         with channel.conn_or_acquire() as client:
             drop(keys=[LEASES], args=[member, claim], client=client)
-        if owner is not None:
-            logger.warning(
-                "deleted the queues of server %s, whose lease on Redis ran out: it did not stop cleanly (%s)",
+        if owner is not None:  # a dead server is worth a warning; a proxy, its process ending
+            logger.log(
+                logging.WARNING if owner.startswith("server ") else logging.INFO,
+                "deleted the queues of %s, whose lease on Redis ran out: it did not stop cleanly (%s)",
                 owner,
                 ", ".join(name for name, _ in queues) or "none",
             )
@@ -225,13 +237,16 @@ def sweep(channel: Any) -> int:
 
 
 def _parse(member: bytes | str) -> tuple[str | None, list[tuple[str, list[str]]]]:
-    """The server and the queues (names and exchanges) of a lease; ``(None, [])`` for
-    one that is not of this module's making (logged): none of its queues is touched."""
+    """The holder (``"server <id>"``, ``"proxy <id>"``) and the queues (names and
+    exchanges) of a lease; ``(None, [])`` for one that is not of this module's making
+    (logged): none of its queues is touched."""
     try:
         lease = json.loads(member)
-        owner, queues = lease["server"], lease["queues"]
-        if not isinstance(owner, str) or not isinstance(queues, list):
-            raise ValueError("not a kombu_rpc server's lease")
+        roles = [role for role in ROLES if role in lease]
+        queues = lease["queues"]
+        if len(roles) != 1 or not isinstance(lease[roles[0]], str) or not isinstance(queues, list):
+            raise ValueError("not the lease of a kombu_rpc server or proxy")
+        owner = f"{roles[0]} {lease[roles[0]]}"
         parsed = []
         for name, exchanges in queues:
             if not (

@@ -1,7 +1,9 @@
 """Servers on Redis hold leases on their own queues (:mod:`kombu_rpc._transports.leases`):
 what a killed server left bound is swept by another server once its lease ran out, a
 server whose queues were swept binds them again, and a server that stops gives its
-lease up. On the shared Redis, with a queue, an exchange and servers of the test's own.
+lease up. Proxies hold one on their reply queue: the list that late replies make for
+a killed proxy is swept too. On the shared Redis, with a queue, an exchange and servers
+of the test's own.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ import redis
 from kombu import Connection
 
 from kombu_rpc import Event, EventPublisher, Registry, RPCProxy, RPCServer
-from kombu_rpc._transports import leases
+from kombu_rpc._transports import REPLY_QUEUE_PREFIX, leases
 from kombu_rpc.testing import unique_queue_name
 from kombu_rpc.topology import (
     BROADCAST_EXCHANGE_TEMPLATE,
@@ -82,10 +85,21 @@ def bound(client: redis.Redis, exchange: str) -> set[str]:
     return {member.decode().split("\x06\x16")[-1] for member in client.smembers(f"_kombu.binding.{exchange}")}
 
 
-def held_by(client: redis.Redis, server_id: str) -> list[dict[str, Any]]:
-    """The leases server ``server_id`` holds."""
-    found = [json.loads(member) for member in client.zrange(leases.LEASES, 0, -1)]
-    return [lease for lease in found if lease["server"] == server_id]
+def holder(member: bytes) -> tuple[str, str] | None:
+    """Who holds a lease: ``("server", id)`` or ``("proxy", id)``; ``None`` for a member
+    that is not a lease of kombu_rpc's (another program's, on the shared Redis)."""
+    try:
+        lease = json.loads(member)
+    except ValueError:
+        return None
+    found = [(role, lease[role]) for role in leases.ROLES if isinstance(lease, dict) and role in lease]
+    return found[0] if len(found) == 1 else None
+
+
+def held_by(client: redis.Redis, holder_id: str, role: str = "server") -> list[dict[str, Any]]:
+    """The leases server (or proxy) ``holder_id`` holds."""
+    members = client.zrange(leases.LEASES, 0, -1)
+    return [json.loads(member) for member in members if holder(member) == (role, holder_id)]
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
@@ -120,10 +134,11 @@ def publish(redis_url: str, exchange: str, payload: Any) -> None:
         publisher.publish("news.today", payload)
 
 
-def expire(client: redis.Redis, server_id: str) -> None:
-    """Have server ``server_id``'s leases run out now (as an hour without renewal would)."""
+def expire(client: redis.Redis, holder_id: str, role: str = "server") -> None:
+    """Have the leases of server (or proxy) ``holder_id`` run out now (as an hour
+    without renewal would)."""
     for member in client.zrange(leases.LEASES, 0, -1):
-        if json.loads(member)["server"] == server_id:
+        if holder(member) == (role, holder_id):
             client.zadd(leases.LEASES, {member: 0}, xx=True)
 
 
@@ -246,7 +261,7 @@ def test_a_stopped_server_holds_no_lease(redis_url: str, client: redis.Redis, na
         (lease,) = [
             score
             for member, score in client.zrange(leases.LEASES, 0, -1, withscores=True)
-            if json.loads(member)["server"] == server.server_id and "kombu_rpc.server." in member.decode()
+            if holder(member) == ("server", server.server_id) and "kombu_rpc.server." in member.decode()
         ]
         seconds, micros = client.time()
         left = lease / 1000 - (seconds + micros / 1e6)
@@ -287,10 +302,91 @@ def test_leases_a_sweep_took_but_did_not_finish_are_swept_again(
     # a sweeper that claimed the lease, then died before it deleted anything
     take = client.register_script(leases._TAKE)
     _, taken = take(keys=[leases.LEASES], args=[leases.SWEEP_BATCH, 500])
-    assert json.loads(taken)["server"] == "dead"
+    assert holder(taken) == ("server", "dead")
     with Connection(redis_url) as conn:
         assert leases.sweep(conn.default_channel) == 0  # claimed: not yet
         assert client.exists(left)
         wait_until(lambda: leases.sweep(conn.default_channel) == 1, "the claim ran out and was swept")
     assert not client.exists(left)
     assert not client.exists(leases.LEASES)
+
+
+def test_a_proxy_holds_a_lease_on_its_reply_queue_until_it_closes(
+    redis_url: str, client: redis.Redis, names: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue, _ = names
+    monkeypatch.setattr(leases, "RENEW_EVERY", 0.2)
+    registry = Registry()
+    registry.remote(name="echo")(lambda value: value)
+    with RPCServer(redis_url, registry=registry, queue=queue).running():
+        with RPCProxy(redis_url, queue=queue, timeout=10) as proxy:
+            uid = proxy.reply_queue.removeprefix(REPLY_QUEUE_PREFIX)
+            assert held_by(client, uid, "proxy") == []  # connects at its first call
+            assert proxy.echo("first") == "first"
+            (lease,) = held_by(client, uid, "proxy")
+            assert lease["queues"] == [[proxy.reply_queue, []]]
+            # renewed while the proxy is idle (its link's thread looks every second)
+            member = json.dumps(lease, separators=(",", ":"))
+            first = client.zscore(leases.LEASES, member)
+            wait_until(lambda: (client.zscore(leases.LEASES, member) or 0) > (first or 0), "a renewal")
+        assert held_by(client, uid, "proxy") == []
+
+
+#: A proxy in a process of its own: prints its reply queue, then calls ``slow``.
+PROXY_PROGRAM = """
+import sys
+from kombu_rpc import RPCProxy
+proxy = RPCProxy(sys.argv[1], queue=sys.argv[2], timeout=60)
+print(proxy.reply_queue, flush=True)
+proxy.slow()
+"""
+
+
+def test_what_a_killed_proxy_left_is_swept_once_its_lease_ran_out(
+    redis_url: str,
+    client: redis.Redis,
+    names: tuple[str, str],
+    log_waiter: Callable[[str], LogWaiter],
+) -> None:
+    queue, _ = names
+    entered, release = threading.Event(), threading.Event()
+    registry = Registry()
+
+    @registry.remote(name="slow")
+    def slow() -> str:
+        entered.set()
+        release.wait(WAIT)
+        return "too late"
+
+    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH", ""))))
+    try:
+        with RPCServer(redis_url, registry=registry, queue=queue).running():
+            process = subprocess.Popen(
+                [sys.executable, "-c", PROXY_PROGRAM, redis_url, queue],
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": pythonpath},
+            )
+            try:
+                assert process.stdout is not None
+                reply_queue = process.stdout.readline().decode().strip()
+                assert reply_queue.startswith(REPLY_QUEUE_PREFIX), reply_queue
+                assert entered.wait(WAIT), "the proxy's call did not come"
+            finally:
+                process.kill()
+                process.wait(10)
+                if process.stdout is not None:
+                    process.stdout.close()
+            release.set()  # the reply goes to a proxy that is gone
+            wait_until(lambda: client.llen(reply_queue) == 1, "the reply made the dead proxy's list again")
+    finally:
+        release.set()
+    uid = reply_queue.removeprefix(REPLY_QUEUE_PREFIX)
+    assert len(held_by(client, uid, "proxy")) == 1  # it lasts an hour yet
+
+    expire(client, uid, "proxy")
+    swept = log_waiter(f"deleted the queues of proxy {uid}")
+    with RPCServer(redis_url, registry=Registry(), queue=queue).running():  # sweeps at start
+        wait_until(lambda: held_by(client, uid, "proxy") == [], "the dead proxy's lease was swept")
+        assert not client.exists(reply_queue)
+    if swept.records:  # (another program's server on the same Redis may have swept it first)
+        assert swept.records[0].levelname == "INFO"
