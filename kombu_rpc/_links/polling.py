@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from queue import SimpleQueue
@@ -285,6 +286,8 @@ class RedisLink(PollingLink):
     """
 
     callers_read = True
+    #: Gives up the lease at interpreter exit, unless the proxy was closed.
+    _at_exit: weakref.finalize[Any, Any]
 
     def __init__(self, connection: Connection, *args: Any, **kwargs: Any) -> None:
         super().__init__(connection, *args, **kwargs)
@@ -294,7 +297,9 @@ class RedisLink(PollingLink):
         self._conn = connection.clone(transport_options=options)
 
     def _consume(self) -> None:
-        """Consume the reply queue; the first time, also take a lease on it."""
+        """Consume the reply queue; the first time, also take a lease on it, given up
+        at interpreter exit if the proxy was not closed (a script that never closes its
+        proxy would otherwise leave one lease an hour per run)."""
         super()._consume()
         consumer = self._consumer
         if self._lease is None and consumer is not None:
@@ -302,12 +307,14 @@ class RedisLink(PollingLink):
             held = lease(self._conn, consumer.channel, uid, consumer.queues, sweeps=False, role="proxy")
             if held is not None:
                 held.renew(consumer.channel)
+                self._at_exit = weakref.finalize(self, _give_up, self._conn.clone(), held)
             self._lease = held
 
     def _release(self, channel: Any) -> None:
         """Give up the lease on the reply queue, once the queue was dealt with."""
         held, self._lease = self._lease, None
         if held is not None:
+            self._at_exit.detach()
             held.release(channel)
 
     def _before_cancel(self, consumer: Consumer) -> None:
@@ -380,3 +387,13 @@ class RedisLink(PollingLink):
         """Have the publisher thread take back an unanswered request."""
         if queue:
             self._outbox.put(_Withdrawal(queue, correlation_id))
+
+
+def _give_up(conn: Connection, held: Lease) -> None:
+    """Give up ``held`` on a connection of its own (at interpreter exit: the proxy's
+    may be in use by its threads), best effort: it runs out by itself anyway."""
+    try:
+        with conn:
+            held.release(conn.default_channel)
+    except Exception as exc:
+        logger.debug("could not give up the reply queue's lease at exit: %s", exc)

@@ -361,7 +361,7 @@ def start_listening(conn: Connection, channel: Any, timeout: float) -> None:
 
 
 class Lease(Protocol):
-    """A server's lease on its own queues (see :func:`lease`)."""
+    """A server's (or proxy's) lease on its own queues (see :func:`lease`)."""
 
     def due(self) -> bool:
         """True when the lease is to be renewed."""

@@ -19,11 +19,12 @@ unbinds their queues and deletes them with kombu's own commands, then drops the
 leases. A server that stops deletes its queues and gives its leases up.
 
 A proxy holds a lease on its reply queue in the same way (``sweeps=False``), renewed by
-whoever reads its replies: the replies to the calls in flight when it was killed
-would make the list again after the proxy deleted it, for ever. A sweep deletes the
-list of a proxy whose lease ran out.
+whoever reads its replies (and given up at close, or at interpreter exit): the
+replies to its calls in flight when it was killed would stay in its list for ever. A
+sweep deletes the list of a proxy whose lease ran out, a proxy's renewal that Redis
+refuses is logged at DEBUG only (its servers warn of theirs).
 
-A lease runs out only if its server did not renew it for :data:`LEASE_TTL` (an hour):
+A server's lease runs out only if it did not renew it for :data:`LEASE_TTL` (an hour):
 a call that runs inline on the loop for longer, for instance, or a Redis whose clock
 jumped. Such a server finds its bindings gone at its next renewal and binds its
 queues again, with a warning: the events on direct and topic exchanges published
@@ -107,6 +108,7 @@ class Lease:
     ) -> None:
         self.holder = f"{role} {holder_id}"
         self._logger = logging.getLogger(ROLES[role])
+        self._quiet = role == "proxy"  # a refused renewal is the servers' to warn of
         self._queues = list(queues)
         self._sweeps = sweeps
         self._member = json.dumps(
@@ -145,7 +147,7 @@ class Lease:
             if isinstance(exc, channel.connection.connection_errors):
                 raise
             self._logger.log(
-                logging.DEBUG if self._refused else logging.WARNING,
+                logging.DEBUG if self._refused or self._quiet else logging.WARNING,
                 "%s could not renew its lease on Redis (trying again every %gs): %s",
                 self.holder,
                 RENEW_EVERY,

@@ -15,6 +15,7 @@ from kombu import Connection
 from kombu_rpc import CallError, Registry, RPCProxy, RPCServer, RPCTimeout
 from kombu_rpc._links.polling import LATE_REPLY_WINDOW, TOMBSTONE
 from kombu_rpc._transports import memory as memory_transport
+from kombu_rpc._transports.leases import LEASES
 from kombu_rpc.topology import (
     BROADCAST_EXCHANGE_TEMPLATE,
     BROADCAST_QUEUE_TEMPLATE,
@@ -101,12 +102,14 @@ def assert_reply_queue_gone_or_expiring(
 ) -> None:
     """The closed proxy's reply queue is gone, or on Redis is a list that expires within
     ``longest_ttl`` seconds and holds the tombstone last, after the ``replies`` (if
-    given) that came after close; the test then deletes it."""
+    given) that came after close, and the proxy gave up its lease on it; the test then
+    deletes it."""
     name = proxy.reply_queue
     if broker.redis is None:
         assert not broker.has_queue(name)
         return
     try:
+        assert not [lease for lease in broker.redis.zrange(LEASES, 0, -1) if name.encode() in lease]
         ttl = broker.redis.pttl(name)
         assert 0 < ttl <= longest_ttl * 1000, ttl
         assert broker.redis.lindex(name, -1) == TOMBSTONE

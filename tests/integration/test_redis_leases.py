@@ -390,3 +390,45 @@ def test_what_a_killed_proxy_left_is_swept_once_its_lease_ran_out(
         assert not client.exists(reply_queue)
     if swept.records:  # (another program's server on the same Redis may have swept it first)
         assert swept.records[0].levelname == "INFO"
+
+
+#: A proxy in a process of its own that is not closed: prints its reply queue, calls
+#: ``echo``, says so, and exits when its standard input closes.
+UNCLOSED_PROGRAM = """
+import sys
+from kombu_rpc import RPCProxy
+proxy = RPCProxy(sys.argv[1], queue=sys.argv[2], timeout=10)
+print(proxy.reply_queue, proxy.echo("called"), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_proxy_left_open_gives_up_its_lease_at_exit(
+    redis_url: str, client: redis.Redis, names: tuple[str, str]
+) -> None:
+    queue, _ = names
+    registry = Registry()
+    registry.remote(name="echo")(lambda value: value)
+    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH", ""))))
+    with RPCServer(redis_url, registry=registry, queue=queue).running():
+        process = subprocess.Popen(
+            [sys.executable, "-c", UNCLOSED_PROGRAM, redis_url, queue],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": pythonpath},
+        )
+        try:
+            assert process.stdout is not None and process.stdin is not None
+            reply_queue, said = process.stdout.readline().decode().split()
+            assert said == "called"
+            uid = reply_queue.removeprefix(REPLY_QUEUE_PREFIX)
+            assert len(held_by(client, uid, "proxy")) == 1
+            process.stdin.close()  # the program ends, its proxy still open
+            assert process.wait(WAIT) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            if process.stdout is not None:
+                process.stdout.close()
+    assert held_by(client, uid, "proxy") == []

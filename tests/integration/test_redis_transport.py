@@ -434,3 +434,17 @@ def test_a_server_takes_requests_once_redis_confirmed_its_subscriptions(
     with server.running(), RPCProxy(redis_url, queue=queue, timeout=5) as proxy:
         assert proxy.echo("after") == "after"
     assert consumed_meanwhile and all(queue not in names for names in consumed_meanwhile), consumed_meanwhile
+
+
+def test_a_server_takes_its_first_request_without_waiting_for_a_brpop_to_end(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The BRPOP that a server sends while it waits for its subscriptions does not name
+    the request queue, consumed after: the server ends it with a wake-up, or its first
+    request would wait for it (kombu's ``brpop_timeout``, here longer than the call's;
+    kombu before 5.7 has none: its BRPOPs last a second)."""
+    monkeypatch.setattr(kombu_redis.Transport, "brpop_timeout", 60, raising=False)
+    queue = unique_queue_name("test.redis-transport")
+    server = RPCServer(redis_url, registry=make_registry({"echo": lambda value: value}), queue=queue)
+    with server.running(), RPCProxy(redis_url, queue=queue, timeout=10) as proxy:
+        assert proxy.echo("first") == "first"
