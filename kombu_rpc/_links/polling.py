@@ -17,12 +17,13 @@ that no broker I/O ever holds a caller past its deadline.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import threading
-import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from queue import SimpleQueue
 from time import monotonic
 from typing import Any
@@ -286,8 +287,8 @@ class RedisLink(PollingLink):
     """
 
     callers_read = True
-    #: Gives up the lease at interpreter exit, unless the proxy was closed.
-    _at_exit: weakref.finalize[Any, Any]
+    #: Gives up the lease at interpreter exit, unless the proxy gave it up before.
+    _at_exit: partial[None]
 
     def __init__(self, connection: Connection, *args: Any, **kwargs: Any) -> None:
         super().__init__(connection, *args, **kwargs)
@@ -307,15 +308,17 @@ class RedisLink(PollingLink):
             held = lease(self._conn, consumer.channel, uid, consumer.queues, sweeps=False, role="proxy")
             if held is not None:
                 held.renew(consumer.channel)
-                self._at_exit = weakref.finalize(self, _give_up, self._conn.clone(), held)
+                self._at_exit = partial(_give_up, self._conn.clone(), held)
+                atexit.register(self._at_exit)
             self._lease = held
 
     def _release(self, channel: Any) -> None:
-        """Give up the lease on the reply queue, once the queue was dealt with."""
+        """Give up the lease on the reply queue, once the queue was dealt with (if Redis
+        cannot be told, at interpreter exit)."""
         held, self._lease = self._lease, None
         if held is not None:
-            self._at_exit.detach()
             held.release(channel)
+            atexit.unregister(self._at_exit)
 
     def _before_cancel(self, consumer: Consumer) -> None:
         """A BRPOP still waiting would hold up closing the channel until Redis ends it
