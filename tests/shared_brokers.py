@@ -12,8 +12,9 @@ id that kombu_rpc makes in this process (:func:`kombu_rpc.topology.new_id`: requ
 queue names from :func:`~kombu_rpc.testing.unique_queue_name`, reply queues, server ids
 and so control and broadcast queues, correlation ids) start with the run's random
 tag. What carries the tag after the run is this run's, and fails it: a RabbitMQ queue,
-exchange or binding, or a Redis key without a time to live (one with a TTL expires by
-itself). New names that look like the suite's but lack the tag are another program's,
+exchange or binding, a Redis key without a time to live (one with a TTL expires by
+itself), or a lease naming one of the run's queues on Redis (a sweep takes it only an
+hour later). New names that look like the suite's but lack the tag are another program's,
 or were made by a process the suite started (their ids are not tagged); they are
 reported, without failing the run.
 """
@@ -32,6 +33,7 @@ import redis
 from amqp import Connection as AmqpConnection
 
 import kombu_rpc.topology
+from kombu_rpc._transports.leases import LEASES
 
 #: Names the suite gives its queues, exchanges and keys (kombu_rpc's own, the tests'),
 #: including kombu's Redis binding tables of the suite's exchanges.
@@ -116,8 +118,11 @@ class Watch:
         """The items on the shared brokers for which ``own`` is true, by kind (``None``:
         cannot list); Redis keys with a time to live are left out."""
         keys = [key.decode() for key in self.redis.scan_iter(match=redis_match, count=1000)]
+        leases = [member.decode() for member in self.redis.zrange(LEASES, 0, -1)]
         found: dict[str, set[str] | None] = {
-            "Redis key": {key for key in keys if own(key) and self.redis.pttl(key) == -1}
+            "Redis key": {key for key in keys if own(key) and self.redis.pttl(key) == -1},
+            # a server's or proxy's lease, which a sweep would only take in an hour
+            "Redis lease": {member for member in leases if own(member)},
         }
         for kind, (what, columns) in RABBIT_LISTS.items():
             rows = rabbit_list(what, columns)
