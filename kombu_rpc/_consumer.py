@@ -151,11 +151,15 @@ class ConsumeLoop:
         try:
             with self._connection.clone() as conn:
                 conn.ensure_connection(max_retries=1, interval_start=0)
-                Producer(conn).publish(
-                    exchange="", routing_key=self._control_queue, **protocol.wake_up_message()
-                )
+                self._send_wake_up(conn.default_channel)
         except Exception as exc:  # the loop still sees the flag within IDLE_WAIT
             logger.debug("could not wake server %s: %s", self._server_id, exc)
+
+    def _send_wake_up(self, channel: Any) -> None:
+        """Publish a wake-up to this server's control queue on ``channel``."""
+        Producer(channel, auto_declare=False).publish(
+            exchange="", routing_key=self._control_queue, **protocol.wake_up_message()
+        )
 
     def _check_stopping(self) -> None:
         if self.stopping.is_set():
@@ -323,9 +327,7 @@ class ConsumeLoop:
             for_requests.consume()
             consumers.insert(0, for_requests)  # the first one cancelled
             if kind(conn) is Kind.REDIS:  # end the BRPOP in flight, which lacks the request queue
-                Producer(channel, auto_declare=False).publish(
-                    exchange="", routing_key=control.name, **protocol.wake_up_message()
-                )
+                self._send_wake_up(channel)
             if not settling:
                 self._report_consuming(conn)
             wait = _POLL_MIN

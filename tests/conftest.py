@@ -232,14 +232,16 @@ def unacked_tags(client: Any, queue: str) -> list[Any]:
     return tags
 
 
-def forget_leases(client: Any, queue: str) -> None:
-    """Drop the leases on Redis (:mod:`kombu_rpc._transports.leases`) of the servers of
-    ``queue`` that died in the test: they would stay an hour."""
+def forget_leases(client: Any, queue: str) -> int:
+    """Drop the leases on Redis (:mod:`kombu_rpc._transports.leases`) that name
+    ``queue`` (of servers or proxies that died in the test: they would stay an hour);
+    how many there were."""
     from kombu_rpc._transports.leases import LEASES
 
-    for lease in client.zrange(LEASES, 0, -1):
-        if queue.encode() in lease:
-            client.zrem(LEASES, lease)
+    found = [lease for lease in client.zrange(LEASES, 0, -1) if queue.encode() in lease]
+    for lease in found:
+        client.zrem(LEASES, lease)
+    return len(found)
 
 
 def forget_unacked(client: Any, queue: str) -> None:

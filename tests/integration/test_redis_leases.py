@@ -109,10 +109,15 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> N
         time.sleep(0.05)
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a process of the test's own, which imports this checkout."""
+    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH", ""))))
+    return {**os.environ, "PYTHONPATH": pythonpath}
+
+
 def start_server(redis_url: str, queue: str, exchange: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A server of ``queue`` handling ``exchange``'s events, with short leases, in a
     process of its own; and its server id."""
-    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH", ""))))
     spec = {"url": redis_url, "events": exchange, "lease_ttl": TTL}
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -120,7 +125,7 @@ def start_server(redis_url: str, queue: str, exchange: str, log: Path) -> tuple[
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": pythonpath},
+            env=child_env(),
         )
     try:
         return process, wait_ready(process, log, queue)
@@ -358,13 +363,12 @@ def test_what_a_killed_proxy_left_is_swept_once_its_lease_ran_out(
         release.wait(WAIT)
         return "too late"
 
-    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH", ""))))
     try:
         with RPCServer(redis_url, registry=registry, queue=queue).running():
             process = subprocess.Popen(
                 [sys.executable, "-c", PROXY_PROGRAM, redis_url, queue],
                 stdout=subprocess.PIPE,
-                env={**os.environ, "PYTHONPATH": pythonpath},
+                env=child_env(),
             )
             try:
                 assert process.stdout is not None
@@ -409,13 +413,12 @@ def test_a_proxy_left_open_gives_up_its_lease_at_exit(
     queue, _ = names
     registry = Registry()
     registry.remote(name="echo")(lambda value: value)
-    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH", ""))))
     with RPCServer(redis_url, registry=registry, queue=queue).running():
         process = subprocess.Popen(
             [sys.executable, "-c", UNCLOSED_PROGRAM, redis_url, queue],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": pythonpath},
+            env=child_env(),
         )
         try:
             assert process.stdout is not None and process.stdin is not None
